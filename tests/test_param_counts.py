@@ -1,0 +1,53 @@
+"""Parameter counts of the full-size presets, from jax.eval_shape (nothing is allocated), against published counts.
+
+Published counts: the safetensors metadata of each HF checkpoint (total_size / 2 bytes for bf16), i.e. what the
+model cards show. Qwen1.5-0.5B ties its LM head to the embedding, but its checkpoint stores the head anyway, so
+the published 619,570,176 = our (tied, counted once) tree + one vocab x hidden copy.
+"""
+
+import pytest
+
+from configs import models
+from vlm_jax.models import vlm
+
+PUBLISHED_LLM = {
+    "qwen1.5-0.5b": 619_570_176,
+    "qwen1.5-1.8b": 1_836_828_672,
+    "qwen1.5-4b": 3_950_369_280,
+    "qwen1.5-7b": 7_721_324_544,
+    "qwen1.5-14b": 14_167_290_880,
+}
+# CLIPVisionModel of openai/clip-vit-large-patch14(-336), post-LayerNorm included.
+PUBLISHED_VISION = {"clip-vit-l14-336": 303_507_456, "clip-vit-l14": 303_179_776}
+
+
+def count(tree):
+    import jax
+    import numpy as np
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_LLM))
+def test_qwen_preset_parameter_count_matches_published(name):
+    cfg = models.model_config("clip-vit-l14-336", name, "avgpool", 1)
+    n = count(vlm.abstract_params(cfg)["llm"])
+    if cfg.llm.tie_embeddings:
+        n += cfg.llm.vocab_size * cfg.llm.hidden_size
+    assert n == PUBLISHED_LLM[name]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_VISION))
+def test_clip_preset_parameter_count_matches_published(name):
+    cfg = models.model_config(name, "tiny", "avgpool", 1)
+    assert count(vlm.abstract_params(cfg)["vision"]) == PUBLISHED_VISION[name]
+
+
+def test_clip_l14_336_has_a_24x24_patch_grid():
+    v = models.vision_config("clip-vit-l14-336")
+    assert (v.image_size // v.patch_size) ** 2 == 576
+
+
+def test_projector_parameter_count_is_mlp2x_gelu():
+    cfg = models.model_config("clip-vit-l14-336", "qwen1.5-7b", "avgpool", 1)
+    n = count(vlm.abstract_params(cfg)["projector"])
+    assert n == 1024 * 4096 + 4096 + 4096 * 4096 + 4096

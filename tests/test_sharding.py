@@ -1,0 +1,91 @@
+"""One train step on 1 device and on 8 fake CPU devices (data=2, fsdp=2, tensor=2) gives the same result.
+
+JAX fixes its device count when the backend starts, so the 8-device run happens in a subprocess.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _one_step(mesh_cfg, devices):
+    import flax.linen as nn
+    import jax
+    from flax import traverse_util
+
+    from tests import helpers
+    from vlm_jax import sharding, train
+    from vlm_jax.models import vlm
+
+    config = helpers.tiny_config(compressor="avgpool", num_tokens=4, batch_size=8)
+    # Adam's first update is lr * g / (|g| + eps): for gradients near eps it amplifies float32 summation-order
+    # noise (which differs between meshes) into O(lr) differences. eps=1e-6 keeps that amplification below the
+    # tolerance without hiding real disagreements (a wrong shard would change the loss and gradients at 1e-2).
+    config.train.eps = 1e-6
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+    state, shardings, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
+    step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        batch = sharding.put_batch(helpers.random_batch(config), mesh)
+        state, metrics = step(state, batch)
+    flat = traverse_util.flatten_dict(state.params, sep="/")
+    split = {k: [list(v.shape), list(v.addressable_shards[0].data.shape), str(v.sharding.spec)]
+             for k, v in flat.items()}
+    params = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
+    return float(metrics["loss"]), params, split
+
+
+def worker(out_path):
+    import jax
+    jax.config.update("jax_threefry_partitionable", True)
+    assert jax.device_count() == 8, jax.device_count()
+    loss1, params1, _ = _one_step(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    loss8, params8, split8 = _one_step(dict(data=2, fsdp=2, tensor=2), jax.devices())
+    diff = {k: float(np.max(np.abs(params1[k] - params8[k]))) for k in params1}
+    scale = {k: float(np.max(np.abs(params1[k]))) for k in params1}
+    with open(out_path, "w") as f:
+        json.dump(dict(loss1=loss1, loss8=loss8, diff=diff, scale=scale, split=split8), f)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding") / "result.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT)
+    code = f"from tests.test_sharding import worker; worker({str(out)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_one_step_loss_matches_on_1_and_8_devices(result):
+    assert abs(result["loss1"] - result["loss8"]) <= 1e-5 * max(1.0, abs(result["loss1"]))
+
+
+def test_updated_params_match_on_1_and_8_devices(result):
+    worst = max(result["diff"], key=result["diff"].get)
+    assert result["diff"][worst] <= 1e-5 * max(1.0, result["scale"][worst]), (worst, result["diff"][worst])
+
+
+def test_large_matrices_are_split_across_devices(result):
+    split = result["split"]
+    # (full shape, per-device shard shape): the MLP is split over fsdp (embed) and tensor (mlp) -> 1/4 each.
+    for name in ("llm/layers/mlp_gate", "llm/layers/gate_proj/kernel", "llm/layers/down_proj/kernel",
+                 "llm/layers/self_attn/q_proj/kernel", "llm/embed_tokens/embedding"):
+        if name not in split:
+            continue
+        full, shard, spec = split[name]
+        assert np.prod(shard) * 4 == np.prod(full), (name, full, shard, spec)
+    assert "llm/layers/gate_proj/kernel" in split
+    full, shard, _ = split["vision/layers_0/fc1/kernel"]
+    assert np.prod(shard) * 4 == np.prod(full)

@@ -1,0 +1,82 @@
+"""Checkpoints: orbax CheckpointManager over (train state, data-iterator state, run metadata).
+
+The data iterator's state is saved with the model so a resumed run sees exactly the batches an uninterrupted run
+would. Saves are atomic (orbax writes to a temporary directory and renames), so a crash mid-save never loses the
+previous checkpoint; `max_to_keep` old ones are kept.
+"""
+
+import base64
+import json
+import logging
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(directory, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=("state", "data", "meta"))
+
+
+def _encode_iterator_state(state):
+    """Grain iterator states are bytes (JSON inside) or dicts; store either as JSON."""
+    if isinstance(state, bytes):
+        return {"bytes_b64": base64.b64encode(state).decode("ascii")}
+    return {"json": state}
+
+
+def _decode_iterator_state(blob):
+    if blob is None:
+        return None
+    if "bytes_b64" in blob:
+        return base64.b64decode(blob["bytes_b64"])
+    return blob["json"]
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state=None, meta=None, force: bool = False):
+    """Save at `step` (async for the arrays); returns whether a save happened."""
+    saved = mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(_encode_iterator_state(data_state) if data_state is not None else None),
+        meta=ocp.args.JsonSave(meta or {})), force=force)
+    if saved:
+        logging.info("checkpoint: saving step %d", step)
+    return saved
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
+    """(step, state, data_state, meta) of the latest checkpoint, or None when there is none.
+
+    `abstract_state` is a tree of ShapeDtypeStructs *with shardings*: arrays come back directly sharded. A
+    checkpoint whose shapes do not match the configured model raises a ValueError naming the first mismatch.
+    """
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    meta_shapes = mngr.item_metadata(step)["state"]
+    _check_shapes(meta_shapes, abstract_state)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    return step, restored["state"], _decode_iterator_state(restored["data"]), restored["meta"]
+
+
+def _check_shapes(saved_meta, abstract_state):
+    saved = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()) or ())
+             for p, x in jax.tree_util.tree_flatten_with_path(saved_meta)[0]}
+    wanted = {jax.tree_util.keystr(p): tuple(x.shape)
+              for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    if missing or extra:
+        raise ValueError(f"checkpoint does not match the configured model: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}")
+    for key, shape in wanted.items():
+        if saved[key] != shape:
+            raise ValueError(f"checkpoint shape mismatch at {key}: checkpoint has {saved[key]}, model wants {shape}")
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)

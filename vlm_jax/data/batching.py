@@ -1,0 +1,76 @@
+"""The train iterator: grain's record stream -> fixed-shape batches, the bad-input policy, a resumable state.
+
+Batches are assembled here, in the main process, from grain's per-record stream. That is where bad-input markers
+become counts (`skip`) or a `BadInputError` (`error`): a skipped record simply does not fill a batch row, so every
+batch still holds B good examples. The state is grain's (which records were consumed) plus the skip counts; since a
+batch boundary always falls between two consumed records, restoring it yields exactly the batches an uninterrupted
+run would.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+from absl import logging
+
+from vlm_jax.data import errors, images
+
+_LOGGED_SKIPS = 10  # log this many skipped records one by one, then only every 1000th
+
+
+class BatchIterator:
+    """Yields dicts of numpy arrays (the batch contract, B = per-process batch size) forever.
+
+    `bad_input` (errors.BadInputCounter) holds the skip counts: log `bad_input.counts`, write them with
+    `bad_input.write(path)`. `get_state()` returns JSON-able data; `set_state` restores it.
+    """
+
+    def __init__(self, loader, batch_size: int, *, policy: str = "skip", max_consecutive_bad: int = 1000):
+        if batch_size < 1:
+            raise ValueError(f"per-process batch size must be >= 1, got {batch_size}")
+        self._loader = loader
+        self._records: Iterator[dict[str, Any]] = iter(loader)
+        self.batch_size = batch_size
+        self.policy = errors.check_policy(policy)
+        self.max_consecutive_bad = max_consecutive_bad
+        self.bad_input = errors.BadInputCounter()
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def _next_good(self) -> dict[str, Any]:
+        bad_run = 0
+        while True:
+            record = next(self._records)
+            if not errors.is_marker(record):
+                return record
+            rid, reason, detail = record[errors.BAD_ID_KEY], record[errors.BAD_REASON_KEY], record[
+                errors.BAD_DETAIL_KEY]
+            if self.policy == "error":
+                raise errors.BadInputError(rid, reason, detail)
+            self.bad_input.add(reason, rid, detail)
+            total = self.bad_input.total
+            if total <= _LOGGED_SKIPS or total % 1000 == 0:
+                logging.warning("skipped bad input record %r: %s %s (%d skipped so far: %s)", rid, reason, detail,
+                                total, dict(self.bad_input.counts))
+            bad_run += 1
+            if bad_run >= self.max_consecutive_bad:
+                raise errors.BadInputError(rid, reason, f"{bad_run} bad records in a row; is the data path "
+                                           f"right? counts so far: {dict(self.bad_input.counts)}")
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [self._next_good() for _ in range(self.batch_size)]
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch["pixels"] = images.normalize(batch["pixels"])
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": json.loads(self._records.get_state()), "bad_input": self.bad_input.state()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if "grain" not in state:
+            raise ValueError(f"not a data iterator state (keys {sorted(state)}); expected 'grain' and 'bad_input'")
+        self._records.set_state(json.dumps(state["grain"]).encode())
+        self.bad_input.set_state(state.get("bad_input", {}))

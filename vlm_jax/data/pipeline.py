@@ -1,0 +1,163 @@
+"""Data entry points: the config, the tokenizer, and the grain train iterator for every source.
+
+    data_cfg = pipeline.default_config()                  # embedded as config.data
+    tok = pipeline.make_tokenizer(data_cfg)
+    it = pipeline.make_train_iterator(data_cfg, tokenizer=tok, num_visual_tokens=16, image_size=64, batch_size=16)
+    batch = next(it)   # pixels f32[B,S,S,3], tokens/targets i32[B,L], loss_mask f32[B,L], attention_mask i32[B,L],
+                       # image_positions i32[B,V], question_tokens/question_mask i32[B,Lq]; L = seq_len + V
+    state = it.get_state(); it.set_state(state)           # JSON-able; exact resume
+    it.bad_input.counts; it.bad_input.write(path)         # skipped records per reason
+
+Each process reads a disjoint shard of every epoch (grain's IndexSampler shards by process index/count, then
+shuffles within the shard with a per-epoch seed); epochs repeat forever.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import grain.python as grain
+import ml_collections
+import numpy as np
+
+from vlm_jax.data import batching, errors, features, images, synthetic
+from vlm_jax.data.tokenize import IMAGE_PLACEHOLDER, HFTokenizer, Tokenizer, WordTokenizer
+from vlm_jax.data.transforms import EncodeExample
+
+SOURCES = ("synthetic", "llava", "tfds")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every data key, with the synthetic benchmark as the default source."""
+    c = ml_collections.ConfigDict()
+    c.source = "synthetic"  # 'synthetic' | 'llava' | 'tfds'
+    c.seq_len = 32  # text tokens per example; examples are L = seq_len + V long (V image slots on top)
+    c.question_len = 16  # Lq: question tokens for query-conditioned compressors (the END of a long question is kept)
+    c.system_prompt = ""  # ChatML system turn; '' for none (LLaVA-Qwen runs use "You are a helpful assistant.")
+    c.image_aspect_ratio = "pad"  # 'pad' (to square with the CLIP mean colour, as LLaVA) | 'crop' (centre square)
+    c.bad_input = "skip"  # 'skip' (count, log and go on) | 'error' (stop at the first bad record, naming it)
+    c.max_consecutive_bad = 1000  # under 'skip', this many bad records in a row is an error (wrong paths, ...)
+    c.shuffle_seed = 0  # used when make_train_iterator gets seed=None
+    c.worker_count = 0  # grain worker processes; 0 runs the transforms in the main process
+    c.worker_buffer_size = 2  # records buffered per worker
+    c.read_threads = 8  # threads reading records from the source (per process or worker)
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # a HF tokenizer.json; '' = the built-in word tokenizer of the synthetic tasks
+    c.tokenizer.pad_token = "<|endoftext|>"  # Qwen1.5 names
+    c.tokenizer.eos_token = "<|im_end|>"
+    c.tokenizer.im_start_token = "<|im_start|>"
+    c.tokenizer.image_token = "<image>"  # image-slot id if in the vocabulary, else the pad id is used
+
+    c.synthetic = ml_collections.ConfigDict()
+    c.synthetic.families = "reasoning,ocr"  # comma-separated, interleaved item by item
+    c.synthetic.train_size = 200_000  # items per epoch (drawn on the fly, nothing stored)
+    c.synthetic.validation_size = 2_000
+    c.synthetic.seed = 0  # content seed; train and validation draw from disjoint streams of it
+    c.synthetic.ocr_alphabet = synthetic.DEFAULT_ALPHABET
+    c.synthetic.ocr_length = 2  # characters per string
+
+    c.llava = ml_collections.ConfigDict()
+    c.llava.json_path = ""  # train split: JSON list or JSONL of {id, image, conversations: [{from, value}]}
+    c.llava.validation_json_path = ""
+    c.llava.image_dir = ""  # record["image"] is relative to this folder
+
+    c.tfds = ml_collections.ConfigDict()
+    c.tfds.name = ""  # a tfds dataset prepared as array_record, e.g. 'my_vqa:1.0.0'
+    c.tfds.data_dir = ""  # '' = tfds default
+    c.tfds.train_split = "train"
+    c.tfds.validation_split = "validation"
+    c.tfds.image_field = "image"  # encoded bytes (JPEG/PNG) or a uint8[H, W, 3] tensor
+    c.tfds.question_field = "question"
+    c.tfds.answer_field = "answer"  # a string, or a list of strings (the first is the target)
+    c.tfds.id_field = ""  # '' = use the record index
+    return c
+
+
+def make_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """The HF tokenizer.json at data.tokenizer.path, or the synthetic word tokenizer when the path is ''."""
+    t = data_cfg.tokenizer
+    if not t.path:
+        return WordTokenizer(synthetic.VOCAB_WORDS)
+    return HFTokenizer(t.path, pad_token=t.pad_token, eos_token=t.eos_token, im_start_token=t.im_start_token,
+                       image_token=t.image_token)
+
+
+def make_layout(data_cfg: ml_collections.ConfigDict, num_visual_tokens: int) -> features.TextLayout:
+    return features.TextLayout(seq_len=data_cfg.seq_len, question_len=data_cfg.question_len,
+                               num_visual_tokens=num_visual_tokens, system_prompt=data_cfg.system_prompt)
+
+
+def make_source(data_cfg: ml_collections.ConfigDict, split: str, image_size: int
+                ) -> tuple[grain.RandomAccessDataSource, list[grain.MapTransform]]:
+    """The random-access source of `split` and the transforms that turn its items into records (see transforms.py)."""
+    if data_cfg.source == "synthetic":
+        s = data_cfg.synthetic
+        size = {"train": s.train_size, "validation": s.validation_size}.get(split)
+        if size is None:
+            raise ValueError(f"synthetic split must be 'train' or 'validation', got {split!r}")
+        return synthetic.SyntheticSource(split, size, families=s.families, seed=s.seed, image_size=image_size,
+                                         ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length), []
+    if data_cfg.source == "llava":
+        from vlm_jax.data import llava  # pylint: disable=import-outside-toplevel
+        return llava.make_source(data_cfg, split, image_size)
+    if data_cfg.source == "tfds":
+        from vlm_jax.data import tfds  # pylint: disable=import-outside-toplevel
+        return tfds.make_source(data_cfg, split, image_size)
+    raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
+
+
+def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer, num_visual_tokens: int,
+                        image_size: int, batch_size: int, seed: int | None = None, process_index: int = 0,
+                        process_count: int = 1, split: str = "train") -> batching.BatchIterator:
+    """Endless, shuffled, per-process-sharded batches of batch_size // process_count examples (module docstring).
+
+    seed: the shuffle seed (None: data_cfg.shuffle_seed). Records that fail (errors.py) follow data_cfg.bad_input.
+    """
+    if batch_size % process_count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    errors.check_policy(data_cfg.bad_input)
+    source, transforms = make_source(data_cfg, split, image_size)
+    if len(source) < process_count:
+        raise ValueError(f"{split!r} has {len(source)} records, fewer than {process_count} processes")
+    sampler = grain.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
+        shuffle=True, num_epochs=None, seed=data_cfg.shuffle_seed if seed is None else seed)
+    loader = grain.DataLoader(
+        data_source=source, sampler=sampler,
+        operations=[*transforms, EncodeExample(tokenizer, make_layout(data_cfg, num_visual_tokens), image_size)],
+        worker_count=data_cfg.worker_count, worker_buffer_size=data_cfg.worker_buffer_size,
+        read_options=grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=64))
+    return batching.BatchIterator(loader, batch_size // process_count, policy=data_cfg.bad_input,
+                                  max_consecutive_bad=data_cfg.max_consecutive_bad)
+
+
+def make_prompt_batch(images_u8: Sequence[np.ndarray | None], user_texts: Sequence[str], *, tokenizer: Tokenizer,
+                      data_cfg: ml_collections.ConfigDict, num_visual_tokens: int, image_size: int
+                      ) -> dict[str, np.ndarray]:
+    """Prompt-only batch for generation (no answers), e.g. from synthetic.make_examples:
+
+        exs = synthetic.make_examples('validation', 'ocr', 32, image_size=64)
+        batch = make_prompt_batch([e.image for e in exs], [synthetic.prompt_text(e.question) for e in exs], ...)
+
+    images_u8: uint8[S, S, 3] per example (None for text-only); user_texts hold the <image> placeholder.
+    Returns pixels f32[B, S, S, 3]; tokens, attention_mask i32[B, L] (right-padded); prompt_length i32[B] (the first
+    answer token goes there); image_positions i32[B, V]; question_tokens, question_mask i32[B, Lq].
+    """
+    if len(images_u8) != len(user_texts) or not user_texts:
+        raise ValueError(f"need as many images as prompts (>= 1), got {len(images_u8)} and {len(user_texts)}")
+    layout = make_layout(data_cfg, num_visual_tokens)
+    rows: list[dict[str, Any]] = []
+    for img, text in zip(images_u8, user_texts):
+        row = features.encode_prompt(tokenizer, text, layout)
+        if (img is None) != (IMAGE_PLACEHOLDER not in text):
+            raise ValueError(f"prompt {text[:60]!r} and its image disagree: an image needs exactly one <image>")
+        row["pixels"] = images.blank(image_size) if img is None else images.preprocess(
+            img, image_size, data_cfg.image_aspect_ratio)
+        rows.append(row)
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    batch["pixels"] = images.normalize(batch["pixels"])
+    return batch

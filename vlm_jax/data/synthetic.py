@@ -1,0 +1,337 @@
+"""The built-in synthetic benchmark: two task families drawn on the fly from seeds, nothing to download.
+
+- `reasoning`: 3-6 coloured shapes (5 colours x 3 shapes, each colour/shape pair at most once) in the cells of a
+  3x3 grid. Questions count by colour or shape, test a colour+shape conjunction, compare two counts, test a spatial
+  relation between two objects, or ask the colour of the object that stands in a relation to another. The shapes
+  are big, so a few coarse visual tokens see them; the answers need several facts combined, which is LLM work.
+- `ocr`: four short strings of small characters (Pillow's 6x11 bitmap font), one per quadrant of the image.
+  Questions ask what is written in a quadrant, its first/last character, or where a given string is written. The
+  reasoning is trivial; the characters are ~6 px wide, so reading them needs many visual tokens.
+
+Answers are 1-3 tokens, scored by exact match. Item j of family f in a split is drawn from
+`np.random.default_rng([seed, split, f, j])`, so train and validation come from disjoint seed streams and any item
+can be redrawn alone (a grain RandomAccessDataSource). Images are drawn on a 64 x 64 canvas and resized to the
+requested size.
+
+For evaluation: `make_examples(split, family, n)` returns `Example`s (uint8 image, question, answer); their
+prompts are `prompt_text(example.question)`, tokenized by `features.encode_prompt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from vlm_jax.data.tokenize import ASSISTANT, IMAGE_PLACEHOLDER, USER
+
+CANVAS = 64
+FAMILIES = ("reasoning", "ocr")
+SPLITS = ("train", "validation")
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 205, 30),
+    "purple": (150, 60, 200),
+}
+SHAPES = ("circle", "square", "triangle")
+GRID = 3  # objects sit in cells of a GRID x GRID layout, so left/right/above/below are never ambiguous
+# relation name -> (test on (row, col) of X against (row, col) of Y): "X is <rel> Y"
+RELATIONS: dict[str, Callable[[tuple[int, int], tuple[int, int]], bool]] = {
+    "left of": lambda x, y: x[1] < y[1],
+    "right of": lambda x, y: x[1] > y[1],
+    "above": lambda x, y: x[0] < y[0],
+    "below": lambda x, y: x[0] > y[0],
+}
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+DEFAULT_ALPHABET = "0123456789ACEHKLNPTX"
+CHAR_W, CHAR_H = 6, 11  # cell of Pillow's built-in bitmap font
+
+# Every word a synthetic question or answer uses (digits and the OCR alphabet are spelled as characters).
+VOCAB_WORDS = tuple(sorted(set(
+    "how many shapes are there is a the what color more than of written in character first last where yes no".split()
+    + " ".join(RELATIONS).split() + " ".join(QUADRANTS).split() + list(COLORS)
+    + [s for shape in SHAPES for s in (shape, shape + "s")])))
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One synthetic example. image: uint8[S, S, 3]."""
+
+    id: str
+    family: str
+    kind: str  # question type, e.g. 'count_color' or 'read'
+    image: np.ndarray
+    question: str
+    answer: str
+
+    def turns(self) -> list[tuple[str, str]]:
+        """The example as a chat: the user shows the image and asks, the assistant answers."""
+        return [(USER, prompt_text(self.question)), (ASSISTANT, self.answer)]
+
+
+def prompt_text(question: str) -> str:
+    """The user turn of a synthetic example: the image placeholder, a newline, the question."""
+    return f"{IMAGE_PLACEHOLDER}\n{question}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reasoning family
+
+
+@dataclasses.dataclass(frozen=True)
+class _Obj:
+    color: str
+    shape: str
+    cell: tuple[int, int]  # (row, col)
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+def _count_color(rng, objs):
+    color = rng.choice(list(COLORS))
+    return f"how many {color} shapes are there?", str(sum(o.color == color for o in objs))
+
+
+def _count_shape(rng, objs):
+    shape = rng.choice(SHAPES)
+    return f"how many {shape}s are there?", str(sum(o.shape == shape for o in objs))
+
+
+def _exists(rng, objs):
+    present = {(o.color, o.shape) for o in objs}
+    want = bool(rng.integers(2))
+    pool = sorted(present) if want else sorted({(c, s) for c in COLORS for s in SHAPES} - present)
+    color, shape = pool[rng.integers(len(pool))]
+    return f"is there a {color} {shape}?", "yes" if want else "no"
+
+
+def _compare(rng, objs):
+    if rng.integers(2):
+        a, b = rng.choice(list(COLORS), 2, replace=False)
+        na, nb = (sum(o.color == c for o in objs) for c in (a, b))
+        question = f"are there more {a} shapes than {b} shapes?"
+    else:
+        a, b = rng.choice(SHAPES, 2, replace=False)
+        na, nb = (sum(o.shape == s for o in objs) for s in (a, b))
+        question = f"are there more {a}s than {b}s?"
+    return question, "yes" if na > nb else "no"
+
+
+def _relation(rng, objs):
+    facts = {True: [], False: []}
+    for x in objs:
+        for y in objs:
+            if x is not y:
+                for rel, test in RELATIONS.items():
+                    facts[test(x.cell, y.cell)].append((x, rel, y))
+    want = bool(rng.integers(2))
+    pool = facts[want] or facts[not want]
+    x, rel, y = pool[rng.integers(len(pool))]
+    return f"is the {x.name} {rel} the {y.name}?", "yes" if test_rel(rel, x, y) else "no"
+
+
+def test_rel(rel: str, x: _Obj, y: _Obj) -> bool:
+    return RELATIONS[rel](x.cell, y.cell)
+
+
+def _query_color(rng, objs):
+    """'what color is the <shape> <rel> the <obj>?' asked only where exactly one object fits."""
+    options = []
+    for y in objs:
+        for rel in RELATIONS:
+            for shape in SHAPES:
+                fits = [x for x in objs if x is not y and x.shape == shape and test_rel(rel, x, y)]
+                if len(fits) == 1:
+                    options.append((shape, rel, y, fits[0].color))
+    if not options:
+        return None
+    shape, rel, y, color = options[rng.integers(len(options))]
+    return f"what color is the {shape} {rel} the {y.name}?", color
+
+
+REASONING_KINDS = {
+    "count_color": _count_color,
+    "count_shape": _count_shape,
+    "exists": _exists,
+    "compare": _compare,
+    "relation": _relation,
+    "query_color": _query_color,
+}
+
+
+def _draw_reasoning(rng: np.random.Generator) -> tuple[Image.Image, list[_Obj]]:
+    n = int(rng.integers(3, 7))
+    cells = rng.choice(GRID * GRID, n, replace=False)
+    pairs = rng.choice(len(COLORS) * len(SHAPES), n, replace=False)
+    colors = list(COLORS)
+    objs = [_Obj(colors[p // len(SHAPES)], SHAPES[p % len(SHAPES)], (int(c) // GRID, int(c) % GRID))
+            for c, p in zip(cells, pairs)]
+    shade = int(rng.integers(90, 150))
+    img = Image.new("RGB", (CANVAS, CANVAS), (shade, shade, shade))
+    draw = ImageDraw.Draw(img)
+    cell = CANVAS / GRID
+    for o in objs:
+        r = float(rng.uniform(5.0, 7.5))
+        cx = (o.cell[1] + 0.5) * cell + rng.uniform(-2, 2)
+        cy = (o.cell[0] + 0.5) * cell + rng.uniform(-2, 2)
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img, objs
+
+
+def _reasoning_example(rng: np.random.Generator) -> tuple[Image.Image, str, str, str]:
+    img, objs = _draw_reasoning(rng)
+    kinds = list(REASONING_KINDS)
+    for k in rng.permutation(len(kinds)):
+        qa = REASONING_KINDS[kinds[k]](rng, objs)
+        if qa is not None:
+            return img, kinds[k], qa[0], qa[1]
+    raise AssertionError("unreachable: count questions always apply")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ocr family
+
+
+@functools.lru_cache(maxsize=None)
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default_imagefont()  # fixed bitmap font: identical pixels everywhere
+
+
+def _ocr_example(rng: np.random.Generator, alphabet: str, length: int) -> tuple[Image.Image, str, str, str]:
+    strings: list[str] = []
+    while len(strings) < len(QUADRANTS):
+        s = "".join(rng.choice(list(alphabet), length))
+        if s not in strings:
+            strings.append(s)
+    bg = tuple(int(v) for v in rng.integers(200, 256, 3))
+    img = Image.new("RGB", (CANVAS, CANVAS), bg)
+    draw = ImageDraw.Draw(img)
+    half = CANVAS // 2
+    w, h = CHAR_W * length, CHAR_H
+    for q, s in enumerate(strings):
+        x = (q % 2) * half + int(rng.integers(1, max(2, half - w)))
+        y = (q // 2) * half + int(rng.integers(1, max(2, half - h)))
+        ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+        draw.text((x, y), s, fill=ink, font=_font())
+    kind = ("read", "char", "where")[int(rng.integers(3))]
+    q = int(rng.integers(len(QUADRANTS)))
+    if kind == "read":
+        return img, kind, f"what is written in the {QUADRANTS[q]}?", strings[q]
+    if kind == "char":
+        first = bool(rng.integers(2))
+        which = "first" if first else "last"
+        return img, kind, f"what is the {which} character in the {QUADRANTS[q]}?", strings[q][0 if first else -1]
+    return img, kind, f"where is {strings[q]} written?", QUADRANTS[q]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def _check(split: str, family: str, alphabet: str, length: int) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"synthetic family must be one of {FAMILIES}, got {family!r}")
+    bad = sorted(set(alphabet) - set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    if bad or len(set(alphabet)) < 2:
+        raise ValueError(f"ocr_alphabet must hold >= 2 distinct digits/capitals, got {alphabet!r}")
+    if not 1 <= length <= 4:
+        raise ValueError(f"ocr_length must be in 1..4 (a string must fit a quadrant), got {length}")
+
+
+def make_example(split: str, family: str, index: int, *, seed: int = 0, image_size: int = CANVAS,
+                 ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2) -> Example:
+    """Item `index` of `family` in `split`: a pure function of its arguments."""
+    _check(split, family, ocr_alphabet, ocr_length)
+    rng = np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index])
+    if family == "reasoning":
+        img, kind, question, answer = _reasoning_example(rng)
+    else:
+        img, kind, question, answer = _ocr_example(rng, ocr_alphabet, ocr_length)
+    if image_size != CANVAS:
+        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return Example(f"{split}-{family}-{index}", family, kind, np.asarray(img, np.uint8), question, answer)
+
+
+def make_examples(split: str, family: str, n: int, *, seed: int = 0, image_size: int = CANVAS,
+                  ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2) -> list[Example]:
+    """Items 0..n-1 of `family` in `split`: the same examples the training/eval sources draw."""
+    return [make_example(split, family, j, seed=seed, image_size=image_size, ocr_alphabet=ocr_alphabet,
+                         ocr_length=ocr_length) for j in range(n)]
+
+
+def parse_families(families: str | Sequence[str]) -> tuple[str, ...]:
+    """'reasoning,ocr' or a sequence -> a checked tuple of family names."""
+    names = tuple(f.strip() for f in (families.split(",") if isinstance(families, str) else families) if f.strip())
+    if not names or any(f not in FAMILIES for f in names) or len(set(names)) != len(names):
+        raise ValueError(f"synthetic families must be distinct names from {FAMILIES}, got {families!r}")
+    return names
+
+
+class SyntheticSource:
+    """grain RandomAccessDataSource: item i is item i // F of family families[i % F] (F families interleaved).
+
+    Returns {'id': str, 'image': uint8[S, S, 3], 'turns': [(role, text)]}.
+    """
+
+    def __init__(self, split: str, num_examples: int, *, families: str | Sequence[str] = FAMILIES, seed: int = 0,
+                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2):
+        self.families = parse_families(families)
+        _check(split, self.families[0], ocr_alphabet, ocr_length)
+        if num_examples < 1:
+            raise ValueError(f"synthetic num_examples must be >= 1, got {num_examples}")
+        self.split, self.num_examples, self.seed, self.image_size = split, int(num_examples), seed, image_size
+        self.ocr_alphabet, self.ocr_length = ocr_alphabet, ocr_length
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not 0 <= i < self.num_examples:
+            raise IndexError(f"synthetic index {i} out of range [0, {self.num_examples})")
+        f = len(self.families)
+        ex = make_example(self.split, self.families[i % f], i // f, seed=self.seed, image_size=self.image_size,
+                          ocr_alphabet=self.ocr_alphabet, ocr_length=self.ocr_length)
+        return {"id": ex.id, "image": ex.image, "turns": ex.turns()}
+
+    def __repr__(self) -> str:  # grain checks this against a restored iterator state
+        return (f"SyntheticSource(split={self.split!r}, num_examples={self.num_examples}, families={self.families}, "
+                f"seed={self.seed}, image_size={self.image_size}, ocr_alphabet={self.ocr_alphabet!r}, "
+                f"ocr_length={self.ocr_length})")
+
+
+def write_llava(out_dir: str | os.PathLike, examples: Sequence[Example], *, json_name: str = "data.json") -> str:
+    """Writes examples in the LLaVA format (PNG images + a JSON list) and returns the JSON path.
+
+    Records: {"id", "image": "images/<id>.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
+    {"from": "gpt", "value": answer}]}; image paths are relative to `out_dir` (the LLaVA image folder).
+    """
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    records = []
+    for ex in examples:
+        rel = os.path.join("images", f"{ex.id}.png")
+        Image.fromarray(ex.image).save(os.path.join(out_dir, rel))
+        records.append({"id": ex.id, "image": rel, "conversations": [
+            {"from": "human", "value": prompt_text(ex.question)}, {"from": "gpt", "value": ex.answer}]})
+    path = os.path.join(out_dir, json_name)
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    return path

@@ -1,0 +1,124 @@
+"""The VLM: vision tower -> compressor head -> projector -> LLM, with visual embeddings in reserved slots.
+
+The data pipeline reserves exactly V image slots in the token sequence (`image_positions`); the model writes the V
+projected visual embeddings there (scatter with mode='drop', so a text-only row, whose positions are all out of
+range, is untouched). Shapes never depend on data, so one compiled step serves every batch.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax.models import compressors, layers
+from vlm_jax.models.llm import LLM
+from vlm_jax.models.vision import VisionTower
+
+
+class Projector(nn.Module):
+    """LLaVA's `mlp2x_gelu`: Linear(Dv -> D) -> GELU (exact) -> Linear(D -> D). float[B, V, Dv] -> float[B, V, D]."""
+    out_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = layers.dense(self.out_dim, ("vision_embed", "projector_hidden"), True, self.dtype, "linear_1")(x)
+        x = nn.gelu(x, approximate=False)
+        return layers.dense(self.out_dim, ("projector_hidden", "embed"), True, self.dtype, "linear_2")(x)
+
+
+PROJECTORS = {"mlp2x_gelu": Projector}
+
+
+class VLM(nn.Module):
+    cfg: ml_collections.ConfigDict
+
+    def setup(self):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.projector.name not in PROJECTORS:
+            raise ValueError(f"unknown model.projector.name {cfg.projector.name!r}; known: {sorted(PROJECTORS)}")
+        self.head_cls = compressors.get(cfg.compressor.name)
+        self.vision = VisionTower(cfg.vision, dtype)
+        self.compressor = self.head_cls(cfg.compressor, cfg.vision, cfg.llm, dtype)
+        self.projector = PROJECTORS[cfg.projector.name](cfg.llm.hidden_size, dtype)
+        self.llm = LLM(cfg.llm, dtype)
+
+    def query_embedding(self, question_tokens, question_mask):
+        """The LLM's last-layer hidden state at the question's last real token, float[B, D]; no gradient flows
+        back into the LLM through it (the query only conditions the compressor)."""
+        return jax.lax.stop_gradient(self.llm.last_hidden(question_tokens, question_mask))
+
+    def encode_images(self, pixels, question_tokens=None, question_mask=None):
+        """pixels float[B, S, S, 3] -> visual embeddings float[B, V, D] ready for the LLM."""
+        features = self.vision(pixels, self.head_cls.vision_layers(self.cfg.compressor, self.cfg.vision))
+        query = None
+        if self.head_cls.needs_query:
+            if question_tokens is None:
+                raise ValueError(f"compressor head {self.cfg.compressor.name!r} needs question_tokens")
+            query = self.query_embedding(question_tokens, question_mask)
+        return self.projector(self.compressor(features, query))
+
+    def embed_inputs(self, tokens, image_positions, visual):
+        """Token embeddings with the visual embeddings written into the image slots: float[B, T, D]."""
+        x = self.llm.embed_tokens(tokens)
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        return x.at[rows, image_positions].set(visual.astype(x.dtype), mode="drop")
+
+    def __call__(self, pixels, tokens, attention_mask, image_positions, question_tokens=None, question_mask=None):
+        """Next-token logits float32[B, T, vocab] for a batch in the pipeline's layout."""
+        visual = self.encode_images(pixels, question_tokens, question_mask)
+        hidden, _ = self.llm(self.embed_inputs(tokens, image_positions, visual), attention_mask)
+        return self.llm.logits(hidden)
+
+
+def dummy_inputs(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 8, question_len: int = 4):
+    """Abstract inputs (ShapeDtypeStructs) of the shapes `VLM.__call__` takes, for init and shape analysis."""
+    s, v = cfg.vision.image_size, cfg.compressor.num_tokens
+    sds = jax.ShapeDtypeStruct
+    return dict(
+        pixels=sds((batch, s, s, 3), jnp.float32),
+        tokens=sds((batch, seq_len), jnp.int32),
+        attention_mask=sds((batch, seq_len), jnp.int32),
+        image_positions=sds((batch, v), jnp.int32),
+        question_tokens=sds((batch, question_len), jnp.int32),
+        question_mask=sds((batch, question_len), jnp.int32),
+    )
+
+
+def init_fn(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 8, question_len: int = 4):
+    """`rng -> boxed params` (logical axis metadata kept) for jax.jit/eval_shape."""
+    model = VLM(cfg)
+    inputs = dummy_inputs(cfg, batch, seq_len, question_len)
+
+    def init(rng):
+        zeros = {k: jnp.zeros(x.shape, x.dtype) for k, x in inputs.items()}
+        return model.init(rng, **zeros)["params"]
+    return init
+
+
+def abstract_params(cfg: ml_collections.ConfigDict):
+    """Parameter tree of ShapeDtypeStructs (no allocation), keys 'vision', 'compressor', 'projector', 'llm'."""
+    boxed = jax.eval_shape(init_fn(cfg), jax.random.key(0))
+    tree = nn.meta.unbox(boxed)
+    tree.setdefault("compressor", {})   # parameter-free heads (none, avgpool) have no subtree
+    return tree
+
+
+def compressor_cost_fn(cfg: ml_collections.ConfigDict, batch: int = 1):
+    """(fn, abstract_args) such that fn(*abstract_args) runs just the compressor head (for FLOPs analysis).
+
+    fn(head_params, features, query) with features {layer: float[B, 1 + P, Dv]} and query float[B, D_llm].
+    """
+    head_cls = compressors.get(cfg.compressor.name)
+    dtype = jnp.dtype(cfg.dtype)
+    head = head_cls(cfg.compressor, cfg.vision, cfg.llm, dtype)
+    g = cfg.vision.image_size // cfg.vision.patch_size
+    feature = jax.ShapeDtypeStruct((batch, 1 + g * g, cfg.vision.width), dtype)
+    features = {i: feature for i in head_cls.vision_layers(cfg.compressor, cfg.vision)}
+    query = jax.ShapeDtypeStruct((batch, cfg.llm.hidden_size), dtype)
+    params = abstract_params(cfg)["compressor"]
+
+    def fn(head_params, features, query):
+        return head.apply({"params": head_params}, features, query if head_cls.needs_query else None)
+    return fn, (params, features, query)

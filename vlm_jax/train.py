@@ -1,0 +1,247 @@
+"""Training: the train state, the jitted train step, and the loop.
+
+Read top to bottom: set-up and checks -> mesh -> input pipeline -> model and sharded state -> checkpoint restore
+-> update step -> loop (log, checkpoint, stop). One step, from a batch to the updated state, lives in
+`make_train_step` (this file), `vlm_jax/models/vlm.py` (the forward pass) and `vlm_jax/optim.py` (which
+parameters train, and how).
+"""
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vlm_jax import checkpoints, hardware, optim, sharding  # TODO(top-level): flops, pipeline
+
+from vlm_jax.models import compressors, vlm
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any      # trainable parameters (nested dict)
+    frozen: Any      # frozen parameters: no gradients, no optimizer state
+    opt_state: Any
+
+
+def masked_cross_entropy(logits, targets, loss_mask):
+    """Mean next-token loss over answer tokens: float32[B, T, V], int[B, T], float[B, T] -> (loss, n_tokens)."""
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    n = jnp.sum(loss_mask)
+    return jnp.sum(per_token * loss_mask) / jnp.maximum(n, 1.0), n
+
+
+def model_inputs(batch):
+    """The batch entries the model consumes (targets and loss mask are for the loss)."""
+    keys = ("pixels", "tokens", "attention_mask", "image_positions", "question_tokens", "question_mask")
+    return {k: batch[k] for k in keys}
+
+
+def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation):
+    """`(state, batch) -> (state, metrics)`: forward, loss on answer tokens, gradients of trainable params only."""
+
+    def loss_fn(trainable, frozen, batch):
+        logits = model.apply({"params": optim.merge(trainable, frozen)}, **model_inputs(batch))
+        return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+    def train_step(state: TrainState, batch):
+        (loss, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": optax.global_norm(grads)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def validate_config(config: ml_collections.ConfigDict, n_devices: int, vocab_size: int | None = None) -> None:
+    """Fail at start, naming the key, for configurations that cannot run."""
+    m = config.model
+    if m.vision.image_size % m.vision.patch_size:
+        raise ValueError(f"model.vision.image_size={m.vision.image_size} is not a multiple of "
+                         f"model.vision.patch_size={m.vision.patch_size}")
+    compressors.validate(m.compressor, m.vision)
+    if m.llm.hidden_size % m.llm.num_heads:
+        raise ValueError(f"model.llm.hidden_size={m.llm.hidden_size} is not divisible by "
+                         f"model.llm.num_heads={m.llm.num_heads}")
+    if m.llm.num_heads % m.llm.num_kv_heads:
+        raise ValueError(f"model.llm.num_heads={m.llm.num_heads} is not a multiple of "
+                         f"model.llm.num_kv_heads={m.llm.num_kv_heads}")
+    for key in ("dtype", "param_dtype"):
+        if m[key] not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.{key}={m[key]!r}; choose float32, bfloat16 or float16")
+    if config.data.seq_len <= m.compressor.num_tokens:
+        raise ValueError(f"data.seq_len={config.data.seq_len} leaves no room for text after "
+                         f"V={m.compressor.num_tokens} image slots (model.compressor.num_tokens)")
+    if vocab_size is not None and vocab_size > m.llm.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but model.llm.vocab_size={m.llm.vocab_size}")
+    t = config.train
+    if t.steps < 1:
+        raise ValueError(f"train.steps must be >= 1, got {t.steps}")
+    if not 0 <= t.warmup_ratio <= 1:
+        raise ValueError(f"train.warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:n_devices] if n_devices else None)
+    shards = sharding.batch_shards(mesh)
+    if t.batch_size % shards:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the data x fsdp mesh axes "
+                         f"({shards} shards)")
+    if t.batch_size % jax.process_count():
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by {jax.process_count()} processes")
+    optim.param_rules(t)
+
+
+def create_state(model_cfg, train_cfg, mesh, rng):
+    """Sharded TrainState created by a jitted init (never materialised on one device) and its shardings."""
+    init = vlm.init_fn(model_cfg)
+    boxed = jax.eval_shape(init, rng)
+    sharding.check_rules_cover(boxed)
+    param_shardings = sharding.logical_to_sharding(boxed, mesh)
+    trainable = optim.trainable_names(nn.meta.unbox(boxed), optim.param_rules(train_cfg))
+    tx = optim.make_optimizer(train_cfg)
+
+    def init_state(rng):
+        params = nn.meta.unbox(init(rng))
+        train, frozen = optim.split(params, trainable)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=train, frozen=frozen, opt_state=tx.init(train))
+
+    abstract = jax.eval_shape(init_state, rng)
+    train_sh, frozen_sh = optim.split(param_shardings, trainable)
+    rep = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, train_sh,
+                                   transform_non_params=lambda _: rep)
+    shardings = TrainState(step=rep, params=train_sh, frozen=frozen_sh, opt_state=opt_sh)
+    with jax.set_mesh(mesh):
+        state = jax.jit(init_state, out_shardings=shardings)(rng)
+    return state, shardings, tx
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT (preemption): the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM,):
+            signal.signal(sig, self._set)
+
+    def _set(self, *_):
+        logging.warning("stop requested: will checkpoint and exit after this step")
+        self.requested = True
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Train one model from `config`; returns the last logged metrics."""
+    # --- set-up and safety rails -----------------------------------------------------------------
+    from vlm_jax import flops
+    from vlm_jax.data import pipeline
+    jax.config.update("jax_threefry_partitionable", True)
+    run_dir = config.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    tokenizer = pipeline.make_tokenizer(config.data)
+    validate_config(config, 0, tokenizer.vocab_size)
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # --- mesh -----------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(config.mesh)
+    logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+
+    # --- input pipeline -------------------------------------------------------------------------
+    m, t = config.model, config.train
+    data_iter = pipeline.make_train_iterator(
+        config.data, tokenizer=tokenizer, num_visual_tokens=m.compressor.num_tokens,
+        image_size=m.vision.image_size, batch_size=t.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+    # --- model and sharded state ----------------------------------------------------------------
+    model = vlm.VLM(m)
+    state, state_shardings, tx = create_state(m, t, mesh, jax.random.key(config.seed))
+    n_train, n_frozen = count_params(state.params), count_params(state.frozen)
+    logging.info("parameters: %s trainable, %s frozen", f"{n_train:,}", f"{n_frozen:,}")
+
+    # --- checkpoint restore ---------------------------------------------------------------------
+    ckpt = checkpoints.manager(os.path.join(os.path.abspath(run_dir), "checkpoints"), t.keep_checkpoints)
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  state, state_shardings)
+    restored = checkpoints.restore_latest(ckpt, abstract_state)
+    if restored is not None:
+        step0, state, data_state, _ = restored
+        if data_state is not None:
+            data_iter.set_state(data_state)
+        logging.info("resumed from step %d", step0)
+
+    # --- update step ----------------------------------------------------------------------------
+    batch_sh = sharding.batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(model, tx), in_shardings=(state_shardings, batch_sh),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    train_llm = any(k.startswith("llm") for k in state.params)
+    train_vision = any(k.startswith("vision") for k in state.params)
+    step_flops = flops.train_step_flops(m, batch_size=t.batch_size, seq_len=config.data.seq_len,
+                                        train_llm=train_llm, train_vision=train_vision)
+    peak, peak_source = hardware.peak_flops_per_device(t.peak_flops_per_device)
+    logging.info("MFU denominator: %.3g FLOP/s per device (%s); %.3g FLOPs per step", peak, peak_source,
+                 step_flops)
+    lr_at = optim.schedule(t)
+
+    # --- loop -----------------------------------------------------------------------------------
+    stop = _StopFlag()
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    step = int(jax.device_get(state.step))
+    window, window_tokens, window_start, last = [], 0, time.perf_counter(), {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        while step < t.steps:
+            host_batch = next(data_iter)
+            window_tokens += int(np.sum(host_batch["attention_mask"])) * jax.process_count()
+            batch = sharding.put_batch(host_batch, mesh)
+            with jax.transfer_guard("disallow"):
+                state, metrics = train_step(state, batch)
+            step += 1
+            window.append(metrics)
+            if step % t.log_every == 0 or step == t.steps or stop.requested:
+                fetched = jax.device_get(window)
+                elapsed = time.perf_counter() - window_start
+                losses = np.array([w["loss"] for w in fetched])
+                if not np.all(np.isfinite(losses)):
+                    raise FloatingPointError(f"non-finite loss at step {step}: {losses.tolist()}")
+                step_time = elapsed / len(fetched)
+                last = {
+                    "step": step, "loss": float(losses[-1]), "loss_avg": float(losses.mean()),
+                    "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(lr_at(step - 1)),
+                    "tokens_per_s": window_tokens / elapsed, "step_s": step_time,
+                    "mfu": step_flops / step_time / (peak * mesh.size),
+                }
+                last.update(pipeline_counters(data_iter))
+                logging.info("step %d | loss %.4f (avg %.4f) | lr %.2e | %.0f tok/s | MFU %.2f%%", step,
+                             last["loss"], last["loss_avg"], last["lr"], last["tokens_per_s"], 100 * last["mfu"])
+                if jax.process_index() == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                window, window_tokens, window_start = [], 0, time.perf_counter()
+            if step % t.checkpoint_every == 0 or step == t.steps or stop.requested:
+                checkpoints.save(ckpt, step, state, data_iter.get_state(), {"step": step}, force=True)
+            if stop.requested:
+                break
+    ckpt.wait_until_finished()
+    ckpt.close()
+    return last
+
+
+def pipeline_counters(data_iter) -> dict:
+    """Bad-input counters the pipeline exposes (skipped records by reason), flattened for logging."""
+    counts = getattr(data_iter, "skip_counts", None)
+    counts = counts() if callable(counts) else counts
+    return {f"skipped/{k}": int(v) for k, v in (counts or {}).items()}
