@@ -3,7 +3,8 @@
     python -m launch.train --config=configs/smoke.py
     python -m launch.train --config=configs/smoke.py:compressor=avgpool,tokens=1 --config.train.steps=300
 
-Argument keys: llm (a preset of configs/models.py), compressor (a head name), tokens (V), steps.
+Argument keys: llm (a preset of configs/models.py), compressor (a head name), tokens (V), steps, res (image size;
+the tiny tower has 8-px patches: res=64 -> 8x8 grid, V in {1, 4, 16, 64}; res=96 -> 12x12, V in {1, 4, 9, 16, 36, 144}).
 The tiny tower is randomly initialised, so it trains too (train_vision=True); everything else is the full-size path.
 """
 
@@ -14,11 +15,12 @@ from vlm_jax.data import pipeline
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, llm="tiny", compressor="avgpool", tokens=16, steps=200)
+    arg = common.parse_arg(arg, llm="tiny", compressor="avgpool", tokens=16, steps=200, res=64)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.run_dir = f"runs/smoke-{arg.llm}-{arg.compressor}-v{arg.tokens}"
     config.model = models.model_config("tiny", arg.llm, arg.compressor, arg.tokens)
+    config.model.vision.image_size = arg.res
     config.data = pipeline.default_config()
     config.train = common.train_config(
         stage="full", train_vision=True, steps=arg.steps, batch_size=16, lr=1e-3, log_every=10,

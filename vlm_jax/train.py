@@ -100,9 +100,10 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, vocab_siz
     optim.param_rules(t)
 
 
-def create_state(model_cfg, train_cfg, mesh, rng):
-    """Sharded TrainState created by a jitted init (never materialised on one device) and its shardings."""
+def state_layout(model_cfg, train_cfg, mesh):
+    """(init_state: rng -> TrainState, abstract TrainState with shardings, optimizer), nothing allocated."""
     init = vlm.init_fn(model_cfg)
+    rng = jax.random.key(0)
     boxed = jax.eval_shape(init, rng)
     sharding.check_rules_cover(boxed)
     param_shardings = sharding.logical_to_sharding(boxed, mesh)
@@ -120,9 +121,36 @@ def create_state(model_cfg, train_cfg, mesh, rng):
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, train_sh,
                                    transform_non_params=lambda _: rep)
     shardings = TrainState(step=rep, params=train_sh, frozen=frozen_sh, opt_state=opt_sh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return init_state, abstract, tx
+
+
+def shardings_of(abstract_state):
+    return jax.tree.map(lambda x: x.sharding, abstract_state)
+
+
+def create_state(model_cfg, train_cfg, mesh, rng):
+    """Sharded TrainState created by a jitted init (never materialised on one device), its shardings, optimizer."""
+    init_state, abstract, tx = state_layout(model_cfg, train_cfg, mesh)
+    shardings = shardings_of(abstract)
     with jax.set_mesh(mesh):
         state = jax.jit(init_state, out_shardings=shardings)(rng)
     return state, shardings, tx
+
+
+def load_params(run_dir: str, mesh=None):
+    """(config, merged params) of the latest checkpoint in `run_dir`, for evaluation and generation."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    _, abstract, _ = state_layout(config.model, config.train, mesh)
+    ckpt = checkpoints.manager(os.path.join(os.path.abspath(run_dir), "checkpoints"))
+    restored = checkpoints.restore_latest(ckpt, abstract)
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint under {run_dir}/checkpoints")
+    _, state, _, _ = restored
+    return config, optim.merge(state.params, state.frozen)
 
 
 def count_params(tree) -> int:
@@ -175,9 +203,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     # --- checkpoint restore ---------------------------------------------------------------------
     ckpt = checkpoints.manager(os.path.join(os.path.abspath(run_dir), "checkpoints"), t.keep_checkpoints)
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  state, state_shardings)
-    restored = checkpoints.restore_latest(ckpt, abstract_state)
+    restored = checkpoints.restore_latest(ckpt, jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings))
     if restored is not None:
         step0, state, data_state, _ = restored
         if data_state is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import grain.python as grain
+from absl import flags
 import ml_collections
 import numpy as np
 
@@ -119,6 +120,9 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Token
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     errors.check_policy(data_cfg.bad_input)
+    if data_cfg.worker_count > 0 and not flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; outside absl.app.run (tests, notebooks) nobody parsed them.
+        flags.FLAGS.mark_as_parsed()
     source, transforms = make_source(data_cfg, split, image_size)
     if len(source) < process_count:
         raise ValueError(f"{split!r} has {len(source)} records, fewer than {process_count} processes")

@@ -116,32 +116,38 @@ def _exists(rng, objs):
 
 
 def _compare(rng, objs):
-    if rng.integers(2):
-        a, b = rng.choice(list(COLORS), 2, replace=False)
-        na, nb = (sum(o.color == c for o in objs) for c in (a, b))
-        question = f"are there more {a} shapes than {b} shapes?"
-    else:
-        a, b = rng.choice(SHAPES, 2, replace=False)
-        na, nb = (sum(o.shape == s for o in objs) for s in (a, b))
-        question = f"are there more {a}s than {b}s?"
-    return question, "yes" if na > nb else "no"
+    """'are there more A than B?' with yes and no equally likely (where the scene allows both)."""
+    options: dict[bool, list[str]] = {True: [], False: []}
+    for names, attr, phrase in ((list(COLORS), "color", "{} shapes"), (SHAPES, "shape", "{}s")):
+        counts = {n: sum(getattr(o, attr) == n for o in objs) for n in names}
+        for a in names:
+            for b in names:
+                if a != b:
+                    question = f"are there more {phrase.format(a)} than {phrase.format(b)}?"
+                    options[counts[a] > counts[b]].append(question)
+    answer = bool(rng.integers(2))
+    if not options[answer]:
+        answer = not answer
+    return options[answer][rng.integers(len(options[answer]))], "yes" if answer else "no"
+
+
+def _holds(rel: str, x: _Obj, y: _Obj) -> bool:
+    """Whether "x is <rel> y" holds."""
+    return RELATIONS[rel](x.cell, y.cell)
 
 
 def _relation(rng, objs):
-    facts = {True: [], False: []}
+    facts: dict[bool, list[tuple[_Obj, str, _Obj]]] = {True: [], False: []}
     for x in objs:
         for y in objs:
             if x is not y:
-                for rel, test in RELATIONS.items():
-                    facts[test(x.cell, y.cell)].append((x, rel, y))
-    want = bool(rng.integers(2))
-    pool = facts[want] or facts[not want]
-    x, rel, y = pool[rng.integers(len(pool))]
-    return f"is the {x.name} {rel} the {y.name}?", "yes" if test_rel(rel, x, y) else "no"
-
-
-def test_rel(rel: str, x: _Obj, y: _Obj) -> bool:
-    return RELATIONS[rel](x.cell, y.cell)
+                for rel in RELATIONS:
+                    facts[_holds(rel, x, y)].append((x, rel, y))
+    answer = bool(rng.integers(2))
+    if not facts[answer]:
+        answer = not answer
+    x, rel, y = facts[answer][rng.integers(len(facts[answer]))]
+    return f"is the {x.name} {rel} the {y.name}?", "yes" if answer else "no"
 
 
 def _query_color(rng, objs):
@@ -150,7 +156,7 @@ def _query_color(rng, objs):
     for y in objs:
         for rel in RELATIONS:
             for shape in SHAPES:
-                fits = [x for x in objs if x is not y and x.shape == shape and test_rel(rel, x, y)]
+                fits = [x for x in objs if x is not y and x.shape == shape and _holds(rel, x, y)]
                 if len(fits) == 1:
                     options.append((shape, rel, y, fits[0].color))
     if not options:

@@ -1,10 +1,18 @@
 """Token compressor heads: vision features of a g x g patch grid -> V tokens for the LLM.
 
-One registry is the only place a head is added: decorate the class with `@register("name")`. Every head is a
-linen Module built as `Head(cfg=compressor_cfg, vision_cfg=..., llm_cfg=..., dtype=...)` and declares, as class
-attributes/methods:
+One registry is the only place a head is added: `@register("name")` on a class here, or a `register(...)` line at
+the bottom for heads that live in their own module. Registered heads:
+
+- `none`: every patch token (V = g*g); `avgpool`: parameter-free average pooling (V tiles the grid);
+- `quecc` (vlm_jax/models/quecc.py): the paper's query-conditioned convolutional cross-attention;
+- `tokenpacker` (vlm_jax/models/tokenpacker.py): point-to-region cross-attention, query-agnostic;
+- `resampler` (vlm_jax/models/resampler.py): V learned latents cross-attending to all tokens (any V).
+
+Every head is a linen Module built as `Head(cfg=compressor_cfg, vision_cfg=..., llm_cfg=..., dtype=...)`
+(base class in vlm_jax/models/head_base.py) and declares, as class attributes/methods:
 
 - `DEFAULTS`: its config keys beyond `name`/`num_tokens`, with defaults (unknown keys are a config error);
+  configs/heads.py documents them all;
 - `needs_query`: whether it consumes the query embedding (the LLM's hidden state of the user's question);
 - `vision_layers(cfg, vision_cfg)`: the vision hidden-state indices it reads;
 - `check(cfg, grid)`: raises ValueError naming head, V and grid when it cannot produce V tokens;
@@ -12,14 +20,11 @@ attributes/methods:
   float[B, D_llm] or None -> float[B, V, Dv].
 """
 
-import math
-from typing import ClassVar
-
 import flax.linen as nn
-import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.models import vision
+from vlm_jax.models import quecc, resampler, tokenpacker, vision
+from vlm_jax.models.head_base import Head, grid_side, option  # noqa: F401  (re-exported: the head interface)
 
 REGISTRY: dict[str, type] = {}
 
@@ -40,7 +45,8 @@ def get(name: str) -> type:
 
 
 def validate(cfg: ml_collections.ConfigDict, vision_cfg: ml_collections.ConfigDict) -> None:
-    """Start-up check of `config.model.compressor`: known head, known keys, a V the head can produce."""
+    """Start-up check of `config.model.compressor`: known head, known keys, a V the head can produce, vision
+    taps inside the tower, a head count that divides the vision width."""
     head = get(cfg.name)
     unknown = set(cfg.keys()) - {"name", "num_tokens"} - set(head.DEFAULTS)
     if unknown:
@@ -49,46 +55,12 @@ def validate(cfg: ml_collections.ConfigDict, vision_cfg: ml_collections.ConfigDi
     if cfg.num_tokens < 1:
         raise ValueError(f"model.compressor.num_tokens must be >= 1, got {cfg.num_tokens}")
     head.check(cfg, vision_cfg.image_size // vision_cfg.patch_size)
-
-
-def grid_side(head: str, num_tokens: int, grid: int) -> int:
-    """Side s of the s x s output grid for grid-tiling heads; errors name head, V and grid."""
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens or grid % side:
-        allowed = [d * d for d in range(1, grid + 1) if grid % d == 0]
-        raise ValueError(f"compressor head {head!r} cannot produce V={num_tokens} tokens from a {grid}x{grid} "
-                         f"patch grid: V must be a square whose side divides {grid}, i.e. one of {allowed}")
-    return side
-
-
-def option(cfg, head_cls, key):
-    """A head option: the config value if set, else the head's default."""
-    return cfg.get(key, head_cls.DEFAULTS[key])
-
-
-class Head(nn.Module):
-    """Base class: the constructor fields and defaults every head shares."""
-    cfg: ml_collections.ConfigDict
-    vision_cfg: ml_collections.ConfigDict
-    llm_cfg: ml_collections.ConfigDict
-    dtype: jnp.dtype = jnp.float32
-
-    DEFAULTS: ClassVar[dict] = {}
-    needs_query: ClassVar[bool] = False
-
-    @classmethod
-    def vision_layers(cls, cfg, vision_cfg):
-        return (vision_cfg.select_layer,)
-
-    @classmethod
-    def check(cls, cfg, grid):
-        grid_side(cfg.name, cfg.num_tokens, grid)
-
-    def selected(self, features):
-        """Patch tokens of the selected layer reshaped to the grid: float[B, g, g, Dv]."""
-        x = vision.patch_tokens(features[self.vision_cfg.select_layer])
-        g = math.isqrt(x.shape[1])
-        return x.reshape(x.shape[0], g, g, x.shape[-1])
+    head.vision_layers(cfg, vision_cfg)   # raises, naming the index, for a tap outside the tower
+    if "num_heads" in head.DEFAULTS:
+        heads = option(cfg, head, "num_heads")
+        if heads < 1 or vision_cfg.width % heads:
+            raise ValueError(f"compressor head {cfg.name!r}: num_heads={heads} must divide the vision width "
+                             f"{vision_cfg.width}")
 
 
 @register("none")
@@ -115,3 +87,27 @@ class AvgPool(Head):
         window = x.shape[1] // side
         pooled = nn.avg_pool(x, (window, window), strides=(window, window), padding="VALID")
         return pooled.reshape(x.shape[0], side * side, x.shape[-1]).astype(self.dtype)
+
+
+register("quecc")(quecc.QueCC)
+register("tokenpacker")(tokenpacker.TokenPacker)
+register("resampler")(resampler.Resampler)
+
+
+def abstract_head_params(model_cfg: ml_collections.ConfigDict):
+    """Parameter tree (ShapeDtypeStructs, nothing allocated) of the compressor head alone, for `model_cfg`
+    (`config.model`); {} for parameter-free heads. Used to report head sizes without building the LLM."""
+    import jax
+    import jax.numpy as jnp
+
+    validate(model_cfg.compressor, model_cfg.vision)
+    head_cls = get(model_cfg.compressor.name)
+    head = head_cls(model_cfg.compressor, model_cfg.vision, model_cfg.llm, jnp.dtype(model_cfg.dtype))
+    g = model_cfg.vision.image_size // model_cfg.vision.patch_size
+    feature = jnp.zeros((1, 1 + g * g, model_cfg.vision.width), jnp.float32)
+    query = jnp.zeros((1, model_cfg.llm.hidden_size), jnp.float32)
+
+    def init(rng):
+        features = {i: feature for i in head_cls.vision_layers(model_cfg.compressor, model_cfg.vision)}
+        return head.init(rng, features, query if head_cls.needs_query else None).get("params", {})
+    return nn.meta.unbox(jax.eval_shape(init, jax.random.key(0)))

@@ -1,0 +1,50 @@
+"""Compressor head config keys (`config.model.compressor`), one table for every registered head.
+
+    --config.model.compressor.name=quecc --config.model.compressor.num_tokens=1
+
+Every head takes `name` (the registry entry) and `num_tokens` (V). Head-specific keys, with their defaults
+(the heads' `DEFAULTS` in vlm_jax/models; a test keeps this table and those in sync):
+
+| head        | key        | default | meaning                                                                    |
+|-------------|------------|---------|----------------------------------------------------------------------------|
+| none        | -          |         | every patch token; V must equal g*g                                        |
+| avgpool     | -          |         | sqrt(V) x sqrt(V) average pooling; V a square whose side divides g         |
+| quecc       | kv_layers  | None    | vision taps (HF indices) concatenated for keys/values; None = CLIP-L's     |
+|             |            |         | (12, 16, 22, 23), or the same relative depths for another tower            |
+|             | num_heads  | 8       | cross-attention heads; must divide the vision width                        |
+| tokenpacker | kv_layers  | None    | as quecc                                                                   |
+|             | num_heads  | 8       | as quecc                                                                   |
+|             | residual   | True    | add the attention output to the point query (False: the authors' release) |
+| resampler   | depth      | 2       | cross-attention + MLP blocks                                               |
+|             | num_heads  | 8       | attention heads; must divide the vision width                              |
+|             | mlp_ratio  | 4       | MLP hidden width / vision width                                            |
+
+quecc, tokenpacker and avgpool tile the g x g grid: V in {1, 4, 16, 36, 64, 144, 576} for CLIP-L/14-336's 24 x 24.
+resampler takes any V >= 1. A V a head cannot produce fails at start-up with the head, V and grid in the message.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+KEYS = {
+    "none": {},
+    "avgpool": {},
+    "quecc": dict(kv_layers=None, num_heads=8),
+    "tokenpacker": dict(kv_layers=None, num_heads=8, residual=True),
+    "resampler": dict(depth=2, num_heads=8, mlp_ratio=4),
+}
+
+
+def compressor_config(name: str, num_tokens: int, **overrides) -> ml_collections.ConfigDict:
+    """`config.model.compressor` with every key of head `name` present (so each is overridable from the
+    command line on a locked config); unknown overrides fail here, naming the key."""
+    if name not in KEYS:
+        raise ValueError(f"unknown compressor head {name!r}; known: {sorted(KEYS)}")
+    unknown = set(overrides) - set(KEYS[name])
+    if unknown:
+        raise ValueError(f"compressor head {name!r} has no key(s) {sorted(unknown)}; it takes {sorted(KEYS[name])}")
+    cfg = dict(name=name, num_tokens=num_tokens, **KEYS[name])
+    if cfg.get("kv_layers", ()) is None:
+        cfg["kv_layers"] = config_dict.placeholder(tuple)   # None, but typed: overridable as '(12, 16, 22, 23)'
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)

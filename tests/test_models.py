@@ -1,0 +1,137 @@
+"""Behaviour of the model parts: causality, padding, GQA, RoPE, scan/remat equivalence, image slots, vision taps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import models
+from tests import helpers
+from vlm_jax.models import layers, llm, vision, vlm
+
+
+def _llm(**overrides):
+    cfg = models.llm_config("tiny", **overrides)
+    model = llm.LLM(cfg)
+    params = jax.jit(lambda r: model.init(r, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32),
+                                          method=_full)["params"])(jax.random.key(0))
+    return cfg, model, params
+
+
+def _full(m, tokens, mask):
+    """Embedding -> layers -> logits, so init creates every parameter (tied or not)."""
+    return m.logits(m(m.embed_tokens(tokens), mask)[0])
+
+
+def _hidden(model, params, tokens, mask):
+    fn = jax.jit(lambda p, t, msk: model.apply({"params": p}, model.apply({"params": p}, t,
+                                                method=model.embed_tokens), msk)[0])
+    return fn(params, tokens, mask)
+
+
+def test_llm_is_causal_future_tokens_do_not_change_past_outputs():
+    cfg, model, params = _llm()
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+    mask = jnp.ones((2, 10), jnp.int32)
+    changed = tokens.at[:, 6:].set((tokens[:, 6:] + 1) % cfg.vocab_size)
+    a, b = _hidden(model, params, tokens, mask), _hidden(model, params, changed, mask)
+    np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-5)
+    assert np.max(np.abs(a[:, 6:] - b[:, 6:])) > 1e-3
+
+
+def test_llm_right_padding_does_not_change_real_token_outputs():
+    cfg, model, params = _llm()
+    tokens = jax.random.randint(jax.random.key(2), (1, 7), 0, cfg.vocab_size)
+    padded = jnp.concatenate([tokens, jnp.full((1, 5), 3)], axis=1)
+    mask = jnp.concatenate([jnp.ones((1, 7), jnp.int32), jnp.zeros((1, 5), jnp.int32)], axis=1)
+    np.testing.assert_allclose(_hidden(model, params, tokens, jnp.ones((1, 7), jnp.int32)),
+                               _hidden(model, params, padded, mask)[:, :7], atol=1e-5)
+
+
+def test_llm_left_padding_matches_unpadded_via_positions_from_mask():
+    cfg, model, params = _llm()
+    tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), tokens], axis=1)
+    mask = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 6), jnp.int32)], axis=1)
+    np.testing.assert_allclose(_hidden(model, params, tokens, jnp.ones((1, 6), jnp.int32)),
+                               _hidden(model, params, padded, mask)[:, 3:], atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scan_and_loop_layers_give_identical_outputs(remat):
+    cfg, scanned, params = _llm(scan_layers=True, remat=remat)
+    _, looped, _ = _llm(scan_layers=False, remat=remat)
+    # The scanned tree stacks layers on a leading axis; unstack it into layers_i for the loop version.
+    layer_params = params["layers"]
+    loop_params = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(cfg.num_layers):
+        loop_params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], layer_params)
+    tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, cfg.vocab_size)
+    mask = jnp.ones((2, 9), jnp.int32)
+    np.testing.assert_allclose(_hidden(scanned, params, tokens, mask), _hidden(looped, loop_params, tokens, mask),
+                               atol=1e-5)
+
+
+def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
+    d, h, kv, hd = 32, 4, 2, 8
+    gqa = layers.MultiHeadAttention(num_heads=h, num_kv_heads=kv, head_dim=hd)
+    mha = layers.MultiHeadAttention(num_heads=h, num_kv_heads=h, head_dim=hd)
+    x = jax.random.normal(jax.random.key(5), (2, 5, d))
+    p = gqa.init(jax.random.key(6), x, x)["params"]
+    p = jax.tree.map(lambda a: getattr(a, "value", a), p, is_leaf=lambda a: hasattr(a, "value"))
+    rep = lambda a: jnp.repeat(a, h // kv, axis=-2)  # each kv head serves h/kv consecutive query heads
+    p_mha = dict(p, k_proj={k: rep(v) for k, v in p["k_proj"].items()},
+                 v_proj={k: rep(v) for k, v in p["v_proj"].items()})
+    np.testing.assert_allclose(gqa.apply({"params": p}, x, x)[0], mha.apply({"params": p_mha}, x, x)[0], atol=1e-5)
+
+
+def test_rope_preserves_norm_and_relative_positions():
+    q = jax.random.normal(jax.random.key(7), (1, 1, 1, 16))
+    k = jax.random.normal(jax.random.key(8), (1, 1, 1, 16))
+    rot = lambda x, p: layers.rope(x, jnp.array([[p]]), 10000.0)
+    np.testing.assert_allclose(jnp.linalg.norm(rot(q, 37)), jnp.linalg.norm(q), rtol=1e-5)
+    # <R(m) q, R(n) k> depends only on m - n.
+    dot = lambda m, n: float(jnp.sum(rot(q, m) * rot(k, n)))
+    assert dot(5, 2) == pytest.approx(dot(13, 10), rel=1e-4)
+    assert dot(5, 2) != pytest.approx(dot(5, 3), rel=1e-3)
+
+
+def test_vision_tower_returns_requested_hf_hidden_state_indices():
+    cfg = models.vision_config("tiny", image_size=32)
+    tower = vision.VisionTower(cfg)
+    pixels = jax.random.normal(jax.random.key(9), (2, 32, 32, 3))
+    params = tower.init(jax.random.key(0), pixels, (-2,))["params"]
+    out = tower.apply({"params": params}, pixels, (0, 2, -2, -1))
+    assert set(out) == {0, 2, -2, -1}
+    assert out[-1].shape == (2, 1 + 16, cfg.width)
+    np.testing.assert_allclose(out[-2], tower.apply({"params": params}, pixels, (cfg.depth - 1,))[cfg.depth - 1])
+    assert np.max(np.abs(out[-1] - out[-2])) > 1e-3
+    with pytest.raises(ValueError, match="out of range"):
+        tower.apply({"params": params}, pixels, (cfg.depth + 1,))
+
+
+def test_vlm_writes_visual_embeddings_into_image_slots_only():
+    config = helpers.tiny_config(num_tokens=4, batch_size=2)
+    model = vlm.VLM(config.model)
+    batch = helpers.random_batch(config, batch_size=2)
+    params = model.init(jax.random.key(0), **{k: batch[k] for k in vlm.dummy_inputs(config.model)})["params"]
+    visual = jnp.full((2, 4, config.model.llm.hidden_size), 7.0)
+    positions = jnp.array([[2, 3, 4, 5], [24, 24, 24, 24]])  # row 1: text-only (all slots out of range)
+    x = model.apply({"params": params}, batch["tokens"], positions, visual, method=model.embed_inputs)
+    plain = model.apply({"params": params}, batch["tokens"], method=lambda m, t: m.llm.embed_tokens(t))
+    np.testing.assert_array_equal(x[0, 2:6], 7.0)
+    np.testing.assert_allclose(x[0, :2], plain[0, :2])
+    np.testing.assert_allclose(x[0, 6:], plain[0, 6:])
+    np.testing.assert_allclose(x[1], plain[1])
+
+
+def test_vlm_logits_depend_on_the_image():
+    config = helpers.tiny_config(num_tokens=4, batch_size=2)
+    model = vlm.VLM(config.model)
+    batch = helpers.random_batch(config, batch_size=2)
+    inputs = {k: batch[k] for k in vlm.dummy_inputs(config.model)}
+    params = model.init(jax.random.key(0), **inputs)["params"]
+    a = model.apply({"params": params}, **inputs)
+    b = model.apply({"params": params}, **dict(inputs, pixels=inputs["pixels"] + 1.0))
+    assert a.shape == (2, config.data.seq_len, config.model.llm.vocab_size)
+    assert np.max(np.abs(a - b)) > 1e-4

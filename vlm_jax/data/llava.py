@@ -1,0 +1,159 @@
+"""LLaVA-format source: a JSON list or JSONL file of records plus an image folder.
+
+    {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
+                       {"from": "gpt", "value": "The bus is white and red."}, ...]}
+
+A record without "image" is text-only. `LlavaSource` only indexes the file (byte offsets), so a worker reads one
+record at a time; `ParseLlava` decodes, validates and loads the image inside the worker. Per-record problems (broken
+JSON line, invalid UTF-8, missing/corrupt image, bad conversation) become bad-input markers (errors.py); a JSON list
+file that does not parse at all is a ValueError at construction, since no record boundary can be trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain.python as grain
+import ml_collections
+import numpy as np
+
+from vlm_jax.data import errors, features, images
+from vlm_jax.data.tokenize import ASSISTANT, USER
+
+ROLES = {"human": USER, "gpt": ASSISTANT}
+
+
+class LlavaSource:
+    """grain RandomAccessDataSource over the records of a LLaVA JSON/JSONL file.
+
+    Item i -> {'raw': bytes of record i, 'fallback_id': '<file>:<line or index>'}. JSONL is read lazily by offset;
+    a JSON list is parsed once here and its records kept re-serialised in one bytes buffer.
+    """
+
+    def __init__(self, json_path: str):
+        if not json_path or not os.path.isfile(json_path):
+            raise ValueError(f"LLaVA json_path {json_path!r} is not a file")
+        self.json_path = str(json_path)
+        self._name = os.path.basename(self.json_path)
+        with open(self.json_path, "rb") as f:
+            data = f.read()
+        if data.lstrip()[:1] == b"[":
+            self._blob, self._starts, self._ends, self._labels = self._index_list(data)
+        else:
+            self._blob = None
+            self._starts, self._ends, self._labels = self._index_lines(data)
+        self._file = None  # opened lazily in each process
+
+    def _index_list(self, data: bytes):
+        try:  # surrogateescape keeps invalid UTF-8 bytes so that the record holding them is flagged, not the file
+            records = json.loads(data.decode("utf-8", "surrogateescape"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"LLaVA file {self.json_path!r} is not valid JSON: {e}") from None
+        parts = [json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogateescape") for r in records]
+        ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
+        starts = ends - np.asarray([len(p) for p in parts], np.int64)
+        return b"".join(parts), starts, ends, np.arange(len(parts), dtype=np.int64)
+
+    @staticmethod
+    def _index_lines(data: bytes):
+        starts, ends, lines = [], [], []
+        pos = 0
+        for lineno, line in enumerate(data.split(b"\n"), start=1):
+            if line.strip():
+                starts.append(pos)
+                ends.append(pos + len(line))
+                lines.append(lineno)
+            pos += len(line) + 1
+        return np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(lines, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i)
+        start, end = int(self._starts[i]), int(self._ends[i])
+        if self._blob is not None:
+            raw = self._blob[start:end]
+            fallback = f"{self._name}:record {int(self._labels[i])}"
+        else:
+            if self._file is None:
+                self._file = open(self.json_path, "rb")  # pylint: disable=consider-using-with
+            raw = os.pread(self._file.fileno(), end - start, start)
+            fallback = f"{self._name}:line {int(self._labels[i])}"
+        return {"raw": raw, "fallback_id": fallback}
+
+    def __getstate__(self):  # file handles do not cross process boundaries
+        return {**self.__dict__, "_file": None}
+
+    def __repr__(self) -> str:
+        return f"LlavaSource({self.json_path!r}, {len(self)} records)"
+
+
+def parse_turns(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """[(role, text)] from a record's conversations. Raises BadRecord."""
+    conv = record.get("conversations")
+    if conv is None or (isinstance(conv, list) and not conv):
+        raise errors.BadRecord(errors.EMPTY_CONVERSATION, "no conversations")
+    if not isinstance(conv, list):
+        raise errors.BadRecord(errors.BAD_FIELD, f"conversations is a {type(conv).__name__}, not a list")
+    turns = []
+    for k, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise errors.BadRecord(errors.BAD_FIELD, f"turn {k} is not {{from, value: str}}")
+        role = ROLES.get(turn.get("from"))
+        if role is None:
+            raise errors.BadRecord(errors.BAD_ROLES, f"turn {k} has from={turn.get('from')!r}, not human/gpt")
+        turns.append((role, turn["value"]))
+    if not any(text.strip() for _, text in turns):
+        raise errors.BadRecord(errors.EMPTY_CONVERSATION, "every turn is empty")
+    return turns
+
+
+class ParseLlava(grain.MapTransform):
+    """{'raw', 'fallback_id'} -> {'id', 'image': uint8[S, S, 3] | None, 'turns'} or a bad-input marker."""
+
+    def __init__(self, image_dir: str, image_size: int, aspect_ratio: str = "pad"):
+        if aspect_ratio not in images.ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio must be one of {images.ASPECT_RATIOS}, got {aspect_ratio!r}")
+        self.image_dir, self.image_size, self.aspect_ratio = image_dir, image_size, aspect_ratio
+
+    def __repr__(self) -> str:
+        return f"ParseLlava({self.image_dir!r}, {self.image_size}, {self.aspect_ratio!r})"
+
+    def map(self, item: dict[str, Any]) -> dict[str, Any]:
+        record_id = item["fallback_id"]
+        try:
+            try:
+                text = item["raw"].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise errors.BadRecord(errors.INVALID_UTF8, str(e)) from None
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise errors.BadRecord(errors.MALFORMED_JSON, str(e)) from None
+            if not isinstance(record, dict):
+                raise errors.BadRecord(errors.MALFORMED_JSON, f"record is a {type(record).__name__}, not an object")
+            record_id = str(record.get("id", record_id))
+            turns = parse_turns(record)
+            image_name = record.get("image")
+            if image_name is not None and not isinstance(image_name, str):
+                raise errors.BadRecord(errors.BAD_FIELD, f"image is a {type(image_name).__name__}, not a path")
+            features.check_turns(turns, has_image=image_name is not None)  # before paying for the image decode
+            pixels = None
+            if image_name is not None:
+                pixels = images.preprocess(os.path.join(self.image_dir, image_name), self.image_size,
+                                           self.aspect_ratio)
+        except errors.BadRecord as e:
+            return errors.marker(record_id, e)
+        return {"id": record_id, "image": pixels, "turns": turns}
+
+
+def make_source(data_cfg: ml_collections.ConfigDict, split: str, image_size: int
+                ) -> tuple[LlavaSource, list[grain.MapTransform]]:
+    paths = {"train": data_cfg.llava.json_path, "validation": data_cfg.llava.validation_json_path}
+    if split not in paths:
+        raise ValueError(f"LLaVA split must be one of {sorted(paths)}, got {split!r}")
+    return LlavaSource(paths[split]), [ParseLlava(data_cfg.llava.image_dir, image_size, data_cfg.image_aspect_ratio)]

@@ -1,0 +1,345 @@
+"""Scaling laws of downstream error over LLM size N (billions of parameters) and visual tokens V.
+
+Two law forms:
+    multiplicative (the paper's):  err = A * N^-alpha * V^-beta + D
+    additive (Chinchilla-style):   err = E + A / N^alpha + B / V^beta
+
+Fitting follows Hoffmann et al. (2022, approach 3) as replicated by Besiroglu et al. (2024): minimise the summed
+Huber loss (delta = 1e-3) of log-error residuals, with each law written as a log-sum-exp of its terms so that the
+scale parameters are optimised on a log scale, by L-BFGS from a grid of starting points. Uncertainty comes from a
+seeded nonparametric bootstrap over table cells (percentile intervals), and out-of-sample quality from refitting
+without each LLM size in turn (leave-one-N-out).
+
+Internally N and V are divided by their geometric means over the table, so a single start grid suits any unit of N;
+the reported parameters are in the original units (N in billions, V in tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+
+from vlm_jax import scaling_solvers
+from vlm_jax.scaling_table import ScalingTable, load_tables, tables_from_rows  # noqa: F401  (re-exported)
+
+
+# ----------------------------------------------------------------------------------------------- law forms
+
+@dataclasses.dataclass(frozen=True)
+class LawForm:
+    """A parametric law err(N, V).
+
+    log_predict(coords float[..., P], log_n float[M], log_v float[M], xp) -> float[..., M]: log error in the
+        optimisation coordinates, with log N and log V centred on the table (xp is numpy or jax.numpy).
+    to_natural(coords float[..., P], log_n0, log_v0) -> float[..., P]: the parameters in original units.
+    predict(theta float[..., P], n float[M], v float[M]) -> float[..., M]: error from natural parameters.
+    """
+
+    name: str
+    formula: str
+    param_names: tuple[str, ...]
+    coord_names: tuple[str, ...]
+    start_grid: tuple[tuple[float, ...], ...]
+    log_predict: Callable
+    to_natural: Callable
+    predict: Callable
+
+    @property
+    def num_params(self) -> int:
+        return len(self.param_names)
+
+    def grid(self) -> np.ndarray:
+        """float[G, P]: the Cartesian product of the per-coordinate start values."""
+        return np.array(list(itertools.product(*self.start_grid)), dtype=np.float64)
+
+
+def _split(x, k):
+    return tuple(x[..., i, None] for i in range(k))
+
+
+def _mult_log_predict(c, log_n, log_v, xp):
+    log_a, alpha, beta, log_d = _split(c, 4)
+    return xp.logaddexp(log_a - alpha * log_n - beta * log_v, log_d)
+
+
+def _mult_to_natural(c, log_n0, log_v0):
+    log_a, alpha, beta, log_d = (c[..., i] for i in range(4))
+    return np.stack([np.exp(log_a + alpha * log_n0 + beta * log_v0), alpha, beta, np.exp(log_d)], axis=-1)
+
+
+def _mult_predict(theta, n, v):
+    a, alpha, beta, d = _split(np.asarray(theta, dtype=np.float64), 4)
+    return a * np.power(n, -alpha) * np.power(v, -beta) + d
+
+
+def _add_log_predict(c, log_n, log_v, xp):
+    log_e, log_a, alpha, log_b, beta = _split(c, 5)
+    return xp.logaddexp(xp.logaddexp(log_e, log_a - alpha * log_n), log_b - beta * log_v)
+
+
+def _add_to_natural(c, log_n0, log_v0):
+    log_e, log_a, alpha, log_b, beta = (c[..., i] for i in range(5))
+    return np.stack([np.exp(log_e), np.exp(log_a + alpha * log_n0), alpha, np.exp(log_b + beta * log_v0), beta],
+                    axis=-1)
+
+
+def _add_predict(theta, n, v):
+    e, a, alpha, b, beta = _split(np.asarray(theta, dtype=np.float64), 5)
+    return e + a * np.power(n, -alpha) + b * np.power(v, -beta)
+
+
+# Start grids span error scales from 0.5% to 50% and exponents from 0 to 1 (coordinates are at the table centre).
+_EXPONENTS = (0.0, 0.1, 0.3, 0.6, 1.0)
+MULTIPLICATIVE = LawForm(
+    name="multiplicative",
+    formula="err = A * N^-alpha * V^-beta + D",
+    param_names=("A", "alpha", "beta", "D"),
+    coord_names=("log_A_centre", "alpha", "beta", "log_D"),
+    start_grid=((-5.0, -3.5, -2.0, -0.5), _EXPONENTS, _EXPONENTS, tuple(np.log([0.005, 0.03, 0.15, 0.5]))),
+    log_predict=_mult_log_predict,
+    to_natural=_mult_to_natural,
+    predict=_mult_predict,
+)
+ADDITIVE = LawForm(
+    name="additive",
+    formula="err = E + A / N^alpha + B / V^beta",
+    param_names=("E", "A", "alpha", "B", "beta"),
+    coord_names=("log_E", "log_A_centre", "alpha", "log_B_centre", "beta"),
+    start_grid=(tuple(np.log([0.005, 0.05, 0.3])), (-5.0, -3.0, -1.0), (0.0, 0.2, 0.5, 1.0),
+                (-5.0, -3.0, -1.0), (0.0, 0.2, 0.5, 1.0)),
+    log_predict=_add_log_predict,
+    to_natural=_add_to_natural,
+    predict=_add_predict,
+)
+LAW_FORMS = {f.name: f for f in (MULTIPLICATIVE, ADDITIVE)}
+
+
+def get_form(form: str | LawForm) -> LawForm:
+    """The LawForm called `form` ('multiplicative' or 'additive'), or `form` itself."""
+    if isinstance(form, LawForm):
+        return form
+    try:
+        return LAW_FORMS[form]
+    except KeyError:
+        raise ValueError(f"unknown law form {form!r}; choose one of {sorted(LAW_FORMS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a bootstrap percentile interval (nan when there was no bootstrap)."""
+
+    point: float
+    lo: float
+    hi: float
+    level: float
+
+    @classmethod
+    def from_samples(cls, point, samples, level: float) -> Estimate:
+        """samples: float[B]; non-finite samples (a quantity undefined for some resample) are left out."""
+        samples = np.asarray(samples, dtype=np.float64)
+        samples = samples[np.isfinite(samples)]
+        if samples.size == 0:
+            return cls(float(point), np.nan, np.nan, level)
+        lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
+        return cls(float(point), float(lo), float(hi), level)
+
+    def __str__(self) -> str:
+        return f"{self.point:.4g} [{self.lo:.4g}, {self.hi:.4g}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class LooResult:
+    """Extrapolation to one held-out LLM size from a fit on the others (errors over its cells)."""
+
+    n_held_out: float
+    cells: int
+    rms_log_error: float
+    mean_abs_rel_error: float
+    theta: np.ndarray  # float[P] natural parameters of the fit without this N
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitResult:
+    """A fitted law with its diagnostics.
+
+    theta: float[P] natural parameters; log_residuals: float[M] log(pred) - log(observed);
+    bootstrap: float[B, P] natural parameters refitted on each resample (B = 0 without bootstrap).
+    """
+
+    form: LawForm
+    table: ScalingTable
+    theta: np.ndarray
+    loss: float
+    delta: float
+    at_grid_edge: tuple[str, ...]
+    log_residuals: np.ndarray
+    r2: float
+    loo: tuple[LooResult, ...]
+    bootstrap: np.ndarray
+    bootstrap_unconverged: int
+    level: float
+
+    @property
+    def params(self) -> dict[str, Estimate]:
+        """Each natural parameter with its bootstrap interval."""
+        return {name: Estimate.from_samples(self.theta[i], self.bootstrap[:, i], self.level)
+                for i, name in enumerate(self.form.param_names)}
+
+    def thetas(self) -> np.ndarray:
+        """float[1 + B, P]: the point fit followed by the bootstrap fits (for vectorised derived quantities)."""
+        return np.concatenate([self.theta[None], self.bootstrap], axis=0)
+
+    def predict(self, n, v) -> np.ndarray:
+        """Predicted error at N (billions) and V, broadcast together: float[...]."""
+        n, v = np.broadcast_arrays(np.asarray(n, dtype=np.float64), np.asarray(v, dtype=np.float64))
+        return self.form.predict(self.theta, n.ravel(), v.ravel()).reshape(n.shape)
+
+    def estimate(self, fn: Callable[[np.ndarray], np.ndarray]) -> Estimate:
+        """A derived quantity fn(theta float[S, P]) -> float[S] with its bootstrap interval."""
+        values = np.asarray(fn(self.thetas()), dtype=np.float64)
+        return Estimate.from_samples(values[0], values[1:], self.level)
+
+
+# ----------------------------------------------------------------------------------------------- fitting
+
+def check_fittable(table: ScalingTable, form: LawForm) -> None:
+    """Raises ValueError when the table cannot determine the law's parameters."""
+    if not isinstance(table, ScalingTable):
+        raise TypeError(f"expected a ScalingTable, got {type(table).__name__}")
+    where = f"task {table.task!r}"
+    if len(table) < form.num_params:
+        raise ValueError(f"{where}: {len(table)} cells cannot determine the {form.num_params} parameters "
+                         f"({', '.join(form.param_names)}) of the {form.name} law")
+    if len(table.n_values) < 2:
+        raise ValueError(f"{where}: every cell has N = {table.n_values[0]:g}B; fitting the N exponent needs at "
+                         "least two LLM sizes")
+    if len(table.v_values) < 2:
+        raise ValueError(f"{where}: every cell has V = {table.v_values[0]:g}; fitting the V exponent needs at "
+                         "least two visual-token counts")
+
+
+def _identifiable(weights: np.ndarray, n_idx: np.ndarray, v_idx: np.ndarray, num_params: int) -> np.ndarray:
+    """bool[B]: weight vectors (float[B, M]) that keep >= P cells, >= 2 distinct N and >= 2 distinct V."""
+    present = weights > 0
+    distinct_n = np.stack([(present & (n_idx == k)).any(1) for k in range(n_idx.max() + 1)], 1).sum(1)
+    distinct_v = np.stack([(present & (v_idx == k)).any(1) for k in range(v_idx.max() + 1)], 1).sum(1)
+    return (present.sum(1) >= num_params) & (distinct_n >= 2) & (distinct_v >= 2)
+
+
+def bootstrap_weights(table: ScalingTable, num_params: int, n_resamples: int, seed: int) -> np.ndarray:
+    """float[B, M] cell multiplicities of B resamples (M draws with replacement each).
+
+    The rare resample that cannot identify the law (too few distinct cells, a single N or V) is redrawn, since
+    its fit would be arbitrary rather than a sample of the estimator.
+    """
+    m = len(table)
+    rng = np.random.default_rng(seed)
+    n_idx = np.searchsorted(table.n_values, table.n)
+    v_idx = np.searchsorted(table.v_values, table.v)
+    weights = rng.multinomial(m, np.full(m, 1.0 / m), size=n_resamples).astype(np.float64)
+    for _ in range(100):
+        bad = ~_identifiable(weights, n_idx, v_idx, num_params)
+        if not bad.any():
+            return weights
+        weights[bad] = rng.multinomial(m, np.full(m, 1.0 / m), size=int(bad.sum()))
+    raise ValueError(f"task {table.task!r}: resamples keep failing to identify the law; the table is too small "
+                     "to bootstrap")
+
+
+def _refit(form, grid, point_coords, weights, data, *, delta, k):
+    """Best of (the point fit + the k best grid points) for each weight vector: coords float[B, P], converged."""
+    screened = scaling_solvers.screen_starts(form, grid, weights, *data, delta=delta, k=k)  # [B, k, P]
+    starts = np.concatenate([np.broadcast_to(point_coords, (len(weights), 1, len(point_coords))), screened], 1)
+    s = starts.shape[1]
+    coords, loss, converged = scaling_solvers.minimize_batched(
+        form, starts.reshape(-1, starts.shape[-1]), np.repeat(weights, s, axis=0), *data, delta=delta)
+    loss = np.where(np.isfinite(loss), loss, np.inf).reshape(-1, s)
+    best = np.argmin(loss, axis=1)
+    rows = np.arange(len(weights))
+    return coords.reshape(-1, s, coords.shape[-1])[rows, best], converged.reshape(-1, s)[rows, best]
+
+
+def fit_law(table: ScalingTable, form: str | LawForm = "multiplicative", *, n_bootstrap: int = 1000,
+            seed: int = 0, delta: float = 1e-3, n_starts: int = 32, bootstrap_starts: int = 2,
+            loo: bool = True, level: float = 0.95) -> FitResult:
+    """Fits a law to one task family's table.
+
+    The point fit runs scipy L-BFGS-B from the `n_starts` best points of the form's start grid (ranked by loss)
+    and keeps the lowest loss. Leave-one-N-out refits start from the point fit and the `n_starts` best grid
+    points of their own data; each of the `n_bootstrap` resamples (seeded) from the point fit and its
+    `bootstrap_starts - 1` best grid points, all in one batched L-BFGS.
+    """
+    form = get_form(form)
+    check_fittable(table, form)
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if delta <= 0:
+        raise ValueError(f"Huber delta must be positive, got {delta}")
+    log_n, log_v, log_err = np.log(table.n), np.log(table.v), np.log(table.error)
+    log_n0, log_v0 = log_n.mean(), log_v.mean()
+    data = (log_n - log_n0, log_v - log_v0, log_err)
+    grid = form.grid()
+
+    # ---- point fit
+    ones = np.ones((1, len(table)))
+    starts = scaling_solvers.screen_starts(form, grid, ones, *data, delta=delta, k=n_starts)[0]
+    runs = [scaling_solvers.minimize_lbfgsb(form, s, *data, delta=delta) for s in starts]
+    coords, loss, _ = min(runs, key=lambda r: r[1] if np.isfinite(r[1]) else np.inf)
+    theta = form.to_natural(coords, log_n0, log_v0)
+    pred = form.predict(theta, table.n, table.v)
+    lo, hi = grid.min(0), grid.max(0)
+    at_edge = tuple(name for name, c, a, b in zip(form.coord_names, coords, lo, hi) if c <= a or c >= b)
+    ss_tot = np.sum((table.error - table.error.mean()) ** 2)
+    r2 = 1.0 - np.sum((table.error - pred) ** 2) / ss_tot if ss_tot > 0 else np.nan
+
+    # ---- refits: leave-one-N-out and bootstrap, batched together
+    loo_sets = []
+    if loo:
+        for n_out in table.n_values:
+            keep = table.n != n_out
+            rest = table.subset(keep)
+            if len(rest) >= form.num_params and len(rest.n_values) >= 2 and len(rest.v_values) >= 2:
+                loo_sets.append((n_out, keep))
+    boot = (bootstrap_weights(table, form.num_params, n_bootstrap, seed) if n_bootstrap > 0
+            else np.zeros((0, len(table))))
+    loo_results, boot_theta, unconverged = [], np.zeros((0, form.num_params)), 0
+    if loo_sets:
+        weights = np.stack([keep.astype(np.float64) for _, keep in loo_sets])
+        refit, _ = _refit(form, grid, coords, weights, data, delta=delta, k=n_starts)
+        for (n_out, keep), c in zip(loo_sets, refit):
+            th = form.to_natural(c, log_n0, log_v0)
+            held = ~keep
+            log_res = np.log(form.predict(th, table.n[held], table.v[held])) - log_err[held]
+            loo_results.append(LooResult(float(n_out), int(held.sum()), float(np.sqrt(np.mean(log_res ** 2))),
+                                         float(np.mean(np.abs(np.expm1(log_res)))), th))
+    if len(boot):
+        refit, converged = _refit(form, grid, coords, boot, data, delta=delta, k=max(bootstrap_starts - 1, 0))
+        boot_theta = form.to_natural(refit, log_n0, log_v0)
+        unconverged = int((~converged).sum())
+
+    return FitResult(form=form, table=table, theta=theta, loss=float(loss), delta=delta, at_grid_edge=at_edge,
+                     log_residuals=np.log(pred) - log_err, r2=float(r2), loo=tuple(loo_results),
+                     bootstrap=boot_theta, bootstrap_unconverged=unconverged, level=level)
+
+
+def synthetic_table(form: str | LawForm, theta, n, v, *, noise: float = 0.0, seed: int = 0,
+                    task: str = "synthetic") -> ScalingTable:
+    """A full N x V table drawn from a known law: error * exp(noise * standard normal), clipped into (0, 1].
+
+    n: float[K] LLM sizes (billions); v: float[L] visual-token counts; theta: float[P] natural parameters.
+    """
+    form = get_form(form)
+    theta = np.asarray(theta, dtype=np.float64)
+    if theta.shape != (form.num_params,):
+        raise ValueError(f"the {form.name} law takes {form.num_params} parameters {form.param_names}, "
+                         f"got shape {theta.shape}")
+    nn, vv = (x.ravel() for x in np.meshgrid(np.asarray(n, float), np.asarray(v, float), indexing="ij"))
+    error = form.predict(theta, nn, vv)
+    if noise > 0:
+        error = error * np.exp(noise * np.random.default_rng(seed).standard_normal(error.shape))
+    return ScalingTable.from_arrays(nn, vv, np.clip(error, 1e-9, 1.0), task=task)
