@@ -6,6 +6,8 @@ Overrides of keys that do not exist fail at start (the config is locked); on a m
 the same command and `jax.distributed.initialize()` finds the others.
 """
 
+import logging as pylogging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -28,6 +30,9 @@ def main(argv):
         with config.unlocked():
             config.run_dir = FLAGS.run_dir
     logging.set_verbosity(logging.INFO)
+    # Checkpoint I/O logs every file operation at INFO; keep the console to the training log.
+    logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname
+                                         or record.levelno >= pylogging.WARNING)
     final = train.run(config)
     logging.info("done: %s", final)
 

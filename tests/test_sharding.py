@@ -50,9 +50,18 @@ def worker(out_path):
     loss1, params1, _ = _one_step(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     loss8, params8, split8 = _one_step(dict(data=2, fsdp=2, tensor=2), jax.devices())
     diff = {k: float(np.max(np.abs(params1[k] - params8[k]))) for k in params1}
+    from tests import helpers
+    from vlm_jax import train
+    config = helpers.tiny_config(batch_size=6)
+    config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    try:
+        train.validate_config(config, 0)
+        batch_error = ""
+    except ValueError as e:
+        batch_error = str(e)
     scale = {k: float(np.max(np.abs(params1[k]))) for k in params1}
     with open(out_path, "w") as f:
-        json.dump(dict(loss1=loss1, loss8=loss8, diff=diff, scale=scale, split=split8), f)
+        json.dump(dict(loss1=loss1, loss8=loss8, diff=diff, scale=scale, split=split8, batch_error=batch_error), f)
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +99,7 @@ def test_large_matrices_are_split_across_devices(result):
     assert "llm/layers/gate_proj/kernel" in split
     full, shard, _ = split["vision/layers_0/fc1/kernel"]
     assert np.prod(shard) * 4 == np.prod(full)
+
+
+def test_batch_not_divisible_by_the_data_axes_fails_at_start(result):
+    assert "train.batch_size=6" in result["batch_error"] and "4 shards" in result["batch_error"]

@@ -80,9 +80,9 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, vocab_siz
     for key in ("dtype", "param_dtype"):
         if m[key] not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.{key}={m[key]!r}; choose float32, bfloat16 or float16")
-    if config.data.seq_len <= m.compressor.num_tokens:
-        raise ValueError(f"data.seq_len={config.data.seq_len} leaves no room for text after "
-                         f"V={m.compressor.num_tokens} image slots (model.compressor.num_tokens)")
+    if config.data.seq_len < 4:
+        raise ValueError(f"data.seq_len={config.data.seq_len} (the text budget, added to the V image slots) "
+                         f"is too short for any conversation")
     if vocab_size is not None and vocab_size > m.llm.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but model.llm.vocab_size={m.llm.vocab_size}")
     t = config.train
@@ -217,7 +217,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     train_llm = any(k.startswith("llm") for k in state.params)
     train_vision = any(k.startswith("vision") for k in state.params)
-    step_flops = flops.train_step_flops(m, batch_size=t.batch_size, seq_len=config.data.seq_len,
+    seq_len = config.data.seq_len + m.compressor.num_tokens   # text budget + V image slots
+    step_flops = flops.train_step_flops(m, batch_size=t.batch_size, seq_len=seq_len,
                                         train_llm=train_llm, train_vision=train_vision)
     peak, peak_source = hardware.peak_flops_per_device(t.peak_flops_per_device)
     logging.info("MFU denominator: %.3g FLOP/s per device (%s); %.3g FLOPs per step", peak, peak_source,
@@ -229,6 +230,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     step = int(jax.device_get(state.step))
     window, window_tokens, window_start, last = [], 0, time.perf_counter(), {}
+    first_step, timed = True, 0
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         while step < t.steps:
             host_batch = next(data_iter)
@@ -238,26 +240,35 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 state, metrics = train_step(state, batch)
             step += 1
             window.append(metrics)
+            if first_step:   # keep compilation out of the throughput figures
+                jax.block_until_ready(metrics)
+                logging.info("step %d compiled and ran in %.1fs", step, time.perf_counter() - window_start)
+                first_step, timed, window_tokens, window_start = False, 0, 0, time.perf_counter()
+            else:
+                timed += 1
             if step % t.log_every == 0 or step == t.steps or stop.requested:
                 fetched = jax.device_get(window)
                 elapsed = time.perf_counter() - window_start
                 losses = np.array([w["loss"] for w in fetched])
                 if not np.all(np.isfinite(losses)):
                     raise FloatingPointError(f"non-finite loss at step {step}: {losses.tolist()}")
-                step_time = elapsed / len(fetched)
+                step_time = elapsed / timed if timed else None   # None: only the compiling step so far
                 last = {
                     "step": step, "loss": float(losses[-1]), "loss_avg": float(losses.mean()),
                     "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(lr_at(step - 1)),
-                    "tokens_per_s": window_tokens / elapsed, "step_s": step_time,
-                    "mfu": step_flops / step_time / (peak * mesh.size),
+                    "tokens_per_s": window_tokens / elapsed if timed else None, "step_s": step_time,
+                    "mfu": step_flops / step_time / (peak * mesh.size) if timed else None,
                 }
                 last.update(pipeline_counters(data_iter))
-                logging.info("step %d | loss %.4f (avg %.4f) | lr %.2e | %.0f tok/s | MFU %.2f%%", step,
-                             last["loss"], last["loss_avg"], last["lr"], last["tokens_per_s"], 100 * last["mfu"])
+                if jax.process_index() == 0:
+                    data_iter.bad_input.write(os.path.join(run_dir, "bad_input.json"))
+                logging.info("step %d | loss %.4f (avg %.4f) | lr %.2e | %s tok/s | MFU %s", step, last["loss"],
+                             last["loss_avg"], last["lr"], f"{last['tokens_per_s']:.0f}" if timed else "-",
+                             f"{100 * last['mfu']:.2f}%" if timed else "-")
                 if jax.process_index() == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
-                window, window_tokens, window_start = [], 0, time.perf_counter()
+                window, window_tokens, window_start, timed = [], 0, time.perf_counter(), 0
             if step % t.checkpoint_every == 0 or step == t.steps or stop.requested:
                 checkpoints.save(ckpt, step, state, data_iter.get_state(), {"step": step}, force=True)
             if stop.requested:
@@ -268,7 +279,5 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
 
 def pipeline_counters(data_iter) -> dict:
-    """Bad-input counters the pipeline exposes (skipped records by reason), flattened for logging."""
-    counts = getattr(data_iter, "skip_counts", None)
-    counts = counts() if callable(counts) else counts
-    return {f"skipped/{k}": int(v) for k, v in (counts or {}).items()}
+    """Bad-input counters of the pipeline (skipped records by reason), flattened for logging."""
+    return {f"skipped/{k}": int(v) for k, v in data_iter.bad_input.counts.items()}

@@ -1,0 +1,111 @@
+"""The training loop end to end on the synthetic data: metrics file, exact resume, config errors, the CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import smoke
+from vlm_jax import checkpoints, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(run_dir, steps=4, **arg):
+    spec = ",".join(f"{k}={v}" for k, v in dict(dict(llm="tiny-s", tokens=4, res=32), **arg).items())
+    config = smoke.get_config(spec)
+    with config.unlocked():
+        config.run_dir = str(run_dir)
+        config.train.steps = steps
+        config.train.batch_size = 4
+        config.train.log_every = 2
+        config.train.checkpoint_every = 2
+        config.train.keep_checkpoints = 5
+        config.data.seq_len = 24
+    return config
+
+
+def final_params(run_dir):
+    _, params = train.load_params(str(run_dir))
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    last = train.run(small_config(run_dir))
+    return run_dir, last
+
+
+def test_metrics_file_has_one_line_per_logged_step(full_run):
+    run_dir, last = full_run
+    lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == [2, 4]
+    for key in ("loss", "lr", "tokens_per_s", "mfu", "grad_norm"):
+        assert key in lines[-1]
+    assert lines[-1]["tokens_per_s"] > 0 and 0 < lines[-1]["mfu"] < 1
+    assert lines[-1] == last
+    assert os.path.exists(os.path.join(run_dir, "bad_input.json"))
+
+
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(full_run, tmp_path):
+    run_dir, _ = full_run
+    # An interrupted run: the same run directory as it was at step 2.
+    shutil.copytree(run_dir, tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+    os.remove(tmp_path / "resumed" / "metrics.jsonl")
+    train.run(small_config(tmp_path / "resumed"))
+    a, b = final_params(run_dir), final_params(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps == [4]
+
+
+def test_restoring_a_checkpoint_into_a_different_model_fails_clearly(full_run, tmp_path):
+    run_dir, _ = full_run
+    config = small_config(tmp_path, llm="tiny")   # wider LLM than the checkpoint's
+    mesh = sharding.make_mesh(config.mesh)
+    _, abstract, _ = train.state_layout(config.model, config.train, mesh)
+    mngr = checkpoints.manager(os.path.join(run_dir, "checkpoints"))
+    with pytest.raises(ValueError, match="checkpoint shape mismatch"):
+        checkpoints.restore_latest(mngr, abstract)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c.model.compressor, "num_tokens", 5), "V=5"),
+    (lambda c: setattr(c.model.compressor, "name", "nope"), "unknown compressor head 'nope'"),
+    (lambda c: setattr(c.mesh, "data", 3), "config.mesh"),
+    (lambda c: setattr(c.train, "stage", "everything"), "train.stage='everything'"),
+    (lambda c: setattr(c.model.llm, "num_kv_heads", 3), "num_kv_heads=3"),
+    (lambda c: setattr(c.model.vision, "image_size", 36), "image_size=36"),
+])
+def test_impossible_configs_fail_at_start_naming_the_key(tmp_path, change, message):
+    config = small_config(tmp_path)
+    with config.unlocked():
+        change(config)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        train.validate_config(config, 0, vocab_size=64)
+
+
+def test_parameters_matching_no_rule_are_an_error(tmp_path):
+    config = small_config(tmp_path)
+    with config.unlocked():
+        config.train.param_rules = ("^llm/:train",)
+    mesh = sharding.make_mesh(config.mesh)
+    with pytest.raises(ValueError, match="match no rule"):
+        train.state_layout(config.model, config.train, mesh)
+
+
+def test_cli_rejects_unknown_override_keys():
+    proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/smoke.py",
+                           "--config.train.stepz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "stepz" in proc.stderr
