@@ -20,9 +20,11 @@ from vlm_jax.models import compressors, tokenpacker
 GRID, WIDTH, D_LLM, BATCH = 24, 32, 16, 2
 ALLOWED_24 = (1, 4, 16, 36, 64, 144, 576)       # the paper's V values for CLIP-L/14-336's 24x24 grid
 LEARNED = ("quecc", "tokenpacker", "resampler")
-# At V = g*g each region holds one token: attention weights are all 1, so the query side has no influence.
-QUERY_SIDE = {"quecc": ("text_proj", "text_norm", "q_mlp", "q_downsample", "attn/q_proj"),
-              "tokenpacker": ("q_proj", "q_norm", "attn/q_proj")}
+# At V = g*g each region holds one token: attention weights are all 1, so neither the query nor the key side
+# has any influence (QueCC's question path included).
+SINGLE_KEY_SILENT = {"quecc": ("text_proj", "text_norm", "q_mlp", "q_downsample", "attn/q_proj", "attn/k_proj",
+                               "k_mlp"),
+                     "tokenpacker": ("q_proj", "q_norm", "attn/q_proj", "attn/k_proj", "k_mlp")}
 
 
 def model_cfg(name, v, grid=GRID, width=WIDTH, **options):
@@ -50,19 +52,28 @@ def build(cfg, seed=0):
     head_cls, features, query = make_inputs(cfg, seed)
     head = head_cls(cfg.compressor, cfg.vision, cfg.llm)
     variables = jax.jit(head.init)(jax.random.key(seed), features, query)
-    return head, variables.get("params", {}), features, query
+    return head, nn.meta.unbox(variables.get("params", {})), features, query
 
 
 @functools.lru_cache(maxsize=None)
 def output_and_grads(name, v):
-    """(output, params, grads of a random linear readout) for head `name` at V=v on the 24x24 grid."""
-    head, params, features, query = build(model_cfg(name, v))
+    """(output, params, grads of a random linear readout) for head `name` at V=v on the 24x24 grid; init and
+    gradient in one compiled function (compiles dominate this file's run time)."""
+    cfg = model_cfg(name, v)
+    head_cls, features, query = make_inputs(cfg)
+    head = head_cls(cfg.compressor, cfg.vision, cfg.llm)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(BATCH, v, WIDTH)), jnp.float32)
 
-    def loss(p):
-        out = head.apply({"params": p}, features, query)
-        return jnp.sum(out * weights), out
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    @jax.jit
+    def run(features, query):
+        params = nn.meta.unbox(head.init(jax.random.key(0), features, query)["params"])
+
+        def loss(p):
+            out = head.apply({"params": p}, features, query)
+            return jnp.sum(out * weights), out
+        (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return out, params, grads
+    out, params, grads = run(features, query)
     return np.asarray(out), params, grads
 
 
@@ -92,9 +103,9 @@ def test_gradients_reach_every_head_parameter(name, v):
     norms = flat_norms(grads)
     assert norms.keys() == flat_norms(params).keys()
     silent = {k for k, n in norms.items() if n == 0.0}
-    if v == GRID * GRID and name in QUERY_SIDE:
-        # One token per region: the softmax over a single key is 1, so exactly the query side is cut off.
-        assert silent == {k for k in norms if k.startswith(QUERY_SIDE[name])}
+    if v == GRID * GRID and name in SINGLE_KEY_SILENT:
+        # One token per region: the softmax over a single key is 1, so exactly the q/k sides are cut off.
+        assert silent == {k for k in norms if k.startswith(SINGLE_KEY_SILENT[name])}
     else:
         assert not silent, silent
 
@@ -119,8 +130,10 @@ def test_grid_heads_reject_v_that_does_not_tile_the_grid(name, v):
 def test_resampler_accepts_any_v(v):
     cfg = model_cfg("resampler", v)
     compressors.validate(cfg.compressor, cfg.vision)
-    head, params, features, query = build(cfg)
-    assert head.apply({"params": params}, features, query).shape == (BATCH, v, WIDTH)
+    head_cls, features, query = make_inputs(cfg)
+    head = head_cls(cfg.compressor, cfg.vision, cfg.llm)
+    out = jax.eval_shape(lambda: head.init_with_output(jax.random.key(0), features, query)[0])
+    assert out.shape == (BATCH, v, WIDTH)
 
 
 def test_none_head_rejects_fewer_tokens_than_the_grid():
@@ -259,7 +272,7 @@ def test_quecc_matches_numpy_reference(v):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("v", (1, 4, 9, 36))
+@pytest.mark.parametrize("v", (1, 4, 9))
 def test_tokenpacker_matches_numpy_reference(v):
     g = 6
     cfg = model_cfg("tokenpacker", v, grid=g)

@@ -20,7 +20,7 @@ PREFIX = np.array([5, 9, 7], np.int32)
 @functools.lru_cache(maxsize=None)
 def _model(compressor="avgpool"):
     config = helpers.tiny_config(compressor=compressor, num_tokens=V, seq_len=L)
-    params = nn.meta.unbox(vlm.init_fn(config.model)(jax.random.key(1)))
+    params = nn.meta.unbox(jax.jit(vlm.init_fn(config.model))(jax.random.key(1)))
     return config, vlm.VLM(config.model), params
 
 
@@ -59,17 +59,19 @@ def test_incremental_decoding_matches_full_sequence_logits():
     lengths = [9, 14, 20]
     batch = _prompts(config, lengths)
     forced = np.array([[11, 12, 13, 14], [21, 22, 23, 24], [31, 32, 33, 34]], np.int32)
-    state = gen.prefill(model, params, batch, max_new_tokens=forced.shape[1])
+    prefill = jax.jit(lambda p, b: gen.prefill(model, p, b, max_new_tokens=forced.shape[1]))
+    step = jax.jit(lambda p, s, t: gen.decode_step(model, p, s, t))
+    full_logits = jax.jit(lambda p, b: model.apply({"params": p}, **b))
+    state = prefill(params, batch)
     stepped = [state.logits]
     for j in range(forced.shape[1] - 1):
-        state = gen.decode_step(model, params, state, jnp.asarray(forced[:, j]))
+        state = step(params, state, jnp.asarray(forced[:, j]))
         stepped.append(state.logits)
     stepped = np.stack(stepped, axis=1)                        # [B, 4, vocab]
     for i, n in enumerate(lengths):
         row = _row(batch, i)
         tokens = np.concatenate([row["tokens"], forced[i:i + 1]], axis=1)
-        full = model.apply({"params": params}, row["pixels"], tokens, np.ones_like(tokens),
-                           row["image_positions"], row["question_tokens"], row["question_mask"])
+        full = full_logits(params, dict(row, tokens=tokens, attention_mask=np.ones_like(tokens)))
         want = np.asarray(full[0, n - 1:n - 1 + forced.shape[1]])
         np.testing.assert_allclose(stepped[i], want, atol=1e-5, rtol=1e-5)
 
@@ -86,11 +88,11 @@ def test_left_pad_moves_tokens_and_image_slots_to_the_end():
 
 def test_batched_generation_matches_one_by_one():
     config, model, params = _model()
-    batch = _prompts(config, [8, 13, 20, 11], seed=1)
+    batch = _prompts(config, [8, 20, 13], seed=1)
     cfg = gen.GenerationConfig(max_new_tokens=6, return_logits=True)
     generator = gen.Generator(model, cfg)
     together = generator(params, batch)
-    for i in range(4):
+    for i in range(3):
         alone = generator(params, _row(batch, i))
         np.testing.assert_array_equal(together.tokens[i], alone.tokens[0])
         np.testing.assert_allclose(together.logits[i], alone.logits[0], atol=1e-5, rtol=1e-5)
@@ -114,7 +116,7 @@ def test_query_conditioned_compressor_generates_the_same_batched_and_alone():
     generator = gen.Generator(model, gen.GenerationConfig(max_new_tokens=4, return_logits=True))
     together = generator(params, batch)
     for i in range(2):
-        alone = generator(params, _row(batch, i))
+        alone = generator(params, _row(batch, i, trim=False))   # one compile serves both rows
         np.testing.assert_allclose(together.logits[i], alone.logits[0], atol=1e-5, rtol=1e-5)
 
 

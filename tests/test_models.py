@@ -65,7 +65,7 @@ def test_scan_and_loop_layers_give_identical_outputs(remat):
     layer_params = params["layers"]
     loop_params = {k: v for k, v in params.items() if k != "layers"}
     for i in range(cfg.num_layers):
-        loop_params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], layer_params)
+        loop_params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], layer_params)
     tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, cfg.vocab_size)
     mask = jnp.ones((2, 9), jnp.int32)
     np.testing.assert_allclose(_hidden(scanned, params, tokens, mask), _hidden(looped, loop_params, tokens, mask),

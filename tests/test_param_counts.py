@@ -51,3 +51,22 @@ def test_projector_parameter_count_is_mlp2x_gelu():
     cfg = models.model_config("clip-vit-l14-336", "qwen1.5-7b", "avgpool", 1)
     n = count(vlm.abstract_params(cfg)["projector"])
     assert n == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+
+
+@pytest.mark.parametrize("llm", ["qwen1.5-0.5b", "qwen1.5-14b"])
+def test_full_size_recipe_config_builds_and_validates_without_allocating(llm):
+    from configs import llava
+    from vlm_jax import optim, sharding, train
+    config = llava.get_config(f"llm={llm},tokens=576,compressor=none,stage=1")
+    assert (config.train.lr, config.train.batch_size, config.data.seq_len) == (1e-3, 256, 2048)
+    assert config.train.steps == 558_128 // 256
+    train.validate_config(config, 0, vocab_size=151_646)
+    mesh = sharding.make_mesh(config.mesh)
+    _, abstract, _ = train.state_layout(config.model, config.train, mesh)
+    # Stage 1: only compressor + projector train, so the LLM and vision tower carry no optimizer state.
+    assert set(abstract.params) == {"projector"}
+    assert count(abstract.frozen["llm"]) + (config.model.llm.vocab_size * config.model.llm.hidden_size
+                                            if config.model.llm.tie_embeddings else 0) == PUBLISHED_LLM[llm]
+    stage2 = llava.get_config(f"llm={llm},stage=2")
+    assert (stage2.train.lr, stage2.train.batch_size, stage2.train.stage) == (2e-5, 128, "full")
+    assert optim.param_rules(stage2.train)[-1] == ("^vision/", "freeze")

@@ -8,9 +8,16 @@ previous checkpoint; `max_to_keep` old ones are kept.
 import base64
 import json
 import logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
+
+
+def directory(run_dir: str) -> str:
+    """Checkpoints live in run_dir/checkpoints; local paths are made absolute (orbax needs that), URLs kept."""
+    base = run_dir if "://" in run_dir else os.path.abspath(run_dir)
+    return os.path.join(base, "checkpoints")
 
 
 def manager(directory, max_to_keep: int = 2) -> ocp.CheckpointManager:

@@ -264,15 +264,19 @@ def _refit(form, grid, point_coords, weights, data, *, delta, k):
     return coords.reshape(-1, s, coords.shape[-1])[rows, best], converged.reshape(-1, s)[rows, best]
 
 
+_LOO_STARTS = 32
+
+
 def fit_law(table: ScalingTable, form: str | LawForm = "multiplicative", *, n_bootstrap: int = 1000,
-            seed: int = 0, delta: float = 1e-3, n_starts: int = 32, bootstrap_starts: int = 2,
+            seed: int = 0, delta: float = 1e-3, n_starts: int = 256, bootstrap_starts: int = 2,
             loo: bool = True, level: float = 0.95) -> FitResult:
     """Fits a law to one task family's table.
 
-    The point fit runs scipy L-BFGS-B from the `n_starts` best points of the form's start grid (ranked by loss)
-    and keeps the lowest loss. Leave-one-N-out refits start from the point fit and the `n_starts` best grid
-    points of their own data; each of the `n_bootstrap` resamples (seeded) from the point fit and its
-    `bootstrap_starts - 1` best grid points, all in one batched L-BFGS.
+    The point fit runs L-BFGS from the `n_starts` best points of the form's start grid (ranked by loss) and
+    keeps the lowest loss. Each leave-one-N-out refit starts from the point fit and the 32 best grid points of
+    its own data; each of the `n_bootstrap` seeded resamples from the point fit and its `bootstrap_starts - 1`
+    best grid points. All runs of a stage go through one batched, compiled L-BFGS (`scaling_solvers`), so the
+    point fit and its bootstrap replicates are the same estimator.
     """
     form = get_form(form)
     check_fittable(table, form)
@@ -288,8 +292,10 @@ def fit_law(table: ScalingTable, form: str | LawForm = "multiplicative", *, n_bo
     # ---- point fit
     ones = np.ones((1, len(table)))
     starts = scaling_solvers.screen_starts(form, grid, ones, *data, delta=delta, k=n_starts)[0]
-    runs = [scaling_solvers.minimize_lbfgsb(form, s, *data, delta=delta) for s in starts]
-    coords, loss, _ = min(runs, key=lambda r: r[1] if np.isfinite(r[1]) else np.inf)
+    runs, losses, _ = scaling_solvers.minimize_batched(form, starts, np.repeat(ones, len(starts), 0), *data,
+                                                       delta=delta)
+    best = int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
+    coords, loss = runs[best], losses[best]
     theta = form.to_natural(coords, log_n0, log_v0)
     pred = form.predict(theta, table.n, table.v)
     lo, hi = grid.min(0), grid.max(0)
@@ -310,7 +316,7 @@ def fit_law(table: ScalingTable, form: str | LawForm = "multiplicative", *, n_bo
     loo_results, boot_theta, unconverged = [], np.zeros((0, form.num_params)), 0
     if loo_sets:
         weights = np.stack([keep.astype(np.float64) for _, keep in loo_sets])
-        refit, _ = _refit(form, grid, coords, weights, data, delta=delta, k=n_starts)
+        refit, _ = _refit(form, grid, coords, weights, data, delta=delta, k=_LOO_STARTS)
         for (n_out, keep), c in zip(loo_sets, refit):
             th = form.to_natural(c, log_n0, log_v0)
             held = ~keep

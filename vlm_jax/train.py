@@ -144,7 +144,7 @@ def load_params(run_dir: str, mesh=None):
         config = ml_collections.ConfigDict(json.load(f))
     mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
     _, abstract, _ = state_layout(config.model, config.train, mesh)
-    ckpt = checkpoints.manager(os.path.join(os.path.abspath(run_dir), "checkpoints"))
+    ckpt = checkpoints.manager(checkpoints.directory(run_dir))
     restored = checkpoints.restore_latest(ckpt, abstract)
     ckpt.close()
     if restored is None:
@@ -202,7 +202,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     logging.info("parameters: %s trainable, %s frozen", f"{n_train:,}", f"{n_frozen:,}")
 
     # --- checkpoint restore ---------------------------------------------------------------------
-    ckpt = checkpoints.manager(os.path.join(os.path.abspath(run_dir), "checkpoints"), t.keep_checkpoints)
+    ckpt = checkpoints.manager(checkpoints.directory(run_dir), t.keep_checkpoints)
     restored = checkpoints.restore_latest(ckpt, jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings))
     if restored is not None:

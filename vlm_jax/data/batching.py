@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from absl import logging
 
-from vlm_jax.data import errors, images
+from vlm_jax.data import errors
 
 _LOGGED_SKIPS = 10  # log this many skipped records one by one, then only every 1000th
 
@@ -63,7 +63,6 @@ class BatchIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [self._next_good() for _ in range(self.batch_size)]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        batch["pixels"] = images.normalize(batch["pixels"])
         return batch
 
     def close(self) -> None:

@@ -1,9 +1,8 @@
 """Image decoding and CLIP preprocessing.
 
-Per record (in grain workers): decode with Pillow, convert to RGB, make square (pad with the CLIP mean colour, as
-LLaVA's `image_aspect_ratio='pad'`, or centre-crop), resize to the tower's S x S with bicubic filtering, and keep
-uint8. Per batch (in the main process): `normalize` to float32 with the CLIP mean/std. Keeping uint8 until the batch
-is built moves 4x fewer bytes out of the workers.
+Per record: decode with Pillow, convert to RGB, make square (pad with the CLIP mean colour, as LLaVA's
+`image_aspect_ratio='pad'`, or centre-crop), resize to the tower's S x S with bicubic filtering (uint8), then
+`normalize` to float32 with the CLIP mean/std.
 """
 
 from __future__ import annotations

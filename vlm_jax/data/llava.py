@@ -16,7 +16,6 @@ import json
 import os
 from typing import Any
 
-import grain.python as grain
 import ml_collections
 import numpy as np
 
@@ -45,7 +44,6 @@ class LlavaSource:
         else:
             self._blob = None
             self._starts, self._ends, self._labels = self._index_lines(data)
-        self._file = None  # opened lazily in each process
 
     def _index_list(self, data: bytes):
         try:  # surrogateescape keeps invalid UTF-8 bytes so that the record holding them is flagged, not the file
@@ -79,14 +77,11 @@ class LlavaSource:
             raw = self._blob[start:end]
             fallback = f"{self._name}:record {int(self._labels[i])}"
         else:
-            if self._file is None:
-                self._file = open(self.json_path, "rb")  # pylint: disable=consider-using-with
-            raw = os.pread(self._file.fileno(), end - start, start)
+            with open(self.json_path, "rb") as f:  # per read: thread-safe, and cheap next to an image decode
+                f.seek(start)
+                raw = f.read(end - start)
             fallback = f"{self._name}:line {int(self._labels[i])}"
         return {"raw": raw, "fallback_id": fallback}
-
-    def __getstate__(self):  # file handles do not cross process boundaries
-        return {**self.__dict__, "_file": None}
 
     def __repr__(self) -> str:
         return f"LlavaSource({self.json_path!r}, {len(self)} records)"
@@ -112,7 +107,7 @@ def parse_turns(record: dict[str, Any]) -> list[tuple[str, str]]:
     return turns
 
 
-class ParseLlava(grain.MapTransform):
+class ParseLlava:
     """{'raw', 'fallback_id'} -> {'id', 'image': uint8[S, S, 3] | None, 'turns'} or a bad-input marker."""
 
     def __init__(self, image_dir: str, image_size: int, aspect_ratio: str = "pad"):
@@ -123,7 +118,7 @@ class ParseLlava(grain.MapTransform):
     def __repr__(self) -> str:
         return f"ParseLlava({self.image_dir!r}, {self.image_size}, {self.aspect_ratio!r})"
 
-    def map(self, item: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         record_id = item["fallback_id"]
         try:
             try:
@@ -152,7 +147,7 @@ class ParseLlava(grain.MapTransform):
 
 
 def make_source(data_cfg: ml_collections.ConfigDict, split: str, image_size: int
-                ) -> tuple[LlavaSource, list[grain.MapTransform]]:
+                ) -> tuple[LlavaSource, list[ParseLlava]]:
     paths = {"train": data_cfg.llava.json_path, "validation": data_cfg.llava.validation_json_path}
     if split not in paths:
         raise ValueError(f"LLaVA split must be one of {sorted(paths)}, got {split!r}")

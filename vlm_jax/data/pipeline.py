@@ -23,7 +23,7 @@ import numpy as np
 
 from vlm_jax.data import batching, errors, features, images, synthetic
 from vlm_jax.data.tokenize import IMAGE_PLACEHOLDER, HFTokenizer, Tokenizer, WordTokenizer
-from vlm_jax.data.transforms import EncodeExample
+from vlm_jax.data.transforms import EncodeExample, ExampleSource, Step
 
 SOURCES = ("synthetic", "llava", "tfds")
 
@@ -39,9 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.bad_input = "skip"  # 'skip' (count, log and go on) | 'error' (stop at the first bad record, naming it)
     c.max_consecutive_bad = 1000  # under 'skip', this many bad records in a row is an error (wrong paths, ...)
     c.shuffle_seed = 0  # used when make_train_iterator gets seed=None
-    c.worker_count = 0  # grain worker processes; 0 runs the transforms in the main process
+    c.worker_count = 0  # grain worker processes; 0 = reader threads of the main process do all per-record work
     c.worker_buffer_size = 2  # records buffered per worker
-    c.read_threads = 8  # threads reading records from the source (per process or worker)
+    c.read_threads = 4  # reader threads (per process, or per worker) that decode, preprocess and tokenize
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # a HF tokenizer.json; '' = the built-in word tokenizer of the synthetic tasks
@@ -90,8 +90,8 @@ def make_layout(data_cfg: ml_collections.ConfigDict, num_visual_tokens: int) -> 
 
 
 def make_source(data_cfg: ml_collections.ConfigDict, split: str, image_size: int
-                ) -> tuple[grain.RandomAccessDataSource, list[grain.MapTransform]]:
-    """The random-access source of `split` and the transforms that turn its items into records (see transforms.py)."""
+                ) -> tuple[Any, list[Step]]:
+    """The raw random-access source of `split` and the steps that turn its items into records (transforms.py)."""
     if data_cfg.source == "synthetic":
         s = data_cfg.synthetic
         size = {"train": s.train_size, "validation": s.validation_size}.get(split)
@@ -123,7 +123,9 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Token
     if data_cfg.worker_count > 0 and not flags.FLAGS.is_parsed():
         # grain's worker processes read absl flags; outside absl.app.run (tests, notebooks) nobody parsed them.
         flags.FLAGS.mark_as_parsed()
-    source, transforms = make_source(data_cfg, split, image_size)
+    base, steps = make_source(data_cfg, split, image_size)
+    encode = EncodeExample(tokenizer, make_layout(data_cfg, num_visual_tokens), image_size)
+    source = ExampleSource(base, [*steps, encode])  # all per-record work runs in grain's reader threads
     if len(source) < process_count:
         raise ValueError(f"{split!r} has {len(source)} records, fewer than {process_count} processes")
     sampler = grain.IndexSampler(
@@ -131,9 +133,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Token
         shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
         shuffle=True, num_epochs=None, seed=data_cfg.shuffle_seed if seed is None else seed)
     loader = grain.DataLoader(
-        data_source=source, sampler=sampler,
-        operations=[*transforms, EncodeExample(tokenizer, make_layout(data_cfg, num_visual_tokens), image_size)],
-        worker_count=data_cfg.worker_count, worker_buffer_size=data_cfg.worker_buffer_size,
+        data_source=source, sampler=sampler, operations=[], worker_count=data_cfg.worker_count, worker_buffer_size=data_cfg.worker_buffer_size,
         read_options=grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=64))
     return batching.BatchIterator(loader, batch_size // process_count, policy=data_cfg.bad_input,
                                   max_consecutive_bad=data_cfg.max_consecutive_bad)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import grain.python as grain
 import ml_collections
 import numpy as np
 
@@ -65,7 +64,7 @@ def _text(value: Any, field: str) -> str:
     raise errors.BadRecord(errors.BAD_FIELD, f"field {field!r} is a {type(value).__name__}, not text")
 
 
-class TfdsToRecord(grain.MapTransform):
+class TfdsToRecord:
     """{'index', 'record'} -> {'id', 'image': uint8[S, S, 3], 'turns'} or a bad-input marker."""
 
     def __init__(self, *, image_field: str, question_field: str, answer_field: str, id_field: str,
@@ -84,7 +83,7 @@ class TfdsToRecord(grain.MapTransform):
             raise errors.BadRecord(errors.BAD_FIELD, f"no field {field!r} (fields: {sorted(record)})")
         return record[field]
 
-    def map(self, item: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         record = item["record"]
         record_id = f"{self.name}:{item['index']}"
         try:
@@ -113,7 +112,7 @@ class TfdsToRecord(grain.MapTransform):
 
 
 def make_source(data_cfg: ml_collections.ConfigDict, split: str, image_size: int
-                ) -> tuple[TfdsSource, list[grain.MapTransform]]:
+                ) -> tuple[TfdsSource, list[TfdsToRecord]]:
     t = data_cfg.tfds
     splits = {"train": t.train_split, "validation": t.validation_split}
     source = TfdsSource(t.name, splits.get(split, split), t.data_dir)

@@ -1,0 +1,363 @@
+"""Benchmark scorers, each following its benchmark's official protocol.
+
+Every scorer is `scorer(predictions, references) -> Score`: predictions are the model's decoded answers (strings),
+references the ground-truth records (dicts, one per prediction, in the same order; fields listed per scorer).
+`Score.score` is the headline number in [0, 1] that the evaluation summary averages into the downstream error.
+
+- VQAv2 / VizWiz (`vqav2`, `vizwiz`): the official VQA accuracy. The prediction is normalised like the EvalAI
+  answer processor LLaVA and lmms-eval apply before submission (lower case, ',' '?' removed, "'s" split, punctuation
+  rule, number words -> digits, articles dropped, contractions restored); references are normalised only when the
+  annotators disagree, as the official evaluation code does. Accuracy = mean over the leave-one-out subsets of the
+  annotators of min(#matches / 3, 1). References: `answers` (list, usually 10).
+- TextVQA (`textvqa`): the same accuracy with every reference normalised (the TextVQA/M4C evaluator).
+- GQA (`gqa`): exact match after LLaVA's conversion (trailing '.' stripped, lower case). Reference: `answer`.
+- POPE (`pope`): LLaVA's rule turns a free answer into yes/no (keep the first sentence, drop commas; 'no' if the
+  words include "No", "no" or "not", else 'yes'); accuracy, precision, recall, F1 and yes-ratio per split
+  (`category`), and their means over splits. Headline: mean F1 (the number LLaVA reports). Reference: `answer` or
+  `label` ('yes'/'no'), optional `category`.
+- Multiple choice (`scienceqa_img`, `ai2d`, `mmbench`): the option letter is read from the prediction (a bare or
+  decorated letter, "the answer is X", a single stand-alone option letter) or, failing that, from an option's text
+  quoted in it; an unreadable answer is wrong. MMBench uses circular evaluation when its rotations are present:
+  a question counts only if every rotation of it (same `group`) is right. References: `answer` (letter or 0-based
+  index), `options` (list of option texts), for MMBench optionally `group`.
+- `exact_match` (the synthetic tasks): normalised exact match (whitespace, case, trailing '.').
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import string
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Score:
+    """score: the headline number in [0, 1]; metrics: every reported number; per_item: each prediction's credit."""
+
+    score: float
+    metrics: dict[str, float]
+    per_item: list[float]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VQA answer normalisation (the tables of the official VQA evaluation).
+
+# Apostrophe-less spellings -> the annotators' spelling (official table, including its odd entries).
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = frozenset({"a", "an", "the"})
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+               "!")
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+# A period not followed by a digit ("3." and "end." lose it, "2.5" keeps it). The official pattern also has a
+# malformed look-behind that never applies, so a period after a digit is removed too when no digit follows.
+_PERIOD = re.compile(r"\.(?!\d)")
+
+
+def vqa_punctuation(text: str) -> str:
+    """The official punctuation rule: a mark touching a space (or any text with a digit,digit comma) is deleted,
+    otherwise replaced by a space ("t-shirt" -> "t shirt", "yes, sir" -> "yes sir"); then periods not followed
+    by a digit are deleted."""
+    out = text
+    drop_all = _COMMA_IN_NUMBER.search(text) is not None
+    for p in PUNCTUATION:
+        if drop_all or (p + " ") in text or (" " + p) in text:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD.sub("", out)
+
+
+def vqa_digits_articles(text: str) -> str:
+    """Lower case, number words -> digits, articles dropped, contractions restored, single spaces."""
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """The full normalisation of one answer (whitespace, punctuation, digits, articles, contractions)."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return vqa_digits_articles(vqa_punctuation(text))
+
+
+def normalize_vqa_prediction(text: str) -> str:
+    """A model's answer as the EvalAI processor prepares it: lower case, ',' and '?' removed, "'s" split off,
+    then `normalize_vqa_answer`."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return normalize_vqa_answer(text)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], always_normalize_references: bool = False) -> float:
+    """VQA accuracy of one prediction: mean over the leave-one-out subsets of `answers` of min(#matches / 3, 1).
+
+    With a single reference answer (not the VQA setting) it is plain normalised exact match.
+    """
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    pred = normalize_vqa_prediction(prediction)
+    refs = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+    if always_normalize_references or len(set(refs)) > 1:
+        refs = [normalize_vqa_answer(a) for a in refs]
+    if len(refs) == 1:
+        return float(pred == refs[0])
+    matches = np.array([r == pred for r in refs], float)
+    others = matches.sum() - matches                    # matches among the other annotators, per left-out one
+    return float(np.mean(np.minimum(others / 3.0, 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference fields.
+
+
+def _answer_list(ref: Mapping[str, Any]) -> list[str]:
+    if "answers" in ref:
+        answers = ref["answers"]
+        # The VQA annotation format: [{"answer": ..., "answer_confidence": ..., "answer_id": ...}, ...].
+        return [a["answer"] if isinstance(a, Mapping) else str(a) for a in answers]
+    if "answer" in ref:
+        return [str(ref["answer"])]
+    raise ValueError(f"reference {ref.get('question_id', ref)!r} has no 'answers' or 'answer'")
+
+
+def _single_answer(ref: Mapping[str, Any], *keys: str) -> str:
+    for k in keys:
+        if k in ref:
+            return str(ref[k])
+    raise ValueError(f"reference {ref.get('question_id', ref)!r} has none of the fields {list(keys)}")
+
+
+def _check_lengths(predictions: Sequence[str], references: Sequence[Mapping]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("nothing to score: no predictions")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Open-ended scorers.
+
+
+def _vqa_scorer(always_normalize_references: bool) -> Callable[[Sequence[str], Sequence[Mapping]], Score]:
+    def scorer(predictions, references):
+        _check_lengths(predictions, references)
+        per_item = [vqa_accuracy(p, _answer_list(r), always_normalize_references)
+                    for p, r in zip(predictions, references)]
+        acc = float(np.mean(per_item))
+        return Score(acc, {"accuracy": acc}, per_item)
+    return scorer
+
+
+def normalize_exact(text: str) -> str:
+    """Whitespace trimmed, trailing periods stripped, lower case (LLaVA's GQA conversion, plus the trim)."""
+    return text.strip().rstrip(".").strip().lower()
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
+    """Normalised exact match against `answer` (or any of `answers`)."""
+    _check_lengths(predictions, references)
+    per_item = [float(normalize_exact(p) in {normalize_exact(a) for a in _answer_list(r)})
+                for p, r in zip(predictions, references)]
+    acc = float(np.mean(per_item))
+    return Score(acc, {"accuracy": acc}, per_item)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# POPE.
+
+
+def pope_yes_no(text: str) -> str:
+    """LLaVA's POPE rule: first sentence, commas dropped, 'no' if the space-split words hold No/no/not."""
+    first = text.split(".")[0] if "." in text else text
+    words = first.replace(",", "").split(" ")
+    return "no" if ("No" in words or "no" in words or "not" in words) else "yes"
+
+
+def _binary_metrics(pred_yes: np.ndarray, label_yes: np.ndarray) -> dict[str, float]:
+    tp = float(np.sum(pred_yes & label_yes))
+    fp = float(np.sum(pred_yes & ~label_yes))
+    fn = float(np.sum(~pred_yes & label_yes))
+    tn = float(np.sum(~pred_yes & ~label_yes))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / len(pred_yes), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": float(np.mean(pred_yes))}
+
+
+def pope(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
+    """POPE metrics per split (`category`, default 'all') and their means; headline = mean F1."""
+    _check_lengths(predictions, references)
+    labels = []
+    for r in references:
+        label = _single_answer(r, "label", "answer").strip().lower()
+        if label not in ("yes", "no"):
+            raise ValueError(f"POPE reference {r.get('question_id')!r} has label {label!r}; expected yes/no")
+        labels.append(label == "yes")
+    pred_yes = np.array([pope_yes_no(p) == "yes" for p in predictions])
+    labels = np.array(labels)
+    splits = np.array([str(r.get("category", "all")) for r in references])
+    metrics: dict[str, float] = {}
+    per_split = {s: _binary_metrics(pred_yes[splits == s], labels[splits == s]) for s in sorted(set(splits))}
+    for s, m in per_split.items():
+        metrics.update({f"{s}/{k}": v for k, v in m.items()})
+    for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+        metrics[k] = float(np.mean([m[k] for m in per_split.values()]))
+    return Score(metrics["f1"], metrics, [float(p == lab) for p, lab in zip(pred_yes, labels)])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Multiple choice.
+
+LETTERS = string.ascii_uppercase
+_WRAPPED_LETTER = re.compile(r"^[(\[]?([A-Z])[)\].:]?$")
+_LEADING_LETTER = re.compile(r"^[(\[]?([A-Z])(?:[)\].:]|\s*[)\].:])\s")
+# Keywords in any case, the letter itself upper case ("the answer is a dog" names no letter).
+_ANSWER_IS = re.compile(r"\b(?i:answer|option|choice)\s*(?i:is|:)?\s*(?i:option\s*)?[(\[]?([A-Z])\b(?!')")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z0-9']+", text)
+
+
+def _option_text_key(text: str) -> str:
+    return " ".join(w.lower() for w in _words(text))
+
+
+def extract_choice(prediction: str, options: Sequence[str]) -> str | None:
+    """The option letter a free-form answer picks, or None when it picks none or several.
+
+    In order: a bare or decorated letter ("B", "(B)", "B."), a leading letter ("B. dog", "(B) dog"), "the answer
+    is B" / "Answer: B", exactly one stand-alone option letter among the words (the article "A" before a
+    lower-case word does not count), then the text of exactly one option (the longest wins when one option's text
+    contains another's, as with "red" and "dark red").
+    """
+    valid = LETTERS[:len(options)]
+    text = prediction.strip()
+    for pattern in (_WRAPPED_LETTER, _LEADING_LETTER):
+        m = pattern.match(text)
+        if m and m.group(1) in valid:
+            return m.group(1)
+    found = {m.group(1) for m in _ANSWER_IS.finditer(text)} & set(valid)
+    if len(found) == 1:
+        return found.pop()
+    words = _words(text)
+    letters = set()
+    for i, w in enumerate(words):
+        if len(w) == 1 and w in valid:
+            is_article = w == "A" and i + 1 < len(words) and words[i + 1][:1].islower()
+            if not is_article:
+                letters.add(w)
+    if len(letters) == 1:
+        return letters.pop()
+    if letters:
+        return None
+    said = f" {_option_text_key(text)} "
+    hits = [k for k, opt in enumerate(options) if _option_text_key(opt) and f" {_option_text_key(opt)} " in said]
+    hits = [k for k in hits if not any(j != k and _option_text_key(options[k]) in _option_text_key(options[j])
+                                       for j in hits)]
+    return valid[hits[0]] if len(hits) == 1 else None
+
+
+def _mc_target(ref: Mapping[str, Any]) -> tuple[str, list[str]]:
+    options = ref.get("options")
+    if not options or not isinstance(options, Sequence) or isinstance(options, str):
+        raise ValueError(f"multiple-choice reference {ref.get('question_id')!r} needs 'options' (a list of texts)")
+    answer = ref.get("answer")
+    if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool):
+        letter = LETTERS[int(answer)] if 0 <= int(answer) < len(options) else None
+    else:
+        letter = str(answer).strip().upper() if answer is not None else None
+    if letter is None or letter not in LETTERS[:len(options)]:
+        raise ValueError(f"multiple-choice reference {ref.get('question_id')!r}: answer {answer!r} is not a letter "
+                         f"or index of its {len(options)} options")
+    return letter, list(options)
+
+
+def multiple_choice(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
+    """Accuracy of the extracted option letter (ScienceQA-IMG, AI2D)."""
+    _check_lengths(predictions, references)
+    per_item, unparsed = [], 0
+    for p, r in zip(predictions, references):
+        letter, options = _mc_target(r)
+        choice = extract_choice(p, options)
+        unparsed += choice is None
+        per_item.append(float(choice == letter))
+    acc = float(np.mean(per_item))
+    return Score(acc, {"accuracy": acc, "unparsed": unparsed / len(predictions)}, per_item)
+
+
+def mmbench_group(ref: Mapping[str, Any]) -> Any:
+    """The question a row is a rotation of: `group`, else MMBench's convention index % 1e6 for integer ids."""
+    if "group" in ref:
+        return ref["group"]
+    qid = ref.get("question_id")
+    try:
+        return int(qid) % 1_000_000
+    except (TypeError, ValueError):
+        return qid
+
+
+def mmbench(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
+    """MMBench: circular accuracy (every rotation of a question right) when rotations are present, else plain."""
+    base = multiple_choice(predictions, references)
+    groups: dict[Any, list[float]] = collections.defaultdict(list)
+    for credit, r in zip(base.per_item, references):
+        groups[mmbench_group(r)].append(credit)
+    circular = float(np.mean([min(c) for c in groups.values()]))
+    has_rotations = any(len(c) > 1 for c in groups.values())
+    metrics = {"vanilla_accuracy": base.score, "circular_accuracy": circular, "questions": float(len(groups)),
+               "unparsed": base.metrics["unparsed"]}
+    metrics["accuracy"] = circular if has_rotations else base.score
+    return Score(metrics["accuracy"], metrics, base.per_item)
+
+
+SCORERS: dict[str, Callable[[Sequence[str], Sequence[Mapping]], Score]] = {
+    "vqav2": _vqa_scorer(always_normalize_references=False),
+    "vizwiz": _vqa_scorer(always_normalize_references=False),
+    "textvqa": _vqa_scorer(always_normalize_references=True),
+    "gqa": exact_match,
+    "pope": pope,
+    "scienceqa_img": multiple_choice,
+    "ai2d": multiple_choice,
+    "mmbench": mmbench,
+    "exact_match": exact_match,
+}
+
+
+def get(name: str) -> Callable[[Sequence[str], Sequence[Mapping]], Score]:
+    if name not in SCORERS:
+        raise ValueError(f"unknown benchmark scorer {name!r}; known: {sorted(SCORERS)}")
+    return SCORERS[name]
