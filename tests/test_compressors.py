@@ -48,32 +48,42 @@ def make_inputs(cfg, seed=0):
     return head_cls, features, query if head_cls.needs_query else None
 
 
+def random_params(head, features, query, seed=0):
+    """Parameters of the head's shapes filled from numpy: kernels ~ N(0, 1/fan_in), biases and LayerNorm
+    offsets ~ N(0, 0.1), LayerNorm scales ~ 1 + N(0, 0.1). Non-zero biases make the numpy references check
+    them too, and this skips compiling the initialisers (the slowest part of a small head's compile)."""
+    abstract = nn.meta.unbox(jax.eval_shape(head.init, jax.random.key(0), features, query).get("params", {}))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            value = 1 + 0.1 * rng.normal(size=x.shape)
+        elif "bias" in name or "latents" in name:
+            value = 0.1 * rng.normal(size=x.shape)
+        else:   # q/k/v kernels are [D, heads, head_dim]; every other kernel is [*fan_in, out]
+            fan_in = x.shape[0] if x.ndim == 3 and "o_proj" not in name else np.prod(x.shape[:-1])
+            value = rng.normal(size=x.shape) / np.sqrt(fan_in)
+        return jnp.asarray(value, x.dtype)
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
 def build(cfg, seed=0):
     head_cls, features, query = make_inputs(cfg, seed)
     head = head_cls(cfg.compressor, cfg.vision, cfg.llm)
-    variables = jax.jit(head.init)(jax.random.key(seed), features, query)
-    return head, nn.meta.unbox(variables.get("params", {})), features, query
+    return head, random_params(head, features, query, seed), features, query
 
 
 @functools.lru_cache(maxsize=None)
 def output_and_grads(name, v):
-    """(output, params, grads of a random linear readout) for head `name` at V=v on the 24x24 grid; init and
-    gradient in one compiled function (compiles dominate this file's run time)."""
-    cfg = model_cfg(name, v)
-    head_cls, features, query = make_inputs(cfg)
-    head = head_cls(cfg.compressor, cfg.vision, cfg.llm)
-    weights = jnp.asarray(np.random.default_rng(1).normal(size=(BATCH, v, WIDTH)), jnp.float32)
+    """(output, params, grads of a random linear readout) for head `name` at V=v on the 24x24 grid."""
+    head, params, features, query = build(model_cfg(name, v), seed=v)
+    weights = jnp.asarray(np.random.default_rng(v).normal(size=(BATCH, v, WIDTH)), jnp.float32)
 
-    @jax.jit
-    def run(features, query):
-        params = nn.meta.unbox(head.init(jax.random.key(0), features, query)["params"])
-
-        def loss(p):
-            out = head.apply({"params": p}, features, query)
-            return jnp.sum(out * weights), out
-        (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        return out, params, grads
-    out, params, grads = run(features, query)
+    def loss(p):
+        out = head.apply({"params": p}, features, query)
+        return jnp.sum(out * weights), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return np.asarray(out), params, grads
 
 
@@ -255,7 +265,7 @@ def test_quecc_matches_numpy_reference(v):
     g = 6
     cfg = model_cfg("quecc", v, grid=g)
     head, params, features, query = build(cfg, seed=3)
-    got = np.asarray(head.apply({"params": params}, features, query))
+    got = np.asarray(jax.jit(head.apply)({"params": params}, features, query))
     p = np_tree(params)
     side, k = int(np.sqrt(v)), g // int(np.sqrt(v))
     text = ln(linear(np.asarray(query), p["text_proj"]), p["text_norm"])                  # [B, Dv]
@@ -277,7 +287,7 @@ def test_tokenpacker_matches_numpy_reference(v):
     g = 6
     cfg = model_cfg("tokenpacker", v, grid=g)
     head, params, features, _ = build(cfg, seed=4)
-    got = np.asarray(head.apply({"params": params}, features, None))
+    got = np.asarray(jax.jit(head.apply)({"params": params}, features, None))
     p = np_tree(params)
     side, k = int(np.sqrt(v)), g // int(np.sqrt(v))
     x = patch_grid(features, -2, g)
@@ -315,7 +325,7 @@ def test_resampler_matches_numpy_reference(v):
     g = 4
     cfg = model_cfg("resampler", v, grid=g)
     head, params, features, _ = build(cfg, seed=5)
-    got = np.asarray(head.apply({"params": params}, features, None))
+    got = np.asarray(jax.jit(head.apply)({"params": params}, features, None))
     p = np_tree(params)
     media = np.asarray(features[-2])[:, 1:]
     want = []

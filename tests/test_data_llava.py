@@ -146,8 +146,8 @@ def test_invalid_utf8_inside_a_json_list_flags_only_that_record(tmp_path):
 
 def test_unparseable_json_list_file_fails_at_once_naming_the_file(tmp_path):
     path = tmp_path / "broken.json"
-    path.write_text('[{"id": 1}, {"id": ')
-    with pytest.raises(ValueError, match="broken.json"):
+    path.write_text('[{"id": 1}, {"id": 2 "x"}]')
+    with pytest.raises(ValueError, match="broken.json.*not a valid JSON list"):
         make(llava_config(str(path), tmp_path))
     with pytest.raises(ValueError, match="is not a file"):
         make(llava_config(str(tmp_path / "absent.json"), tmp_path))
@@ -171,3 +171,17 @@ def test_a_run_of_only_bad_records_is_an_error_even_under_skip(tmp_path):
     cfg.max_consecutive_bad = 20
     with pytest.raises(errors.BadInputError, match="20 bad records in a row"):
         next(make(cfg))
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[{"id": 1}, {"id": ', "not a valid JSON list"),
+    ('[{"id": 1}', "ends before"),
+    ('[{"id": 1},]', "trailing comma"),
+    ('[{"id": 1}] extra', "data after"),
+    ("[]", "no records"),
+])
+def test_malformed_json_list_files_are_refused_with_the_reason(text, match, tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        make(llava_config(str(path), tmp_path))

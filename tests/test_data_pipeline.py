@@ -160,3 +160,21 @@ def test_prompt_batch_for_generation_matches_the_training_prefix():
         assert tok.decode(train["tokens"][n:n + 3]).startswith(ex.answer)  # the answer follows the prompt
         np.testing.assert_array_equal(batch["question_tokens"][i], train["question_tokens"])
     np.testing.assert_allclose(batch["pixels"][0], pipeline.images.normalize(exs[0].image))
+
+
+def test_eval_iterator_is_one_ordered_pass_with_a_filled_last_batch():
+    cfg = small_config()
+    cfg.synthetic.validation_size = 10
+    tok = pipeline.make_tokenizer(cfg)
+    it = pipeline.make_eval_iterator(cfg, tokenizer=tok, num_visual_tokens=V, image_size=S, batch_size=4)
+    batches = list(it)
+    assert len(batches) == 3
+    assert [b["valid"].tolist() for b in batches] == [[1] * 4, [1] * 4, [1, 1, 0, 0]]
+    assert (batches[-1]["loss_mask"][2:] == 0).all() and (batches[-1]["loss_mask"][:2].sum(1) > 0).all()
+    source = synthetic.SyntheticSource("validation", 10)
+    encode = EncodeExample(tok, pipeline.make_layout(cfg, V), S)
+    for i in range(10):
+        want = encode(source[i])
+        got = batches[i // 4]
+        np.testing.assert_array_equal(got["tokens"][i % 4], want["tokens"])
+        np.testing.assert_array_equal(got["pixels"][i % 4], want["pixels"])

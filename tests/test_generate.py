@@ -172,3 +172,12 @@ def test_bad_prompt_batches_raise_clear_errors():
         gen.GenerationConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         gen.GenerationConfig(top_p=0.0)
+
+
+def test_vocab_limit_keeps_sampled_ids_inside_the_tokenizer_vocabulary():
+    config, model, params = _model()
+    batch = _prompts(config, [9, 12], seed=5)
+    out = gen.Generator(model, gen.GenerationConfig(max_new_tokens=5, vocab_limit=10))(params, batch)
+    free = gen.Generator(model, gen.GenerationConfig(max_new_tokens=5))(params, batch)
+    assert np.all(np.asarray(out.tokens) < 10)
+    assert np.any(np.asarray(free.tokens) >= 10)        # the limit is what kept them there

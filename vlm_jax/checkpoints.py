@@ -23,7 +23,8 @@ def directory(run_dir: str) -> str:
 def manager(directory, max_to_keep: int = 2) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=("state", "data", "meta"))
+        item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
+                           meta=ocp.JsonCheckpointHandler()))
 
 
 def _encode_iterator_state(state):
@@ -69,11 +70,15 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     return step, restored["state"], _decode_iterator_state(restored["data"]), restored["meta"]
 
 
+def _path(keys) -> str:
+    """'opt_state/1/0/mu/llm/...': the same string for a dict key, a named-tuple field or a list index."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
+
+
 def _check_shapes(saved_meta, abstract_state):
-    saved = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()) or ())
+    saved = {_path(p): tuple(getattr(x, "shape", ()) or ())
              for p, x in jax.tree_util.tree_flatten_with_path(saved_meta)[0]}
-    wanted = {jax.tree_util.keystr(p): tuple(x.shape)
-              for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    wanted = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
     if missing or extra:

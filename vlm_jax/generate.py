@@ -45,6 +45,7 @@ class GenerationConfig:
     top_p: float = 1.0           # nucleus sampling mass; 1.0 keeps the whole distribution
     stop_ids: tuple[int, ...] = ()   # a row stops after emitting any of these (the stop token is kept)
     pad_id: int = 0              # written after a row has stopped
+    vocab_limit: int = 0         # > 0: never sample ids >= this (the model's vocabulary may pad the tokenizer's)
     return_logits: bool = False  # also return float32[B, T, vocab] next-token logits (tests, scoring)
 
     def __post_init__(self):
@@ -52,6 +53,8 @@ class GenerationConfig:
             raise ValueError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"GenerationConfig.temperature must be >= 0, got {self.temperature}")
+        if self.vocab_limit < 0:
+            raise ValueError(f"GenerationConfig.vocab_limit must be >= 0, got {self.vocab_limit}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -248,7 +251,10 @@ def generate(model: vlm_lib.VLM, params, batch: Mapping[str, Any], config: Gener
 
     def emit(i, state, out, lengths, done, logits_out):
         """Sample token i from state.logits and record it."""
-        token = sample_tokens(state.logits, jax.random.fold_in(rng, i), config.temperature, config.top_p)
+        logits = state.logits
+        if config.vocab_limit:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < config.vocab_limit, logits, -jnp.inf)
+        token = sample_tokens(logits, jax.random.fold_in(rng, i), config.temperature, config.top_p)
         token = jnp.where(done, config.pad_id, token)
         stopped = jnp.isin(token, stop_ids) & ~done
         lengths = jnp.where(stopped, i, lengths)

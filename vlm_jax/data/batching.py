@@ -27,7 +27,8 @@ class BatchIterator:
     `bad_input.write(path)`. `get_state()` returns JSON-able data; `set_state` restores it.
     """
 
-    def __init__(self, loader, batch_size: int, *, policy: str = "skip", max_consecutive_bad: int = 1000):
+    def __init__(self, loader, batch_size: int, *, policy: str = "skip", max_consecutive_bad: int = 1000,
+                 pad_final: bool = False):
         if batch_size < 1:
             raise ValueError(f"per-process batch size must be >= 1, got {batch_size}")
         self._loader = loader
@@ -36,6 +37,7 @@ class BatchIterator:
         self.policy = errors.check_policy(policy)
         self.max_consecutive_bad = max_consecutive_bad
         self.bad_input = errors.BadInputCounter()
+        self.pad_final = pad_final  # for a finite (eval) stream: fill the last batch, add `valid`
 
     def __iter__(self) -> "BatchIterator":
         return self
@@ -61,8 +63,19 @@ class BatchIterator:
                                            f"right? counts so far: {dict(self.bad_input.counts)}")
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rows = [self._next_good() for _ in range(self.batch_size)]
+        rows = []
+        try:
+            while len(rows) < self.batch_size:
+                rows.append(self._next_good())
+        except StopIteration:
+            if not self.pad_final or not rows:
+                raise
+        n_real = len(rows)
+        if self.pad_final:  # filler rows repeat the last one without loss, so shapes stay fixed
+            rows += [{**rows[-1], "loss_mask": np.zeros_like(rows[-1]["loss_mask"])}] * (self.batch_size - n_real)
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        if self.pad_final:
+            batch["valid"] = (np.arange(self.batch_size) < n_real).astype(np.float32)
         return batch
 
     def close(self) -> None:

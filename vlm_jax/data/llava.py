@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -23,13 +24,18 @@ from vlm_jax.data import errors, features, images
 from vlm_jax.data.tokenize import ASSISTANT, USER
 
 ROLES = {"human": USER, "gpt": ASSISTANT}
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    return _WS.match(text, pos).end()
 
 
 class LlavaSource:
     """grain RandomAccessDataSource over the records of a LLaVA JSON/JSONL file.
 
     Item i -> {'raw': bytes of record i, 'fallback_id': '<file>:<line or index>'}. JSONL is read lazily by offset;
-    a JSON list is parsed once here and its records kept re-serialised in one bytes buffer.
+    a JSON list is split into its records' raw texts once here, kept in one bytes buffer.
     """
 
     def __init__(self, json_path: str):
@@ -39,21 +45,42 @@ class LlavaSource:
         self._name = os.path.basename(self.json_path)
         with open(self.json_path, "rb") as f:
             data = f.read()
-        if data.lstrip()[:1] == b"[":
+        if re.match(rb"\s*\[", data):
             self._blob, self._starts, self._ends, self._labels = self._index_list(data)
         else:
             self._blob = None
             self._starts, self._ends, self._labels = self._index_lines(data)
+        if not len(self._starts):
+            raise ValueError(f"LLaVA file {self.json_path!r} holds no records")
 
     def _index_list(self, data: bytes):
-        try:  # surrogateescape keeps invalid UTF-8 bytes so that the record holding them is flagged, not the file
-            records = json.loads(data.decode("utf-8", "surrogateescape"))
+        """Splits a JSON list into its elements' raw texts, decoding one element at a time: memory holds the file,
+        its text and the records' bytes, never the Python objects of all records at once (LLaVA-665K is ~1 GB)."""
+        # surrogateescape keeps invalid UTF-8 bytes, so the record holding them is flagged rather than the file
+        text = data.decode("utf-8", "surrogateescape")
+        decoder = json.JSONDecoder()
+        parts: list[bytes] = []
+        pos = _skip_ws(text, text.index("[") + 1)
+        try:
+            while text[pos] != "]":
+                _, end = decoder.raw_decode(text, pos)
+                parts.append(text[pos:end].encode("utf-8", "surrogateescape"))
+                pos = _skip_ws(text, end)
+                if text[pos] == ",":
+                    pos = _skip_ws(text, pos + 1)
+                    if text[pos] == "]":
+                        raise json.JSONDecodeError("trailing comma", text, pos)
+                elif text[pos] != "]":
+                    raise json.JSONDecodeError("expected ',' or ']'", text, pos)
         except json.JSONDecodeError as e:
-            raise ValueError(f"LLaVA file {self.json_path!r} is not valid JSON: {e}") from None
-        parts = [json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogateescape") for r in records]
-        ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
-        starts = ends - np.asarray([len(p) for p in parts], np.int64)
-        return b"".join(parts), starts, ends, np.arange(len(parts), dtype=np.int64)
+            raise ValueError(f"LLaVA file {self.json_path!r} is not a valid JSON list: {e}") from None
+        except IndexError:
+            raise ValueError(f"LLaVA file {self.json_path!r} ends before its JSON list is closed") from None
+        if _skip_ws(text, pos + 1) != len(text):
+            raise ValueError(f"LLaVA file {self.json_path!r} has data after its JSON list (at char {pos + 1})")
+        lengths = np.asarray([len(p) for p in parts], np.int64)
+        ends = np.cumsum(lengths)
+        return b"".join(parts), ends - lengths, ends, np.arange(len(parts), dtype=np.int64)
 
     @staticmethod
     def _index_lines(data: bytes):

@@ -120,9 +120,6 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Token
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     errors.check_policy(data_cfg.bad_input)
-    if data_cfg.worker_count > 0 and not flags.FLAGS.is_parsed():
-        # grain's worker processes read absl flags; outside absl.app.run (tests, notebooks) nobody parsed them.
-        flags.FLAGS.mark_as_parsed()
     base, steps = make_source(data_cfg, split, image_size)
     encode = EncodeExample(tokenizer, make_layout(data_cfg, num_visual_tokens), image_size)
     source = ExampleSource(base, [*steps, encode])  # all per-record work runs in grain's reader threads
@@ -132,11 +129,42 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Token
         num_records=len(source),
         shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
         shuffle=True, num_epochs=None, seed=data_cfg.shuffle_seed if seed is None else seed)
-    loader = grain.DataLoader(
-        data_source=source, sampler=sampler, operations=[], worker_count=data_cfg.worker_count, worker_buffer_size=data_cfg.worker_buffer_size,
+    return batching.BatchIterator(_loader(data_cfg, source, sampler), batch_size // process_count,
+                                  policy=data_cfg.bad_input, max_consecutive_bad=data_cfg.max_consecutive_bad)
+
+
+def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer, num_visual_tokens: int,
+                       image_size: int, batch_size: int, process_index: int = 0, process_count: int = 1,
+                       split: str = "validation") -> batching.BatchIterator:
+    """One ordered pass over `split` (this process's shard), in train-layout batches for eval loss.
+
+    The last batch is filled up with copies of its last row whose loss_mask is 0; every eval batch carries
+    `valid` float32[B] (1 for real rows) for per-example metrics. Shards are equal-sized (the remainder of
+    len % process_count records is dropped) so all processes run the same number of steps.
+    """
+    if batch_size % process_count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
+    errors.check_policy(data_cfg.bad_input)
+    base, steps = make_source(data_cfg, split, image_size)
+    encode = EncodeExample(tokenizer, make_layout(data_cfg, num_visual_tokens), image_size)
+    source = ExampleSource(base, [*steps, encode])
+    sampler = grain.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
+        shuffle=False, num_epochs=1, seed=0)
+    return batching.BatchIterator(_loader(data_cfg, source, sampler), batch_size // process_count,
+                                  policy=data_cfg.bad_input, max_consecutive_bad=data_cfg.max_consecutive_bad,
+                                  pad_final=True)
+
+
+def _loader(data_cfg: ml_collections.ConfigDict, source, sampler) -> grain.DataLoader:
+    if data_cfg.worker_count > 0 and not flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; outside absl.app.run (tests, notebooks) nobody parsed them.
+        flags.FLAGS.mark_as_parsed()
+    return grain.DataLoader(
+        data_source=source, sampler=sampler, operations=[], worker_count=data_cfg.worker_count,
+        worker_buffer_size=data_cfg.worker_buffer_size,
         read_options=grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=64))
-    return batching.BatchIterator(loader, batch_size // process_count, policy=data_cfg.bad_input,
-                                  max_consecutive_bad=data_cfg.max_consecutive_bad)
 
 
 def make_prompt_batch(images_u8: Sequence[np.ndarray | None], user_texts: Sequence[str], *, tokenizer: Tokenizer,

@@ -1,0 +1,184 @@
+"""Benchmark scorers against hand-computed cases."""
+
+import pytest
+
+from vlm_jax import scorers
+
+
+def _refs(*answer_lists):
+    return [{"question_id": i, "answers": a} for i, a in enumerate(answer_lists)]
+
+
+# ---------------------------------------------------------------------------------------------------------- VQA
+
+
+@pytest.mark.parametrize("prediction, normalized", [
+    ("Two", "2"),                       # number words -> digits
+    ("A dog.", "dog"),                  # article dropped, final period removed
+    ("the  Red  Car ", "red car"),      # articles, case, whitespace
+    ("2.5", "2.5"),                     # a period before a digit stays
+    ("1,000", "1000"),                  # comma inside a number disappears
+    ("t-shirt", "t shirt"),             # a hyphen not touching a space becomes a space
+    ("yes, it is", "yes it is"),        # ',' removed
+    ("dont know", "don't know"),        # contractions restored
+    ("None", "0"),
+    ("What's that?", "what 's that"),   # the EvalAI processor splits "'s" and drops '?'
+])
+def test_vqa_prediction_normalisation(prediction, normalized):
+    assert scorers.normalize_vqa_prediction(prediction) == normalized
+
+
+def test_vqa_punctuation_rule_deletes_marks_next_to_spaces_and_splits_others():
+    assert scorers.vqa_punctuation("left - right") == "left  right"
+    assert scorers.vqa_punctuation("left-right") == "left right"
+    assert scorers.vqa_punctuation("1,000-2") == "10002"        # a digit,digit comma deletes every mark
+
+
+def test_vqa_accuracy_averages_min_matches_over_3_across_leave_one_out_subsets():
+    # 2 of 10 annotators said "2": leaving out one of them leaves 1 match (1/3), any other leaves 2 (2/3).
+    assert scorers.vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+    # 3 matches: left-out match -> 2/3, left-out other -> 3/3.
+    assert scorers.vqa_accuracy("2", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * 2 / 3 + 7) / 10)
+    assert scorers.vqa_accuracy("2", ["2"] * 4 + ["3"] * 6) == 1.0
+    assert scorers.vqa_accuracy("4", ["2"] * 4 + ["3"] * 6) == 0.0
+
+
+def test_vqa_accuracy_normalises_numbers_articles_and_punctuation():
+    # References disagree, so they are normalised too: "the dog" counts as "dog" (3 matches in all).
+    refs = ["dog", "dog", "the dog"] + ["cat"] * 7
+    assert scorers.vqa_accuracy("A dog.", refs) == pytest.approx(0.9)
+    assert scorers.vqa_accuracy("two", ["2"] * 10) == 1.0
+    assert scorers.vqa_accuracy("Don't know", ["dont know"] * 4 + ["no"] * 6) == 1.0
+
+
+def test_vqav2_keeps_unanimous_references_verbatim_but_textvqa_normalises_them():
+    refs = _refs(["t-shirt"] * 10)
+    assert scorers.get("vqav2")(["t-shirt"], refs).score == 0.0     # the official code's quirk
+    assert scorers.get("textvqa")(["t-shirt"], refs).score == 1.0
+    assert scorers.get("vizwiz")(["unanswerable"], _refs(["unanswerable"] * 10)).score == 1.0
+
+
+def test_vqa_scorer_reads_the_annotation_format_and_averages():
+    refs = [{"question_id": 1, "answers": [{"answer": "2", "answer_id": i} for i in range(10)]},
+            {"question_id": 2, "answers": ["yes"] * 3 + ["no"] * 7}]
+    score = scorers.get("vqav2")(["two", "Yes"], refs)
+    assert score.per_item == pytest.approx([1.0, 0.9])
+    assert score.score == pytest.approx(0.95)
+
+
+# ---------------------------------------------------------------------------------------------------------- GQA
+
+
+def test_gqa_exact_match_strips_trailing_period_and_case_only():
+    refs = [{"answer": "yes"}, {"answer": "table"}, {"answer": "table"}]
+    score = scorers.get("gqa")(["Yes.", "the table", " Table "], refs)
+    assert score.per_item == [1.0, 0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------- POPE
+
+
+@pytest.mark.parametrize("answer, parsed", [
+    ("No, there is not.", "no"),
+    ("Yes, there is a dog in the image.", "yes"),
+    ("There is no dog. Yes.", "no"),          # only the first sentence counts
+    ("Not really", "yes"),                    # the official rule only knows "No", "no", "not"
+    ("yes", "yes"),
+])
+def test_pope_answer_rule(answer, parsed):
+    assert scorers.pope_yes_no(answer) == parsed
+
+
+def test_pope_metrics_per_split_and_mean():
+    preds = ["Yes", "No, there is not.", "no", "Yes there is", "yes",     # split a
+             "no", "no"]                                                 # split b
+    labels = ["yes", "yes", "no", "no", "yes", "yes", "no"]
+    refs = [{"question_id": i, "label": lab, "category": "a" if i < 5 else "b"} for i, lab in enumerate(labels)]
+    score = scorers.get("pope")(preds, refs)
+    m = score.metrics
+    # split a: TP 2, FN 1, TN 1, FP 1.
+    assert m["a/accuracy"] == pytest.approx(3 / 5)
+    assert m["a/precision"] == pytest.approx(2 / 3)
+    assert m["a/recall"] == pytest.approx(2 / 3)
+    assert m["a/f1"] == pytest.approx(2 / 3)
+    assert m["a/yes_ratio"] == pytest.approx(3 / 5)
+    # split b: TP 0, FN 1, TN 1 -> precision and recall 0, F1 0, accuracy 1/2.
+    assert m["b/accuracy"] == pytest.approx(0.5)
+    assert m["b/f1"] == 0.0
+    assert m["accuracy"] == pytest.approx((3 / 5 + 1 / 2) / 2)
+    assert score.score == pytest.approx((2 / 3 + 0) / 2)
+    assert score.per_item == [1, 0, 1, 0, 1, 0, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------- MC
+
+
+OPTIONS = ["cat", "dog", "bird"]
+
+
+@pytest.mark.parametrize("answer, letter", [
+    ("B", "B"),
+    ("(C)", "C"),
+    ("B.", "B"),
+    ("B. dog", "B"),
+    ("The answer is C.", "C"),
+    ("Answer: A", "A"),
+    ("I would say B", "B"),
+    ("The dog.", "B"),                  # option text instead of a letter
+    ("A cat", "A"),                     # "A" is an article here; the text "cat" decides
+    ("bird", "C"),
+    ("the answer is a dog", "B"),       # lower-case "a" is not a letter
+    ("cat or dog", None),               # two options: ambiguous
+    ("D", None),                        # not one of the three options
+    ("I don't know", None),
+])
+def test_multiple_choice_letter_extraction(answer, letter):
+    assert scorers.extract_choice(answer, OPTIONS) == letter
+
+
+def test_multiple_choice_prefers_the_longest_option_text():
+    assert scorers.extract_choice("It is dark red.", ["red", "dark red", "blue"]) == "B"
+
+
+def test_multiple_choice_accuracy_accepts_letters_or_indices():
+    refs = [{"question_id": 1, "answer": "B", "options": OPTIONS},
+            {"question_id": 2, "answer": 2, "options": OPTIONS},
+            {"question_id": 3, "answer": "a", "options": OPTIONS}]
+    score = scorers.get("scienceqa_img")(["dog", "C", "???"], refs)
+    assert score.per_item == [1.0, 1.0, 0.0]
+    assert score.metrics["unparsed"] == pytest.approx(1 / 3)
+
+
+def test_mmbench_circular_evaluation_needs_every_rotation_right():
+    def rot(qid, answer, group=None):
+        r = {"question_id": qid, "answer": answer, "options": OPTIONS}
+        if group is not None:
+            r["group"] = group
+        return r
+    # question 5 in three rotations (MMBench ids 5, 1000005, 2000005), all right; question 7 in two, one wrong.
+    refs = [rot(5, "A"), rot(1000005, "B"), rot(2000005, "C"), rot("q7", "A", "g7"), rot("q7r", "B", "g7")]
+    score = scorers.get("mmbench")(["A", "B", "C", "A", "A"], refs)
+    assert score.metrics["vanilla_accuracy"] == pytest.approx(4 / 5)
+    assert score.metrics["circular_accuracy"] == pytest.approx(1 / 2)
+    assert score.score == pytest.approx(1 / 2)
+    # Without rotations, plain accuracy.
+    plain = scorers.get("mmbench")(["A", "C"], [rot(1, "A"), rot(2, "B")])
+    assert plain.score == pytest.approx(1 / 2)
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+
+
+def test_scorers_reject_bad_input_naming_it():
+    with pytest.raises(ValueError, match="unknown benchmark scorer 'vqa3'"):
+        scorers.get("vqa3")
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        scorers.exact_match(["a", "b"], [{"answer": "a"}])
+    with pytest.raises(ValueError, match="label 'maybe'"):
+        scorers.pope(["yes"], [{"question_id": 3, "label": "maybe"}])
+    with pytest.raises(ValueError, match="needs 'options'"):
+        scorers.multiple_choice(["A"], [{"question_id": 4, "answer": "A"}])
+    with pytest.raises(ValueError, match="answer 'E' is not a letter"):
+        scorers.multiple_choice(["A"], [{"question_id": 4, "answer": "E", "options": OPTIONS}])
+    with pytest.raises(ValueError, match="no 'answers' or 'answer'"):
+        scorers.get("vqav2")(["a"], [{"question_id": 9}])

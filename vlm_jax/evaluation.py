@@ -1,0 +1,256 @@
+"""Evaluation: answer a benchmark's questions with a checkpoint, score them, summarise the downstream error.
+
+A benchmark is a list of `EvalItem`s (image, user prompt, ground-truth record) plus the name of its scorer
+(vlm_jax/scorers.py). Two kinds of source:
+
+- the built-in synthetic validation split, one benchmark per task family (`synthetic/reasoning`, `synthetic/ocr`),
+  the same items the training pipeline's validation source draws, scored by exact match;
+- question files in the LLaVA evaluation format: JSONL (or a JSON list) of `{question_id, image, text, ...}`, the
+  image relative to an image folder, plus an optional answers file of `{question_id, answer | answers | label, ...}`
+  records (fields per scorer; see scorers.py). Each question's reference is its question record updated with its
+  answer record, so fields such as POPE's `category` may sit in either file. A question text without `<image>`
+  gets it prepended (LLaVA puts the image first).
+
+`evaluate` writes `<name>.predictions.jsonl` per benchmark and `summary.json`; the summary's `average_error`,
+1 - mean headline score over the chosen benchmarks, is what the scaling-law fit consumes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from vlm_jax import generate, scorers
+from vlm_jax.data import errors, images, pipeline, synthetic
+from vlm_jax.data.tokenize import IMAGE_PLACEHOLDER, USER, Tokenizer, render_chat
+from vlm_jax.models import vlm
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalItem:
+    """One question. image: uint8[H, W, 3], a file path, or None (text-only); prompt: the user turn with <image>."""
+
+    question_id: Any
+    image: Any
+    prompt: str
+    reference: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    name: str
+    scorer: str
+    items: Sequence[EvalItem]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sources.
+
+
+def synthetic_benchmarks(data_cfg: ml_collections.ConfigDict, image_size: int, num_per_family: int,
+                         families: str | Sequence[str] | None = None) -> list[Benchmark]:
+    """One exact-match benchmark per synthetic family: validation items 0..num_per_family-1."""
+    if num_per_family < 1:
+        raise ValueError(f"num_per_family must be >= 1, got {num_per_family}")
+    s = data_cfg.synthetic
+    out = []
+    for family in synthetic.parse_families(families or s.families):
+        examples = synthetic.make_examples("validation", family, num_per_family, seed=s.seed, image_size=image_size,
+                                           ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length)
+        items = [EvalItem(e.id, e.image, synthetic.prompt_text(e.question),
+                          {"question_id": e.id, "question": e.question, "answer": e.answer, "kind": e.kind})
+                 for e in examples]
+        out.append(Benchmark(f"synthetic/{family}", "exact_match", items))
+    return out
+
+
+def read_records(path: str) -> list[dict]:
+    """Records of a JSONL file or a JSON list; a bad line raises ValueError naming file and line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file {path!r}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+    for n, r in enumerate(records):
+        if not isinstance(r, dict) or "question_id" not in r:
+            raise ValueError(f"{path}: record {n} has no 'question_id': {str(r)[:120]}")
+    return records
+
+
+def llava_benchmark(name: str, question_file: str, answers_file: str | None = None, image_dir: str = "",
+                    scorer: str | None = None) -> Benchmark:
+    """A benchmark from LLaVA-format question (and answers) files; `scorer` defaults to `name`."""
+    scorer = scorer or name
+    scorers.get(scorer)  # fail now on an unknown scorer
+    questions = read_records(question_file)
+    seen = collections.Counter(str(q["question_id"]) for q in questions)
+    dups = [k for k, c in seen.items() if c > 1]
+    if dups:
+        raise ValueError(f"{question_file}: duplicate question_id(s) {dups[:5]}")
+    answers = {str(a["question_id"]): a for a in read_records(answers_file)} if answers_file else {}
+    missing = [q["question_id"] for q in questions if answers_file and str(q["question_id"]) not in answers]
+    if missing:
+        raise ValueError(f"{answers_file}: no answer for {len(missing)} question(s), e.g. {missing[:5]}")
+    items = []
+    for q in questions:
+        if "text" not in q:
+            raise ValueError(f"{question_file}: question {q['question_id']!r} has no 'text'")
+        text = q["text"]
+        image = None
+        if q.get("image"):
+            image = os.path.join(image_dir, q["image"])
+            if IMAGE_PLACEHOLDER not in text:
+                text = f"{IMAGE_PLACEHOLDER}\n{text}"
+        reference = dict(q, **answers.get(str(q["question_id"]), {}))
+        items.append(EvalItem(q["question_id"], image, text, reference))
+    return Benchmark(name, scorer, items)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Answering.
+
+
+def chat_prefix_tokens(tokenizer: Tokenizer, system_prompt: str = "") -> np.ndarray:
+    """int32[P]: the tokens every prompt starts with (system turn and user header), cacheable once."""
+    ids, _, slots = render_chat(tokenizer, [(USER, IMAGE_PLACEHOLDER)], num_visual_tokens=1,
+                                system_prompt=system_prompt)
+    return np.asarray(ids[:slots[0]], np.int32)
+
+
+def _load_image(item: EvalItem, image_size: int, aspect_ratio: str):
+    if item.image is None:
+        return None
+    try:
+        return images.preprocess(item.image, image_size, aspect_ratio)
+    except errors.BadRecord as e:
+        raise ValueError(f"question {item.question_id!r}: {e}") from None
+
+
+class Answerer:
+    """Greedy answers for EvalItems in fixed-shape batches (the last batch is padded by repeating its last item,
+    so one compiled program serves a whole benchmark)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, params, tokenizer: Tokenizer, *, batch_size: int = 32,
+                 max_new_tokens: int = 16, use_prefix_cache: bool = True, seq_len: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.config, self.params, self.tokenizer, self.batch_size = config, params, tokenizer, batch_size
+        self.data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+        if seq_len:
+            self.data_cfg.seq_len = seq_len
+        self.generator = generate.Generator(vlm.VLM(config.model), generate.GenerationConfig(
+            max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
+            vocab_limit=tokenizer.vocab_size))
+        self.prefix_tokens = chat_prefix_tokens(tokenizer, self.data_cfg.system_prompt) if use_prefix_cache else None
+        self.prefix = (self.generator.encode_prefix(params, self.prefix_tokens)
+                       if use_prefix_cache and len(self.prefix_tokens) else None)
+
+    def __call__(self, items: Sequence[EvalItem]) -> list[str]:
+        m = self.config.model
+        answers: list[str] = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = list(items[start:start + self.batch_size])
+            real = len(chunk)
+            chunk += [chunk[-1]] * (self.batch_size - real)
+            batch = pipeline.make_prompt_batch(
+                [_load_image(it, m.vision.image_size, self.data_cfg.image_aspect_ratio) for it in chunk],
+                [it.prompt for it in chunk], tokenizer=self.tokenizer, data_cfg=self.data_cfg,
+                num_visual_tokens=m.compressor.num_tokens, image_size=m.vision.image_size)
+            if self.prefix is not None:
+                batch = generate.strip_prefix(batch, self.prefix_tokens)
+            out = jax.device_get(self.generator(self.params, batch, prefix=self.prefix))
+            for row in range(real):
+                answers.append(self.tokenizer.decode(out.tokens[row, :out.lengths[row]]).strip())
+        return answers
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring and the summary.
+
+
+def score_benchmark(benchmark: Benchmark, predictions: Sequence[str]) -> scorers.Score:
+    """The benchmark's scorer, plus accuracy per question `kind` when the references carry one."""
+    refs = [it.reference for it in benchmark.items]
+    result = scorers.get(benchmark.scorer)(predictions, refs)
+    kinds: dict[str, list[float]] = collections.defaultdict(list)
+    for credit, r in zip(result.per_item, refs):
+        if "kind" in r:
+            kinds[str(r["kind"])].append(credit)
+    for kind, credits in sorted(kinds.items()):
+        result.metrics[f"kind/{kind}"] = float(np.mean(credits))
+    return result
+
+
+def summarize(results: Mapping[str, scorers.Score], chosen: Sequence[str] | None = None) -> dict:
+    """Per-benchmark headline scores and metrics, and average_error = 1 - mean score over `chosen` (all by default)."""
+    chosen = list(results) if not chosen else list(chosen)
+    unknown = [c for c in chosen if c not in results]
+    if unknown:
+        raise ValueError(f"error benchmarks {unknown} were not evaluated; evaluated: {sorted(results)}")
+    if not chosen:
+        raise ValueError("no benchmark results to summarise")
+    mean = float(np.mean([results[c].score for c in chosen]))
+    return {
+        "scores": {k: r.score for k, r in results.items()},
+        "metrics": {k: r.metrics for k, r in results.items()},
+        "error_benchmarks": chosen,
+        "average_accuracy": mean,
+        "average_error": 1.0 - mean,
+    }
+
+
+def write_predictions(path: str, benchmark: Benchmark, predictions: Sequence[str], result: scorers.Score) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for item, text, credit in zip(benchmark.items, predictions, result.per_item):
+            row = {"question_id": item.question_id, "prompt": item.prompt, "text": text, "credit": credit,
+                   "reference": {k: v for k, v in item.reference.items() if k not in ("question_id", "text")}}
+            f.write(json.dumps(row, default=str) + "\n")
+
+
+def evaluate(answerer: Answerer, benchmarks: Sequence[Benchmark], out_dir: str | None = None,
+             error_benchmarks: Sequence[str] | None = None) -> dict:
+    """Answer, score and summarise every benchmark; with out_dir, write predictions and summary.json there."""
+    if not benchmarks:
+        raise ValueError("no benchmarks to evaluate")
+    names = [b.name for b in benchmarks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark names must be distinct, got {names}")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    results = {}
+    for b in benchmarks:
+        start = time.perf_counter()
+        predictions = answerer(b.items)
+        results[b.name] = score_benchmark(b, predictions)
+        logging.info("%s: %.4f (%d questions, %.1f s)", b.name, results[b.name].score, len(b.items),
+                     time.perf_counter() - start)
+        if out_dir:
+            write_predictions(os.path.join(out_dir, f"{b.name.replace('/', '_')}.predictions.jsonl"), b,
+                              predictions, results[b.name])
+    summary = summarize(results, error_benchmarks)
+    summary["num_questions"] = {b.name: len(b.items) for b in benchmarks}
+    if out_dir:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+    return summary

@@ -1,0 +1,206 @@
+"""Inference and training FLOPs of a VLM configuration, and MFU.
+
+Conventions (a multiply-add is 2 FLOPs):
+- A matmul with a weight of n parameters costs 2n FLOPs per token forward, so an LLM of N parameters costs 2N per
+  token (the paper's count, FLOPs = 2 N (Q + V); N counts every leaf of the LLM's parameter tree, embedding and
+  lm_head included, as the paper's model sizes do). Attention's sequence-length term is reported separately.
+- Self-attention over S tokens costs, per layer, 2 matmuls (Q K^T and A V) of 2 S^2 H d_head each: 4 S^2 H d_head
+  for the ViT's full attention, half of that, 2 S^2 H d_head, for the LLM's causal attention.
+- Backward: a weight matmul needs an activation gradient and a weight gradient, 2x its forward each way. So a
+  trained part costs 3x forward (6N per token), a frozen part that gradients flow through 2x forward (4N per
+  token), a frozen part nothing flows through (the vision tower) 1x. Attention has no weights but both of its
+  operands are activations, so it costs 3x forward whenever gradients pass through it.
+Parameter counts come from `vlm_jax.models.vlm.abstract_params(model_cfg)` (shapes only, nothing allocated), never
+from hand-typed sizes; compressor FLOPs from XLA's cost analysis of the compressor head itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+
+import jax
+
+
+def count_params(tree) -> int:
+    """Total number of elements over the leaves (arrays or jax.ShapeDtypeStruct) of a pytree."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def _vlm_module():
+    # Imported lazily: flops must be importable (and testable) without building the model code.
+    return importlib.import_module("vlm_jax.models.vlm")
+
+
+def param_counts(model_cfg, params=None) -> dict[str, int]:
+    """Parameters per part: {'vision', 'compressor', 'projector', 'llm'} -> count.
+
+    params: an (abstract) parameter tree with those top-level keys; by default the model's own
+    `abstract_params(model_cfg)`.
+    """
+    tree = _vlm_module().abstract_params(model_cfg) if params is None else params
+    missing = {"vision", "compressor", "projector", "llm"} - set(tree)
+    if missing:
+        raise ValueError(f"parameter tree lacks top-level part(s) {sorted(missing)}; has {sorted(tree)}")
+    return {name: count_params(tree[name]) for name in ("vision", "compressor", "projector", "llm")}
+
+
+def llm_linear_flops(n_params, tokens):
+    """2 N FLOPs per token: the weight matmuls of a model with N parameters (broadcasts over arrays)."""
+    return 2.0 * n_params * tokens
+
+
+def attention_flops(num_layers: int, num_heads: int, head_dim: int, seq_len, *, causal: bool):
+    """Forward FLOPs of the attention score and mixing matmuls over seq_len tokens (see module docstring)."""
+    full = 4.0 * num_layers * num_heads * head_dim * seq_len * seq_len
+    return full / 2 if causal else full
+
+
+def vision_tokens(vision_cfg) -> int:
+    """Tokens the ViT runs over: the patch grid plus the class token."""
+    grid = vision_cfg.image_size // vision_cfg.patch_size
+    if grid < 1:
+        raise ValueError(f"image_size {vision_cfg.image_size} is smaller than patch_size {vision_cfg.patch_size}")
+    return grid * grid + 1
+
+
+def visual_tokens(model_cfg) -> int:
+    """V, the visual tokens the LLM receives: compressor.num_tokens, or the whole patch grid without a compressor."""
+    comp = model_cfg.compressor
+    if comp.name == "none" and comp.get("num_tokens") is None:
+        return vision_tokens(model_cfg.vision) - 1
+    return int(comp.num_tokens)
+
+
+def xla_flops(fn, *abstract_args) -> float:
+    """FLOPs XLA's cost analysis assigns to jit(fn) over abstract inputs (jax.ShapeDtypeStruct; nothing runs)."""
+    cost = jax.jit(fn).lower(*abstract_args).cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        raise ValueError(f"XLA cost analysis of {getattr(fn, '__name__', fn)!r} reported no 'flops': {cost}")
+    return float(cost["flops"])
+
+
+def compressor_flops(model_cfg) -> float:
+    """Forward FLOPs of the compressor head for one image (0 without a compressor), by XLA cost analysis of
+    `vlm_jax.models.vlm.compressor_cost_fn(model_cfg)` (the head only: vision tower and projector are counted
+    separately)."""
+    if model_cfg.compressor.name == "none":
+        return 0.0
+    fn, abstract_args = _vlm_module().compressor_cost_fn(model_cfg)
+    return xla_flops(fn, *abstract_args)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceFlops:
+    """Forward FLOPs of answering one query with one image, by part.
+
+    llm: 2 N (Q + V); llm_attention: causal attention over Q + V; vision: 2 N_vision T + ViT attention;
+    compressor: the head (XLA); projector: 2 N_projector V; query_pass: QueCC's extra LLM pass over the question.
+    """
+
+    llm: float
+    llm_attention: float
+    vision: float
+    compressor: float
+    projector: float
+    query_pass: float
+
+    @property
+    def paper(self) -> float:
+        """The paper's count: the LLM's weight matmuls only."""
+        return self.llm
+
+    @property
+    def total(self) -> float:
+        return self.llm + self.llm_attention + self.vision + self.compressor + self.projector + self.query_pass
+
+
+def _vision_forward(vision_cfg, n_vision: int) -> float:
+    tokens = vision_tokens(vision_cfg)
+    head_dim = vision_cfg.width // vision_cfg.num_heads
+    return (llm_linear_flops(n_vision, tokens)
+            + attention_flops(vision_cfg.depth, vision_cfg.num_heads, head_dim, tokens, causal=False))
+
+
+def _llm_forward(llm_cfg, n_llm: int, tokens: int) -> tuple[float, float]:
+    """(weight matmuls, causal attention) of one forward pass over `tokens` tokens."""
+    return (llm_linear_flops(n_llm, tokens),
+            attention_flops(llm_cfg.num_layers, llm_cfg.num_heads, llm_cfg.head_dim, tokens, causal=True))
+
+
+def inference_breakdown(model_cfg, *, text_tokens: int, question_tokens: int | None = None,
+                        compressor_flops_per_image: float | None = None, params=None) -> InferenceFlops:
+    """Per-part forward FLOPs of one query: text_tokens Q of text plus V visual tokens through the LLM (prefill).
+
+    question_tokens: the question the QueCC head encodes with its extra LLM pass (default: all Q text tokens);
+    charged only for the 'quecc' compressor. compressor_flops_per_image overrides the XLA measurement.
+    """
+    if text_tokens < 0:
+        raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
+    counts = param_counts(model_cfg, params)
+    v = visual_tokens(model_cfg)
+    llm, llm_attention = _llm_forward(model_cfg.llm, counts["llm"], text_tokens + v)
+    query_pass = 0.0
+    if model_cfg.compressor.name == "quecc":
+        q = text_tokens if question_tokens is None else question_tokens
+        query_pass = sum(_llm_forward(model_cfg.llm, counts["llm"], q))
+    if compressor_flops_per_image is None:
+        compressor_flops_per_image = compressor_flops(model_cfg)
+    return InferenceFlops(
+        llm=llm,
+        llm_attention=llm_attention,
+        vision=_vision_forward(model_cfg.vision, counts["vision"]),
+        compressor=float(compressor_flops_per_image),
+        projector=llm_linear_flops(counts["projector"], v),
+        query_pass=query_pass,
+    )
+
+
+def inference_flops(model_cfg, *, text_tokens: int, llm_only: bool = False, **kwargs) -> float:
+    """Forward FLOPs of one query: everything, or with llm_only the paper's 2 N (Q + V)."""
+    if llm_only:
+        counts = param_counts(model_cfg, kwargs.get("params"))
+        return llm_linear_flops(counts["llm"], text_tokens + visual_tokens(model_cfg))
+    return inference_breakdown(model_cfg, text_tokens=text_tokens, **kwargs).total
+
+
+def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: bool, train_vision: bool,
+                     query_tokens: int | None = None, compressor_flops_per_image: float | None = None,
+                     params=None) -> float:
+    """FLOPs of one training step on batch_size sequences of seq_len tokens (visual slots included), one image each.
+
+    Per sequence, with N the LLM's parameters, F_x a part's forward FLOPs, and attention causal:
+        LLM weights      (6 if train_llm else 4) * N * seq_len       (frozen: forward + activation gradients)
+        LLM attention    3 * 2 * L * H * d_head * seq_len^2          (gradients always pass through it)
+        vision tower     (3 if train_vision else 1) * F_vision       (2 N_vision per patch token + attention)
+        compressor       3 * F_compressor                            (always trained)
+        projector        3 * 2 * N_projector * V                     (always trained)
+        QueCC query      2 * N * query_tokens + causal attention     (forward only: the query has no gradient)
+    query_tokens defaults to seq_len: with static shapes the query pass runs over the whole padded sequence.
+    """
+    if batch_size <= 0 or seq_len <= 0:
+        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+    counts = param_counts(model_cfg, params)
+    llm_cfg = model_cfg.llm
+    attention = attention_flops(llm_cfg.num_layers, llm_cfg.num_heads, llm_cfg.head_dim, seq_len, causal=True)
+    per_seq = (6.0 if train_llm else 4.0) * counts["llm"] * seq_len + 3.0 * attention
+    per_seq += (3.0 if train_vision else 1.0) * _vision_forward(model_cfg.vision, counts["vision"])
+    if compressor_flops_per_image is None:
+        compressor_flops_per_image = compressor_flops(model_cfg)
+    per_seq += 3.0 * compressor_flops_per_image
+    per_seq += 3.0 * llm_linear_flops(counts["projector"], visual_tokens(model_cfg))
+    if model_cfg.compressor.name == "quecc":
+        per_seq += sum(_llm_forward(llm_cfg, counts["llm"], seq_len if query_tokens is None else query_tokens))
+    return batch_size * per_seq
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_second: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak."""
+    for name, value in (("flops_per_step", flops_per_step), ("step_seconds", step_seconds),
+                        ("peak_flops_per_second", peak_flops_per_second)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    return flops_per_step / step_seconds / peak_flops_per_second
