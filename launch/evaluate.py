@@ -63,9 +63,11 @@ def main(argv):
     summary = evaluation.evaluate(answerer, benchmarks, out_dir, FLAGS.error_benchmarks or None)
 
     width = max(len(n) for n in summary["scores"])
-    print(f"{'benchmark':<{width}}  score   questions")
+    print(f"{'benchmark':<{width}}  score   questions  majority-answer baseline")
     for name, score in summary["scores"].items():
-        print(f"{name:<{width}}  {score:.4f}  {summary['num_questions'][name]}")
+        prior = summary["majority_baseline"][name]
+        prior = "" if prior is None else f"{prior:.4f}"
+        print(f"{name:<{width}}  {score:.4f}  {summary['num_questions'][name]:>9}  {prior}")
         kinds = {k[5:]: v for k, v in summary["metrics"][name].items() if k.startswith("kind/")}
         for kind, acc in kinds.items():
             print(f"  {kind:<{width - 2}}  {acc:.4f}")

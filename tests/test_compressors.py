@@ -48,24 +48,39 @@ def make_inputs(cfg, seed=0):
     return head_cls, features, query if head_cls.needs_query else None
 
 
-def random_params(head, features, query, seed=0):
-    """Parameters of the head's shapes filled from numpy: kernels ~ N(0, 1/fan_in), biases and LayerNorm
-    offsets ~ N(0, 0.1), LayerNorm scales ~ 1 + N(0, 0.1). Non-zero biases make the numpy references check
-    them too, and this skips compiling the initialisers (the slowest part of a small head's compile)."""
-    abstract = nn.meta.unbox(jax.eval_shape(head.init, jax.random.key(0), features, query).get("params", {}))
+def fan_in(name, shape):
+    """Inputs feeding one output of a kernel: q/k/v kernels are [D, heads, head_dim], others [*inputs, out];
+    scanned LLM layers add a leading layer axis."""
+    if "layers" in name and "llm" in name:
+        shape = shape[1:]
+    if len(shape) >= 3 and any(p in name for p in ("q_proj", "k_proj", "v_proj")):
+        return shape[-3]
+    return int(np.prod(shape[:-1])) or 1
+
+
+def random_like(abstract, seed=0):
+    """Arrays of the shapes in `abstract` (a parameter tree) filled from numpy: kernels and embeddings
+    ~ N(0, 1/fan_in), biases/offsets/latents ~ N(0, 0.1), norm scales ~ 1 + N(0, 0.1). Non-zero biases make the
+    numpy references check them too, and this skips compiling the initialisers (the slowest part of a small
+    model's compile)."""
     rng = np.random.default_rng(seed)
 
     def fill(path, x):
         name = jax.tree_util.keystr(path)
-        if "scale" in name:
+        if "scale" in name or "weight" in name:
             value = 1 + 0.1 * rng.normal(size=x.shape)
         elif "bias" in name or "latents" in name:
             value = 0.1 * rng.normal(size=x.shape)
-        else:   # q/k/v kernels are [D, heads, head_dim]; every other kernel is [*fan_in, out]
-            fan_in = x.shape[0] if x.ndim == 3 and "o_proj" not in name else np.prod(x.shape[:-1])
-            value = rng.normal(size=x.shape) / np.sqrt(fan_in)
+        else:
+            value = rng.normal(size=x.shape) / np.sqrt(fan_in(name, x.shape))
         return jnp.asarray(value, x.dtype)
     return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def random_params(head, features, query, seed=0):
+    """Random parameters for a head (see `random_like`)."""
+    abstract = nn.meta.unbox(jax.eval_shape(head.init, jax.random.key(0), features, query).get("params", {}))
+    return random_like(abstract, seed)
 
 
 def build(cfg, seed=0):
@@ -74,7 +89,7 @@ def build(cfg, seed=0):
     return head, random_params(head, features, query, seed), features, query
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def output_and_grads(name, v):
     """(output, params, grads of a random linear readout) for head `name` at V=v on the 24x24 grid."""
     head, params, features, query = build(model_cfg(name, v), seed=v)
@@ -315,7 +330,9 @@ def test_point_queries_sample_region_centres(k):
     side = 24 // k
     got = np.asarray(tokenpacker.downsample_points(jnp.asarray(x), side))
     lo, hi = (k - 1) // 2, k // 2
-    centre = lambda i: [i * k + lo, i * k + hi]          # noqa: E731
+
+    def centre(i):
+        return [i * k + lo, i * k + hi]
     want = np.array([[x[0, centre(i)][:, centre(j)].mean((0, 1)) for j in range(side)] for i in range(side)])
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
 

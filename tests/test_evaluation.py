@@ -138,6 +138,16 @@ def test_summary_average_error_is_one_minus_mean_score(tmp_path):
         evaluation.summarize({}, ["gqa"])
 
 
+def test_majority_baseline_is_the_best_constant_answer_per_kind():
+    def item(i, kind, answer):
+        return evaluation.EvalItem(i, None, "q", {"question_id": i, "kind": kind, "answer": answer})
+    bench = evaluation.Benchmark("b", "exact_match", [
+        item(0, "count", "1"), item(1, "count", "1"), item(2, "count", "2"),
+        item(3, "yesno", "yes"), item(4, "yesno", "No."), item(5, "yesno", "no")])
+    assert evaluation.majority_baseline(bench) == pytest.approx((2 + 2) / 6)
+    assert evaluation.majority_baseline(evaluation.Benchmark("p", "pope", bench.items)) is None
+
+
 def test_bench_flag_parsing():
     assert cli.parse_bench("pope:q.jsonl:a.jsonl:imgs") == ("pope", "pope", "q.jsonl", "a.jsonl", "imgs")
     assert cli.parse_bench("gqa_dev@gqa:q.jsonl") == ("gqa_dev", "gqa", "q.jsonl", None, "")

@@ -202,6 +202,19 @@ def score_benchmark(benchmark: Benchmark, predictions: Sequence[str]) -> scorers
     return result
 
 
+def majority_baseline(benchmark: Benchmark) -> float | None:
+    """Accuracy of always giving the most common reference answer of each question `kind` (the whole benchmark
+    when there are no kinds): what a model that ignores the image can reach. In-sample, so slightly optimistic.
+    None for scorers other than exact match."""
+    if benchmark.scorer not in ("exact_match", "gqa"):
+        return None
+    by_kind: dict[str, list[str]] = collections.defaultdict(list)
+    for it in benchmark.items:
+        by_kind[str(it.reference.get("kind", ""))].append(scorers.normalize_exact(str(it.reference["answer"])))
+    hits = sum(collections.Counter(answers).most_common(1)[0][1] for answers in by_kind.values())
+    return hits / len(benchmark.items)
+
+
 def summarize(results: Mapping[str, scorers.Score], chosen: Sequence[str] | None = None) -> dict:
     """Per-benchmark headline scores and metrics, and average_error = 1 - mean score over `chosen` (all by default)."""
     chosen = list(results) if not chosen else list(chosen)
@@ -250,6 +263,7 @@ def evaluate(answerer: Answerer, benchmarks: Sequence[Benchmark], out_dir: str |
                               predictions, results[b.name])
     summary = summarize(results, error_benchmarks)
     summary["num_questions"] = {b.name: len(b.items) for b in benchmarks}
+    summary["majority_baseline"] = {b.name: majority_baseline(b) for b in benchmarks}
     if out_dir:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)

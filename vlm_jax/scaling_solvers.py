@@ -82,7 +82,10 @@ def _lbfgs_one(start, weights, log_n, log_v, log_err, *, form, delta, max_iter, 
     return coords, fun(coords), optax.tree.get(state, "count") < max_iter
 
 
-@functools.partial(jax.jit, static_argnames=("form", "delta", "max_iter", "gtol", "ftol"))
+# The optimiser loops for thousands of iterations, so XLA's default optimisation (2) pays for its compile time
+# even where XLA_FLAGS lowers it for compile-heavy workloads (as the test session does).
+@functools.partial(jax.jit, static_argnames=("form", "delta", "max_iter", "gtol", "ftol"),
+                   compiler_options={"xla_backend_optimization_level": 2})
 def _lbfgs_batch(starts, weights, log_n, log_v, log_err, *, form, delta, max_iter, gtol, ftol):
     solve = functools.partial(_lbfgs_one, log_n=log_n, log_v=log_v, log_err=log_err, form=form, delta=delta,
                               max_iter=max_iter, gtol=gtol, ftol=ftol)

@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from vlm_jax import checkpoints, hardware, optim, sharding  # TODO(top-level): flops, pipeline
-
+from vlm_jax import checkpoints, flops, hardware, optim, sharding
+from vlm_jax.data import pipeline
 from vlm_jax.models import compressors, vlm
 
 
@@ -173,8 +173,6 @@ class _StopFlag:
 def run(config: ml_collections.ConfigDict) -> dict:
     """Train one model from `config`; returns the last logged metrics."""
     # --- set-up and safety rails -----------------------------------------------------------------
-    from vlm_jax import flops
-    from vlm_jax.data import pipeline
     jax.config.update("jax_threefry_partitionable", True)
     run_dir = config.run_dir
     os.makedirs(run_dir, exist_ok=True)

@@ -24,7 +24,7 @@ import flax.linen as nn
 import ml_collections
 
 from vlm_jax.models import quecc, resampler, tokenpacker, vision
-from vlm_jax.models.head_base import Head, grid_side, option  # noqa: F401  (re-exported: the head interface)
+from vlm_jax.models.head_base import Head, grid_side, option
 
 REGISTRY: dict[str, type] = {}
 

@@ -1,0 +1,138 @@
+"""FLOPs model: parameter counts from the abstract tree, per-part inference FLOPs, training FLOPs, MFU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import models
+from vlm_jax import flops
+from vlm_jax.models import vlm
+
+SDS = jax.ShapeDtypeStruct
+
+
+def tiny_cfg(compressor="avgpool", num_tokens=4):
+    return models.model_config("tiny", "tiny", compressor, num_tokens)
+
+
+def test_xla_flops_of_a_matmul_is_2mnk():
+    m, k, n = 48, 96, 20
+    got = flops.xla_flops(lambda a, b: a @ b, SDS((m, k), jnp.float32), SDS((k, n), jnp.float32))
+    assert got == 2 * m * n * k
+
+
+@pytest.mark.parametrize("llm,expected", [("qwen1.5-7b", 7_721_324_544), ("qwen1.5-0.5b", 463_987_712)])
+def test_llm_size_is_counted_from_the_abstract_parameter_tree(llm, expected):
+    cfg = models.model_config("clip-vit-l14-336", llm, "avgpool", 1)
+    counts = flops.param_counts(cfg)
+    assert counts["llm"] == expected
+    assert counts["vision"] == 303_507_456
+    assert flops.inference_flops(cfg, text_tokens=63, llm_only=True) == 2 * expected * (63 + 1)
+
+
+def test_llm_flops_follow_the_tree_not_a_preset(monkeypatch):
+    # Whatever tree the model reports is what gets charged: doubling a layer's size changes the count.
+    real = vlm.abstract_params(tiny_cfg())
+    bigger = dict(real, llm=dict(real["llm"], extra=SDS((1000, 7), jnp.float32)))
+    monkeypatch.setattr(vlm, "abstract_params", lambda cfg: bigger)
+    assert flops.param_counts(tiny_cfg())["llm"] == flops.count_params(real["llm"]) + 7000
+
+
+def test_param_counts_reject_a_tree_without_the_four_parts():
+    with pytest.raises(ValueError, match=r"lacks top-level part\(s\) \['projector'\]"):
+        flops.param_counts(tiny_cfg(), params={"vision": {}, "compressor": {}, "llm": {}})
+
+
+def test_attention_term_is_quadratic_and_causal_is_half():
+    full = flops.attention_flops(2, 4, 16, 100, causal=False)
+    assert full == 4 * 2 * 4 * 16 * 100 * 100  # QK^T and AV, 2 FLOPs per multiply-add
+    assert flops.attention_flops(2, 4, 16, 100, causal=True) == full / 2
+    assert flops.attention_flops(2, 4, 16, 200, causal=True) == 4 * full / 2
+
+
+def test_inference_breakdown_of_each_part():
+    cfg = tiny_cfg("avgpool", 4)
+    counts = flops.param_counts(cfg)
+    q = 10
+    b = flops.inference_breakdown(cfg, text_tokens=q)
+    llm = cfg.llm
+    assert b.llm == b.paper == 2 * counts["llm"] * (q + 4)
+    assert b.llm_attention == 2 * llm.num_layers * llm.num_heads * llm.head_dim * (q + 4) ** 2
+    t = (64 // 8) ** 2 + 1  # 8x8 patches + class token
+    v = cfg.vision
+    assert b.vision == 2 * counts["vision"] * t + 4 * v.depth * v.width * t * t
+    assert b.projector == 2 * counts["projector"] * 4
+    assert b.query_pass == 0
+    assert b.total == pytest.approx(b.llm + b.llm_attention + b.vision + b.compressor + b.projector)
+    assert flops.inference_flops(cfg, text_tokens=q) == pytest.approx(b.total)
+
+
+def test_quecc_is_charged_for_its_query_pass_over_the_question():
+    cfg = tiny_cfg("quecc", 4)
+    n = flops.param_counts(cfg)["llm"]
+    b = flops.inference_breakdown(cfg, text_tokens=30, question_tokens=12)
+    llm = cfg.llm
+    assert b.query_pass == 2 * n * 12 + 2 * llm.num_layers * llm.num_heads * llm.head_dim * 12 ** 2
+    # By default the whole text is the question.
+    assert flops.inference_breakdown(cfg, text_tokens=30).query_pass > b.query_pass
+
+
+def test_compressor_flops_come_from_xla_and_grow_with_head_work():
+    assert flops.compressor_flops(tiny_cfg("none", 64)) == 0.0
+    pool = flops.compressor_flops(tiny_cfg("avgpool", 4))
+    quecc = flops.compressor_flops(tiny_cfg("quecc", 4))
+    assert 0 < pool < quecc
+    fn, args = vlm.compressor_cost_fn(tiny_cfg("quecc", 4))
+    assert quecc == flops.xla_flops(fn, *args)
+
+
+def test_train_step_flops_follow_the_documented_formula():
+    cfg = tiny_cfg("avgpool", 4)
+    counts = flops.param_counts(cfg)
+    comp = flops.compressor_flops(cfg)
+    b, s = 3, 40
+    llm, v = cfg.llm, cfg.vision
+    t = (64 // 8) ** 2 + 1
+    vision_fwd = 2 * counts["vision"] * t + 4 * v.depth * v.width * t * t
+    attention = 2 * llm.num_layers * llm.num_heads * llm.head_dim * s * s
+    expected = b * (6 * counts["llm"] * s + 3 * attention + vision_fwd + 3 * comp + 3 * 2 * counts["projector"] * 4)
+    got = flops.train_step_flops(cfg, batch_size=b, seq_len=s, train_llm=True, train_vision=False)
+    assert got == pytest.approx(expected, rel=1e-12)
+    frozen_llm = flops.train_step_flops(cfg, batch_size=b, seq_len=s, train_llm=False, train_vision=False)
+    assert got - frozen_llm == pytest.approx(b * 2 * counts["llm"] * s)
+    trained_vision = flops.train_step_flops(cfg, batch_size=b, seq_len=s, train_llm=True, train_vision=True)
+    assert trained_vision - got == pytest.approx(b * 2 * vision_fwd)
+
+
+def test_quecc_training_adds_a_forward_only_query_pass():
+    cfg = tiny_cfg("quecc", 4)
+    n = flops.param_counts(cfg)["llm"]
+    llm = cfg.llm
+    kw = dict(batch_size=2, seq_len=40, train_llm=True, train_vision=False, compressor_flops_per_image=0.0)
+    base = flops.train_step_flops(cfg, query_tokens=0, **kw)
+
+    def forward(tokens):
+        return 2 * n * tokens + 2 * llm.num_layers * llm.num_heads * llm.head_dim * tokens ** 2
+
+    assert flops.train_step_flops(cfg, query_tokens=8, **kw) - base == pytest.approx(2 * forward(8))
+    # By default the query pass runs over the whole padded sequence.
+    assert flops.train_step_flops(cfg, **kw) - base == pytest.approx(2 * forward(40))
+
+
+def test_mfu_is_achieved_over_peak_and_rejects_nonsense():
+    assert flops.mfu(1e12, 2.0, 1e12) == pytest.approx(0.5)
+    for args in ((0.0, 1.0, 1.0), (1.0, 0.0, 1.0), (1.0, 1.0, -1.0), (1.0, float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            flops.mfu(*args)
+
+
+def test_bad_token_counts_are_refused():
+    with pytest.raises(ValueError, match="text_tokens must be >= 0"):
+        flops.inference_breakdown(tiny_cfg(), text_tokens=-1)
+    with pytest.raises(ValueError, match="batch_size and seq_len must be positive"):
+        flops.train_step_flops(tiny_cfg(), batch_size=0, seq_len=8, train_llm=True, train_vision=False)
+
+
+def test_llm_linear_flops_broadcast_over_arrays():
+    np.testing.assert_array_equal(flops.llm_linear_flops(np.array([1.0, 2.0]), np.array([3.0, 4.0])), [6.0, 16.0])
