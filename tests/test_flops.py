@@ -109,7 +109,7 @@ def test_quecc_training_adds_a_forward_only_query_pass():
     cfg = tiny_cfg("quecc", 4)
     n = flops.param_counts(cfg)["llm"]
     llm = cfg.llm
-    kw = dict(batch_size=2, seq_len=40, train_llm=True, train_vision=False, compressor_flops_per_image=0.0)
+    kw = {"batch_size": 2, "seq_len": 40, "train_llm": True, "train_vision": False, "compressor_flops_per_image": 0.0}
     base = flops.train_step_flops(cfg, query_tokens=0, **kw)
 
     def forward(tokens):

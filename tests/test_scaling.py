@@ -61,7 +61,7 @@ def test_fit_loss_is_the_huber_objective_and_scipy_finds_nothing_lower(form):
     best = np.inf
     for start in [TRUE[form]] + [TRUE[form] * np.exp(0.3 * rng.standard_normal(p)) for _ in range(6)]:
         res = scipy.optimize.minimize(lambda th: independent_loss(form, th, table), start, method="L-BFGS-B",
-                                      bounds=bounds, options=dict(maxiter=5000, ftol=1e-15, gtol=1e-12))
+                                      bounds=bounds, options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12})
         best = min(best, res.fun)
     assert fit.loss <= best * (1 + 1e-6) + 1e-12
 
@@ -135,10 +135,13 @@ def test_fit_at_the_start_grid_edge_is_reported():
     assert fit.at_grid_edge == ("log_D",)
 
 
-def test_estimate_uses_percentiles_and_ignores_undefined_samples():
-    est = scaling.Estimate.from_samples(1.0, np.r_[np.arange(101.0), np.nan, np.inf], 0.9)
+def test_estimate_uses_percentiles_drops_undefined_samples_and_keeps_infinite_ones():
+    est = scaling.Estimate.from_samples(1.0, np.r_[np.arange(101.0), np.nan], 0.9)
     assert (est.lo, est.hi) == pytest.approx((5.0, 95.0))
-    assert np.isnan(scaling.Estimate.from_samples(1.0, [], 0.95).lo)
+    # A quarter of the resamples say "infinitely many": the upper end of a 90% interval must say so too.
+    est = scaling.Estimate.from_samples(1.0, np.r_[np.arange(75.0), np.full(25, np.inf)], 0.9)
+    assert est.lo == pytest.approx(5.0) and est.hi == np.inf
+    assert np.isnan(scaling.Estimate.from_samples(1.0, [np.nan], 0.95).lo)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -193,13 +196,13 @@ def _rows():
         for n in N:
             for v in V:
                 err = float(MULTIPLICATIVE.predict(theta, np.array([n]), np.array([v]))[0])
-                rows.append(dict(llm=f"m{n}", n_params=n * 1e9, visual_tokens=v, task=task, error=err, seed=0))
+                rows.append({"llm": f"m{n}", "n_params": n * 1e9, "visual_tokens": v, "task": task, "error": err, "seed": 0})
     return rows
 
 
 @pytest.mark.parametrize("ext", ["csv", "jsonl"])
 def test_results_file_round_trips_into_one_table_per_task(tmp_path, ext):
-    rows = _rows() + [dict(llm="x", n_params=1e9, visual_tokens=4, task="ocr", error=0.5)]
+    rows = _rows() + [{"llm": "x", "n_params": 1e9, "visual_tokens": 4, "task": "ocr", "error": 0.5}]
     path = tmp_path / f"results.{ext}"
     scaling_table.write_rows(path, rows)
     tables = scaling_table.load_tables(path)
@@ -212,9 +215,9 @@ def test_results_file_round_trips_into_one_table_per_task(tmp_path, ext):
 
 def test_repeated_cells_are_averaged():
     tables = scaling_table.tables_from_rows([
-        dict(llm="a", n_params=1e9, visual_tokens=4, task="t", error=0.2),
-        dict(llm="a", n_params=1e9, visual_tokens=4, task="t", error=0.4),
-        dict(llm="b", n_params=2e9, visual_tokens=4, task="t", error=0.1)])
+        {"llm": "a", "n_params": 1e9, "visual_tokens": 4, "task": "t", "error": 0.2},
+        {"llm": "a", "n_params": 1e9, "visual_tokens": 4, "task": "t", "error": 0.4},
+        {"llm": "b", "n_params": 2e9, "visual_tokens": 4, "task": "t", "error": 0.1}])
     t = tables["t"]
     assert len(t) == 2
     assert t.error[0] == pytest.approx(0.3) and t.replicates.tolist() == [2, 1]
@@ -222,14 +225,14 @@ def test_repeated_cells_are_averaged():
 
 def test_missing_column_and_non_numbers_are_named_with_their_row(tmp_path):
     with pytest.raises(ValueError, match=r"row 2 lacks column\(s\) error"):
-        scaling_table.tables_from_rows([dict(llm="a", n_params=1, visual_tokens=1, task="t", error=0.5),
-                                        dict(llm="a", n_params=1, visual_tokens=1, task="t")])
+        scaling_table.tables_from_rows([{"llm": "a", "n_params": 1, "visual_tokens": 1, "task": "t", "error": 0.5},
+                                        {"llm": "a", "n_params": 1, "visual_tokens": 1, "task": "t"}])
     with pytest.raises(ValueError, match=r"row 1: visual_tokens='many' is not a number"):
-        scaling_table.tables_from_rows([dict(llm="a", n_params=1, visual_tokens="many", task="t", error=0.5)])
+        scaling_table.tables_from_rows([{"llm": "a", "n_params": 1, "visual_tokens": "many", "task": "t", "error": 0.5}])
     with pytest.raises(ValueError, match=r"row 1 \(llm 'a', task 't'\): error must lie in \(0, 1\]"):
-        scaling_table.tables_from_rows([dict(llm="a", n_params=1, visual_tokens=1, task="t", error=2)])
+        scaling_table.tables_from_rows([{"llm": "a", "n_params": 1, "visual_tokens": 1, "task": "t", "error": 2}])
     path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps(dict(llm="a")) + "\n[1, 2]\n")
+    path.write_text(json.dumps({"llm": "a"}) + "\n[1, 2]\n")
     with pytest.raises(ValueError, match=r"r.jsonl:2: expected a JSON object"):
         scaling_table.read_rows(path)
     with pytest.raises(ValueError, match="unknown results format '.txt'"):
@@ -261,14 +264,14 @@ def test_analytic_optimum_uses_one_token_at_q0_and_a_budget_free_v_for_q_positiv
         assert nq == pytest.approx(budget * (alpha - beta) / (2 * alpha * 100) / 1e9)
     # Tokens that pay off faster than parameters (beta > alpha): use every token allowed.
     _, v = scaling_frontier.multiplicative_optimum(0.1, 0.3, 1e12, 50.0)
-    n_num, v_num, _, _ = scaling_frontier.optimum_from_params("multiplicative", [0.35, 0.1, 0.3, 0.1], 1e12, 50.0)
+    _, v_num, _, _ = scaling_frontier.optimum_from_params("multiplicative", [0.35, 0.1, 0.3, 0.1], 1e12, 50.0)
     assert v == 576.0 and v_num[0] == pytest.approx(576.0)
 
 
 def test_additive_frontier_matches_a_dense_search_along_the_budget_line():
     theta = TRUE["additive"]
     for q, budget in ((0.0, 1e12), (64.0, 1e12), (64.0, 1e14)):
-        n, v, err, _ = scaling_frontier.optimum_from_params("additive", theta, budget, q)
+        _, v, err, _ = scaling_frontier.optimum_from_params("additive", theta, budget, q)
         vs = np.geomspace(1, 576, 400_001)
         ns = budget / (2e9 * (q + vs))
         errs = ADDITIVE.predict(theta, ns, vs)

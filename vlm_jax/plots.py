@@ -14,6 +14,7 @@ import os
 import numpy as np
 from matplotlib import colormaps
 from matplotlib import colors as mcolors
+from matplotlib import ticker as mticker
 from matplotlib.figure import Figure
 
 from vlm_jax import scaling_frontier
@@ -35,7 +36,7 @@ def _save(fig: Figure, path: str) -> str:
 def frontier_curve(fit: FitResult, budgets, text_tokens: float, *, v_range=scaling_frontier.DEFAULT_V_RANGE):
     """Arrays over budgets float[C]: (n, v, error, error_lo, error_hi) of the continuous optimum."""
     points = scaling_frontier.frontier(fit, budgets, text_tokens, v_range=v_range)
-    field = lambda name, attr: np.array([getattr(getattr(p, name), attr) for p in points])  # noqa: E731
+    field = lambda name, attr: np.array([getattr(getattr(p, name), attr) for p in points])
     return (field("n", "point"), field("v", "point"), field("error", "point"), field("error", "lo"),
             field("error", "hi"))
 
@@ -102,6 +103,11 @@ def plot_error_surface(fit: FitResult, path: str, *, text_tokens: float = 0.0, r
                label="observed cells")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # Tick at the table's own N and V: a log axis spanning less than a decade otherwise labels 6x10^-1 etc.
+    ax.set_xticks(table.n_values, [f"{n:.3g}" for n in table.n_values])
+    ax.set_yticks(table.v_values, [f"{v:g}" for v in table.v_values])
+    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+    ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     ax.set_xlabel("LLM parameters N (billions)")
     ax.set_ylabel("visual tokens V")
     ax.set_title(_title(fit, f", iso-FLOP lines at Q = {text_tokens:g}"))

@@ -25,7 +25,6 @@ import numpy as np
 from vlm_jax import scaling_solvers
 from vlm_jax.scaling_table import ScalingTable, load_tables, tables_from_rows  # noqa: F401  (re-exported)
 
-
 # ----------------------------------------------------------------------------------------------- law forms
 
 @dataclasses.dataclass(frozen=True)
@@ -140,12 +139,15 @@ class Estimate:
 
     @classmethod
     def from_samples(cls, point, samples, level: float) -> Estimate:
-        """samples: float[B]; non-finite samples (a quantity undefined for some resample) are left out."""
+        """samples: float[B]. NaN (a quantity undefined for that resample) is left out; +-inf is kept, since
+        it is an answer (e.g. "use every visual token") and dropping it would narrow the interval."""
         samples = np.asarray(samples, dtype=np.float64)
-        samples = samples[np.isfinite(samples)]
+        samples = samples[~np.isnan(samples)]
         if samples.size == 0:
             return cls(float(point), np.nan, np.nan, level)
-        lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
+        # Interpolating towards an infinite sample gives nan; take the nearest order statistic then.
+        method = "linear" if np.isfinite(samples).all() else "nearest"
+        lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)], method=method)
         return cls(float(point), float(lo), float(hi), level)
 
     def __str__(self) -> str:
@@ -168,6 +170,8 @@ class FitResult:
     """A fitted law with its diagnostics.
 
     theta: float[P] natural parameters; log_residuals: float[M] log(pred) - log(observed);
+    at_grid_edge: optimisation coordinates (form.coord_names) that ended at or beyond the start grid's range,
+        a sign the grid did not bracket the optimum (or that it lies at infinity, e.g. D -> 0);
     bootstrap: float[B, P] natural parameters refitted on each resample (B = 0 without bootstrap).
     """
 
@@ -176,6 +180,7 @@ class FitResult:
     theta: np.ndarray
     loss: float
     delta: float
+    converged: bool
     at_grid_edge: tuple[str, ...]
     log_residuals: np.ndarray
     r2: float
@@ -284,6 +289,9 @@ def fit_law(table: ScalingTable, form: str | LawForm = "multiplicative", *, n_bo
         raise ValueError(f"level must lie in (0, 1), got {level}")
     if delta <= 0:
         raise ValueError(f"Huber delta must be positive, got {delta}")
+    if n_bootstrap < 0 or n_starts < 1 or bootstrap_starts < 1:
+        raise ValueError(f"need n_bootstrap >= 0, n_starts >= 1 and bootstrap_starts >= 1; got {n_bootstrap}, "
+                         f"{n_starts}, {bootstrap_starts}")
     log_n, log_v, log_err = np.log(table.n), np.log(table.v), np.log(table.error)
     log_n0, log_v0 = log_n.mean(), log_v.mean()
     data = (log_n - log_n0, log_v - log_v0, log_err)
@@ -292,10 +300,13 @@ def fit_law(table: ScalingTable, form: str | LawForm = "multiplicative", *, n_bo
     # ---- point fit
     ones = np.ones((1, len(table)))
     starts = scaling_solvers.screen_starts(form, grid, ones, *data, delta=delta, k=n_starts)[0]
-    runs, losses, _ = scaling_solvers.minimize_batched(form, starts, np.repeat(ones, len(starts), 0), *data,
-                                                       delta=delta)
+    runs, losses, converged = scaling_solvers.minimize_batched(form, starts, np.repeat(ones, len(starts), 0),
+                                                               *data, delta=delta)
     best = int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
-    coords, loss = runs[best], losses[best]
+    coords, loss, point_converged = runs[best], losses[best], bool(converged[best])
+    if not np.isfinite(loss):
+        raise ValueError(f"task {table.task!r}: the {form.name} law could not be fitted (no start gave a finite "
+                         "loss)")
     theta = form.to_natural(coords, log_n0, log_v0)
     pred = form.predict(theta, table.n, table.v)
     lo, hi = grid.min(0), grid.max(0)
@@ -303,7 +314,7 @@ def fit_law(table: ScalingTable, form: str | LawForm = "multiplicative", *, n_bo
     ss_tot = np.sum((table.error - table.error.mean()) ** 2)
     r2 = 1.0 - np.sum((table.error - pred) ** 2) / ss_tot if ss_tot > 0 else np.nan
 
-    # ---- refits: leave-one-N-out and bootstrap, batched together
+    # ---- refits on reweighted cells: leave-one-N-out (zero weights) and bootstrap (multiplicities)
     loo_sets = []
     if loo:
         for n_out in table.n_values:
@@ -324,11 +335,13 @@ def fit_law(table: ScalingTable, form: str | LawForm = "multiplicative", *, n_bo
             loo_results.append(LooResult(float(n_out), int(held.sum()), float(np.sqrt(np.mean(log_res ** 2))),
                                          float(np.mean(np.abs(np.expm1(log_res)))), th))
     if len(boot):
-        refit, converged = _refit(form, grid, coords, boot, data, delta=delta, k=max(bootstrap_starts - 1, 0))
+        refit, boot_converged = _refit(form, grid, coords, boot, data, delta=delta,
+                                       k=max(bootstrap_starts - 1, 0))
         boot_theta = form.to_natural(refit, log_n0, log_v0)
-        unconverged = int((~converged).sum())
+        unconverged = int((~boot_converged).sum())
 
-    return FitResult(form=form, table=table, theta=theta, loss=float(loss), delta=delta, at_grid_edge=at_edge,
+    return FitResult(form=form, table=table, theta=theta, loss=float(loss), delta=delta,
+                     converged=point_converged, at_grid_edge=at_edge,
                      log_residuals=np.log(pred) - log_err, r2=float(r2), loo=tuple(loo_results),
                      bootstrap=boot_theta, bootstrap_unconverged=unconverged, level=level)
 

@@ -104,10 +104,10 @@ def _feasible_v(budget, text_tokens, v_range, n_range, overhead_flops):
 
 def optimum_from_params(form: str | LawForm, thetas, budget: float, text_tokens: float, *,
                         v_range=DEFAULT_V_RANGE, n_range=None, overhead_flops: float = 0.0):
-    """Continuous optimum for each parameter vector: thetas float[S, P] -> (n, v, error), each float[S].
+    """Continuous optimum for each parameter vector: thetas float[S, P] -> (n, v, error, binding).
 
-    Searches log V on a grid, then golden-section refines inside the best grid point's neighbours.
-    Also returns `binding` (see FrontierPoint).
+    n (billions), v, error: float[S]; binding: see FrontierPoint. Searches log V on a grid, then refines by
+    golden section between the best grid point's neighbours, so any law form works, not only unimodal ones.
     """
     form = get_form(form)
     thetas = np.atleast_2d(np.asarray(thetas, dtype=np.float64))
@@ -163,7 +163,7 @@ def continuous_optimum(fit: FitResult, budget: float, text_tokens: float, *, v_r
     """The best continuous (N, V) for a budget under the fitted law, with bootstrap intervals."""
     n, v, err, binding = optimum_from_params(fit.form, fit.thetas(), budget, text_tokens, v_range=v_range,
                                              n_range=n_range, overhead_flops=overhead_flops)
-    est = lambda x: Estimate.from_samples(x[0], x[1:], fit.level)  # noqa: E731
+    est = lambda x: Estimate.from_samples(x[0], x[1:], fit.level)
     return FrontierPoint(float(budget), float(text_tokens), est(n), est(v), est(err), binding)
 
 

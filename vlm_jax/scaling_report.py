@@ -31,7 +31,7 @@ def demo_rows(noise: float = 0.02, seed: int = 0) -> list[dict]:
             for v in DEMO_V:
                 err = form.predict(np.asarray(theta), np.array([n_params / PARAMS_PER_UNIT]), np.array([v]))[0]
                 err = float(np.clip(err * np.exp(noise * rng.standard_normal()), 1e-6, 1.0))
-                rows.append(dict(llm=llm, n_params=n_params, visual_tokens=v, task=task, error=err))
+                rows.append({"llm": llm, "n_params": n_params, "visual_tokens": v, "task": task, "error": err})
     return rows
 
 
@@ -49,6 +49,8 @@ def format_fit(fit: FitResult, truth: Sequence[float] | None = None) -> str:
     edge = ", ".join(fit.at_grid_edge) or "none"
     lines.append(f"   Huber loss {fit.loss:.3g} (delta {fit.delta:g}) · R² on error {fit.r2:.4f} · "
                  f"RMS log residual {rms:.3g} · fit at start-grid edge: {edge}")
+    if not fit.converged:
+        lines.append("   WARNING: the best point fit stopped at the iteration cap; treat it as approximate")
     if fit.loo:
         parts = [f"N={r.n_held_out:.3g}B: {r.mean_abs_rel_error:.1%}" for r in fit.loo]
         worst = max(fit.loo, key=lambda r: r.rms_log_error)
@@ -68,8 +70,8 @@ def default_budgets(fit: FitResult, text_tokens: float, count: int = 4) -> np.nd
 def format_frontier(fit: FitResult, budgets: Sequence[float], text_tokens: float, *,
                     v_range=scaling_frontier.DEFAULT_V_RANGE) -> str:
     """The continuous optimum and the best menu entry (the table's N and V values) per budget."""
-    lines = [f"   frontier at Q = {text_tokens:g} (continuous N, V in [{v_range[0]:g}, {v_range[1]:g}]; "
-             "menu = the table's N and V; ! = N* outside the fitted N range, an extrapolation):"]
+    lines = [(f"   frontier at Q = {text_tokens:g} (continuous N, V in [{v_range[0]:g}, {v_range[1]:g}]; "
+             "menu = the table's N and V; ! = N* outside the fitted N range, an extrapolation):")]
     n_lo, n_hi = fit.table.n_values[0], fit.table.n_values[-1]
     for c in budgets:
         p = scaling_frontier.continuous_optimum(fit, c, text_tokens, v_range=v_range)
@@ -90,4 +92,9 @@ def format_v_by_q(fit: FitResult, budget: float, text_tokens: Sequence[float], *
     """How the optimal V moves with the text length Q at one budget."""
     points = scaling_frontier.optimal_v_by_text_length(fit, budget, text_tokens, v_range=v_range)
     cells = [f"Q={p.text_tokens:g}: V* {p.v} (N* {p.n.point:.3g}B)" for p in points]
-    return f"   optimal V vs Q at C = {budget:.3g}: " + "; ".join(cells)
+    text = f"   optimal V vs Q at C = {budget:.3g}: " + "; ".join(cells)
+    if fit.form.name == "multiplicative":
+        # The closed form (scaling_frontier docstring): V* = Q * beta / (alpha - beta) inside the allowed range.
+        ratio = fit.estimate(lambda th: np.where(th[:, 1] > th[:, 2], th[:, 2] / (th[:, 1] - th[:, 2]), np.inf))
+        text += f"\n   closed form: V*/Q = beta / (alpha - beta) = {ratio}, independent of the budget"
+    return text

@@ -174,5 +174,4 @@ def write_rows(path: str | os.PathLike, rows: Sequence[Mapping]) -> None:
             writer.writerows(rows)
     else:
         with open(path, "w") as f:
-            for row in rows:
-                f.write(json.dumps(dict(row)) + "\n")
+            f.writelines(json.dumps(dict(row)) + "\n" for row in rows)

@@ -21,6 +21,8 @@ Every head is a linen Module built as `Head(cfg=compressor_cfg, vision_cfg=..., 
 """
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.models import quecc, resampler, tokenpacker, vision
@@ -97,9 +99,6 @@ register("resampler")(resampler.Resampler)
 def abstract_head_params(model_cfg: ml_collections.ConfigDict):
     """Parameter tree (ShapeDtypeStructs, nothing allocated) of the compressor head alone, for `model_cfg`
     (`config.model`); {} for parameter-free heads. Used to report head sizes without building the LLM."""
-    import jax
-    import jax.numpy as jnp
-
     validate(model_cfg.compressor, model_cfg.vision)
     head_cls = get(model_cfg.compressor.name)
     head = head_cls(model_cfg.compressor, model_cfg.vision, model_cfg.llm, jnp.dtype(model_cfg.dtype))

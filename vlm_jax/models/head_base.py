@@ -36,7 +36,7 @@ def option(cfg, head_cls, key):
     return head_cls.DEFAULTS[key] if value is None else value
 
 
-def vision_taps(cfg, head_cls, vision_cfg) -> tuple:
+def vision_taps(cfg, vision_cfg) -> tuple:
     """The multi-level vision taps of a head (`kv_layers`), HF indexing.
 
     Unset, they are CLIP-L's (12, 16, 22, 23) for a 24-block tower and the same relative depths,
@@ -83,7 +83,7 @@ class Head(nn.Module):
 
     def multi_level(self, features):
         """Patch tokens of the `kv_layers` taps concatenated on channels: float[B, g, g, n_taps * Dv]."""
-        taps = vision_taps(self.cfg, type(self), self.vision_cfg)
+        taps = vision_taps(self.cfg, self.vision_cfg)
         return to_grid(jnp.concatenate([vision.patch_tokens(features[i]) for i in taps], axis=-1))
 
 

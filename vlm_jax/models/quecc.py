@@ -30,7 +30,7 @@ class QueCC(Head):
 
     @classmethod
     def vision_layers(cls, cfg, vision_cfg):
-        return (vision_cfg.select_layer,) + vision_taps(cfg, cls, vision_cfg)
+        return (vision_cfg.select_layer,) + vision_taps(cfg, vision_cfg)
 
     @nn.compact
     def __call__(self, features, query=None):

@@ -43,7 +43,7 @@ class TokenPacker(Head):
 
     @classmethod
     def vision_layers(cls, cfg, vision_cfg):
-        return (vision_cfg.select_layer,) + vision_taps(cfg, cls, vision_cfg)
+        return (vision_cfg.select_layer,) + vision_taps(cfg, vision_cfg)
 
     @nn.compact
     def __call__(self, features, query=None):

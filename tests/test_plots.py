@@ -1,0 +1,79 @@
+"""Scaling plots are written as real PNGs with content, and `python -m launch.fit` runs end to end."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from launch import fit as fit_cli
+from vlm_jax import plots, scaling, scaling_report
+
+N = (0.464, 1.84, 3.95, 7.72)
+V = (1, 4, 16, 36, 64, 144, 576)
+
+
+@pytest.fixture(scope="module")
+def fit():
+    table = scaling.synthetic_table("multiplicative", [0.35, 0.45, 0.06, 0.12], N, V, noise=0.02, seed=0,
+                                    task="reasoning")
+    return scaling.fit_law(table, n_bootstrap=100, seed=0)
+
+
+def _image(path):
+    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    return img
+
+
+def test_all_figures_are_written_as_non_blank_pngs(fit, tmp_path):
+    paths = plots.write_plots(fit, str(tmp_path / "out"), text_tokens=(0.0, 64.0))
+    assert sorted(p.split("/")[-1] for p in paths) == sorted([
+        "reasoning_multiplicative_pred_vs_obs.png",
+        "reasoning_multiplicative_error_vs_flops_q0.png", "reasoning_multiplicative_surface_q0.png",
+        "reasoning_multiplicative_error_vs_flops_q64.png", "reasoning_multiplicative_surface_q64.png"])
+    for path in paths:
+        assert _image(path).std() > 10  # drawn on, not an empty canvas
+
+
+def test_frontier_curve_lies_below_every_fitted_llm_curve(fit):
+    budgets = np.geomspace(1e11, 1e13, 7)
+    _, _, err, lo, hi = plots.frontier_curve(fit, budgets, 64.0)
+    for n in fit.table.n_values:
+        v = budgets / (2e9 * n) - 64.0
+        ok = (v >= 1) & (v <= 576)
+        assert np.all(err[ok] <= fit.predict(n, v[ok]) + 1e-12)
+    assert np.all(lo <= err) and np.all(err <= hi)
+
+
+def test_fit_cli_demo_prints_laws_frontier_and_writes_plots(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert fit_cli.main(["--demo", "--out", str(out), "--bootstrap", "100", "--text_tokens", "0,64",
+                         "--forms", "multiplicative"]) == 0
+    text = capsys.readouterr().out
+    assert "task 'reasoning'" in text and "task 'fine_detail'" in text
+    assert "alpha  = " in text and "(true 0.45)" in text
+    assert "frontier at Q = 64" in text and "optimal V vs Q" in text
+    assert len(list(out.glob("*.png"))) == 2 * 5
+    assert (out / "demo_results.jsonl").exists()
+
+
+def test_fit_cli_reads_a_results_table(tmp_path, capsys):
+    path = tmp_path / "results.jsonl"
+    with open(path, "w") as f:
+        for row in scaling_report.demo_rows(seed=1):
+            if row["task"] == "reasoning":
+                f.write(json.dumps(row) + "\n")
+    assert fit_cli.main(["--results", str(path), "--out", str(tmp_path), "--bootstrap", "0", "--no_plots",
+                         "--text_tokens", "32", "--budgets", "1e12"]) == 0
+    text = capsys.readouterr().out
+    assert "multiplicative law" in text and "additive law" in text
+    assert "C = 1e+12" in text
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_fit_cli_reports_bad_tables_clearly(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("llm,n_params,visual_tokens,task,error\na,1e9,4,t,0.3\nb,2e9,4,t,-0.1\n")
+    with pytest.raises(ValueError, match=r"row 2 .*error must lie in \(0, 1\]"):
+        fit_cli.main(["--results", str(path), "--no_plots"])
