@@ -12,6 +12,8 @@ Where the numbers come from:
 
 import ml_collections
 
+from configs import heads
+
 VISION_PRESETS = {
     "clip-vit-l14-336": dict(image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
                              layer_norm_eps=1e-5),
@@ -65,11 +67,9 @@ def llm_config(name: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def compressor_config(name: str = "avgpool", num_tokens: int = 64, **overrides) -> ml_collections.ConfigDict:
-    """Compressor head config: `name` selects the registry entry, `num_tokens` is V. Head-specific keys are
-    documented with each head in vlm_jax/models/compressors.py; unknown keys fail at model build."""
-    cfg = dict(name=name, num_tokens=num_tokens)
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
+    """Compressor head config: `name` selects the registry entry, `num_tokens` is V; every key of the head is
+    present (so it is overridable on a locked config). The keys are documented in configs/heads.py."""
+    return heads.compressor_config(name, num_tokens, **overrides)
 
 
 def model_config(vision: str, llm: str, compressor: str = "avgpool", num_tokens: int = 64,

@@ -54,7 +54,7 @@ def test_ocr_read_answers_are_drawn_in_the_asked_quadrant():
             continue
         glyph = Image.new("L", (40, 12), 0)
         ImageDraw.Draw(glyph).text((0, 0), ex.answer, fill=255, font=font)
-        g = np.asarray(glyph) > 0
+        g = np.kron(np.asarray(glyph) > 0, np.ones((2, 2), bool))  # default ocr_scale=2: each font pixel is 2x2
         rows, cols = np.flatnonzero(g.any(1)), np.flatnonzero(g.any(0))
         g = g[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
         q = synthetic.QUADRANTS.index(ex.question.removeprefix("what is written in the ").removesuffix("?"))
@@ -83,6 +83,10 @@ def test_bad_names_raise_clear_errors():
         synthetic.make_example("test", "ocr", 0)
     with pytest.raises(ValueError, match="ocr_alphabet"):
         synthetic.make_example("train", "ocr", 0, ocr_alphabet="ab")
+    with pytest.raises(ValueError, match="distinct strings"):
+        synthetic.make_example("train", "ocr", 0, ocr_alphabet="AB", ocr_length=1)
+    with pytest.raises(ValueError, match="must fit a 32 px quadrant"):
+        synthetic.make_example("train", "ocr", 0, ocr_length=3, ocr_scale=2)
     with pytest.raises(ValueError, match="families"):
         synthetic.parse_families("reasoning,reasoning")
 

@@ -8,7 +8,6 @@ import sys
 
 import flax.linen as nn
 import jax
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -23,12 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _write_jsonl(path, records):
     with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in records)
     return str(path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_run():
     config = smoke.get_config("llm=tiny-s,tokens=4,res=32")
     params = nn.meta.unbox(jax.jit(vlm.init_fn(config.model))(jax.random.key(0)))
@@ -127,9 +125,9 @@ def test_summary_average_error_is_one_minus_mean_score(tmp_path):
     assert summary["average_error"] == pytest.approx(0.25)
     only = evaluation.evaluate(Oracle(right=4), [reasoning], None, ["synthetic/reasoning"])
     assert only["average_error"] == 0.0
-    written = json.load(open(tmp_path / "summary.json"))
+    written = json.loads((tmp_path / "summary.json").read_text())
     assert written["average_error"] == pytest.approx(0.25)
-    rows = [json.loads(x) for x in open(tmp_path / "synthetic_ocr.predictions.jsonl")]
+    rows = [json.loads(x) for x in (tmp_path / "synthetic_ocr.predictions.jsonl").read_text().splitlines()]
     assert [r["credit"] for r in rows] == [1.0, 1.0, 1.0, 0.0]
     assert rows[0]["reference"]["answer"] == rows[0]["text"]
     kinds = {k for k in summary["metrics"]["synthetic/ocr"] if k.startswith("kind/")}
@@ -167,9 +165,9 @@ def test_cli_evaluates_a_trained_checkpoint(tmp_path):
     train.run(config)
     out = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--run_dir={tmp_path / 'run'}",
                           "--num_per_family=6", "--batch_size=4", "--max_new_tokens=4"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "synthetic/reasoning" in out.stdout and "average error" in out.stdout
-    summary = json.load(open(tmp_path / "run" / "eval" / "summary.json"))
+    summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
     assert set(summary["scores"]) == {"synthetic/reasoning", "synthetic/ocr"}
     assert 0.0 <= summary["average_error"] <= 1.0

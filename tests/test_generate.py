@@ -17,7 +17,7 @@ L = 20
 PREFIX = np.array([5, 9, 7], np.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(compressor="avgpool"):
     config = helpers.tiny_config(compressor=compressor, num_tokens=V, seq_len=L)
     params = nn.meta.unbox(jax.jit(vlm.init_fn(config.model))(jax.random.key(1)))
@@ -36,14 +36,14 @@ def _prompts(config, lengths, seed=0, prefix=None, image_at=2):
     lq = config.data.question_len
     q_len = rng.integers(1, lq + 1, b)
     q_mask = (np.arange(lq)[None] < q_len[:, None]).astype(np.int32)
-    return dict(
-        pixels=rng.normal(size=(b, s, s, 3)).astype(np.float32),
-        tokens=tokens * mask,
-        attention_mask=mask,
-        image_positions=np.broadcast_to(image_at + np.arange(V, dtype=np.int32), (b, V)).copy(),
-        question_tokens=(rng.integers(3, vocab, (b, lq)) * q_mask).astype(np.int32),
-        question_mask=q_mask,
-    )
+    return {
+        "pixels": rng.normal(size=(b, s, s, 3)).astype(np.float32),
+        "tokens": tokens * mask,
+        "attention_mask": mask,
+        "image_positions": np.broadcast_to(image_at + np.arange(V, dtype=np.int32), (b, V)).copy(),
+        "question_tokens": (rng.integers(3, vocab, (b, lq)) * q_mask).astype(np.int32),
+        "question_mask": q_mask,
+    }
 
 
 def _row(batch, i, trim=True):
@@ -157,7 +157,7 @@ def test_top_p_sampling_draws_from_the_truncated_renormalised_distribution():
 
 
 def test_bad_prompt_batches_raise_clear_errors():
-    config, model, params = _model()
+    config, _, _ = _model()
     batch = _prompts(config, [9, 12], prefix=PREFIX, image_at=len(PREFIX))
     left = dict(batch, attention_mask=batch["attention_mask"][:, ::-1].copy())
     with pytest.raises(ValueError, match="not right-padded"):

@@ -106,7 +106,8 @@ def test_pope_metrics_per_split_and_mean():
     assert m["b/accuracy"] == pytest.approx(0.5)
     assert m["b/f1"] == 0.0
     assert m["accuracy"] == pytest.approx((3 / 5 + 1 / 2) / 2)
-    assert score.score == pytest.approx((2 / 3 + 0) / 2)
+    assert m["f1"] == pytest.approx((2 / 3 + 0) / 2)
+    assert score.score == m["accuracy"]
     assert score.per_item == [1, 0, 1, 0, 1, 0, 1]
 
 

@@ -23,7 +23,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -33,6 +34,8 @@ from vlm_jax import generate, scorers
 from vlm_jax.data import errors, images, pipeline, synthetic
 from vlm_jax.data.tokenize import IMAGE_PLACEHOLDER, USER, Tokenizer, render_chat
 from vlm_jax.models import vlm
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +259,7 @@ def evaluate(answerer: Answerer, benchmarks: Sequence[Benchmark], out_dir: str |
         start = time.perf_counter()
         predictions = answerer(b.items)
         results[b.name] = score_benchmark(b, predictions)
-        logging.info("%s: %.4f (%d questions, %.1f s)", b.name, results[b.name].score, len(b.items),
+        log.info("%s: %.4f (%d questions, %.1f s)", b.name, results[b.name].score, len(b.items),
                      time.perf_counter() - start)
         if out_dir:
             write_predictions(os.path.join(out_dir, f"{b.name.replace('/', '_')}.predictions.jsonl"), b,

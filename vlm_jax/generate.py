@@ -23,7 +23,8 @@ token, and exits early once every row has stopped.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax
 import jax

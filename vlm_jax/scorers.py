@@ -13,7 +13,8 @@ references the ground-truth records (dicts, one per prediction, in the same orde
 - GQA (`gqa`): exact match after LLaVA's conversion (trailing '.' stripped, lower case). Reference: `answer`.
 - POPE (`pope`): LLaVA's rule turns a free answer into yes/no (keep the first sentence, drop commas; 'no' if the
   words include "No", "no" or "not", else 'yes'); accuracy, precision, recall, F1 and yes-ratio per split
-  (`category`), and their means over splits. Headline: mean F1 (the number LLaVA reports). Reference: `answer` or
+  (`category`), and their means over splits. Headline: mean accuracy, since the summary averages accuracies (LLaVA
+  reports F1, which is in the metrics; F1 also rewards a model that always says yes). Reference: `answer` or
   `label` ('yes'/'no'), optional `category`.
 - Multiple choice (`scienceqa_img`, `ai2d`, `mmbench`): the option letter is read from the prediction (a bare or
   decorated letter, "the answer is X", a single stand-alone option letter) or, failing that, from an option's text
@@ -29,7 +30,8 @@ import collections
 import dataclasses
 import re
 import string
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -218,7 +220,7 @@ def _binary_metrics(pred_yes: np.ndarray, label_yes: np.ndarray) -> dict[str, fl
 
 
 def pope(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
-    """POPE metrics per split (`category`, default 'all') and their means; headline = mean F1."""
+    """POPE metrics per split (`category`, default 'all') and their means; headline = mean accuracy."""
     _check_lengths(predictions, references)
     labels = []
     for r in references:
@@ -235,7 +237,7 @@ def pope(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
         metrics.update({f"{s}/{k}": v for k, v in m.items()})
     for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         metrics[k] = float(np.mean([m[k] for m in per_split.values()]))
-    return Score(metrics["f1"], metrics, [float(p == lab) for p, lab in zip(pred_yes, labels)])
+    return Score(metrics["accuracy"], metrics, [float(p == lab) for p, lab in zip(pred_yes, labels)])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

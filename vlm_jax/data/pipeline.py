@@ -57,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.synthetic.seed = 0  # content seed; train and validation draw from disjoint streams of it
     c.synthetic.ocr_alphabet = synthetic.DEFAULT_ALPHABET
     c.synthetic.ocr_length = 2  # characters per string
+    c.synthetic.ocr_scale = 2  # each font pixel drawn scale x scale; 1 = the raw 6x11 font (harder to learn)
 
     c.llava = ml_collections.ConfigDict()
     c.llava.json_path = ""  # train split: JSON list or JSONL of {id, image, conversations: [{from, value}]}
@@ -98,7 +99,8 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str, image_size: int
         if size is None:
             raise ValueError(f"synthetic split must be 'train' or 'validation', got {split!r}")
         return synthetic.SyntheticSource(split, size, families=s.families, seed=s.seed, image_size=image_size,
-                                         ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length), []
+                                         ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length,
+                                         ocr_scale=s.ocr_scale), []
     if data_cfg.source == "llava":
         from vlm_jax.data import llava  # pylint: disable=import-outside-toplevel
         return llava.make_source(data_cfg, split, image_size)

@@ -1,12 +1,14 @@
 """The built-in synthetic benchmark: two task families drawn on the fly from seeds, nothing to download.
 
-- `reasoning`: 3-6 coloured shapes (5 colours x 3 shapes, each colour/shape pair at most once) in the cells of a
-  3x3 grid. Questions count by colour or shape, test a colour+shape conjunction, compare two counts, test a spatial
-  relation between two objects, or ask the colour of the object that stands in a relation to another. The shapes
-  are big, so a few coarse visual tokens see them; the answers need several facts combined, which is LLM work.
-- `ocr`: four short strings of small characters (Pillow's 6x11 bitmap font), one per quadrant of the image.
-  Questions ask what is written in a quadrant, its first/last character, or where a given string is written. The
-  reasoning is trivial; the characters are ~6 px wide, so reading them needs many visual tokens.
+- `reasoning`: 2-5 coloured shapes (5 colours x 3 shapes, each colour/shape pair at most once) in the cells of a
+  3x3 grid. One-fact questions (how many shapes, the colour of the only circle, the shape of the only red one) come
+  first in learning; the others count by colour or shape, test a colour+shape conjunction, compare two counts, test
+  a spatial relation between two objects, or ask the colour of the object in a relation to another. The shapes are
+  big, so a few coarse visual tokens see them; the answers need several facts combined, which is LLM work.
+- `ocr`: four short strings of small characters (Pillow's 6x11 bitmap font, each pixel drawn ocr_scale x
+  ocr_scale), one per quadrant of the image. Questions ask what is written in a quadrant, its first/last character,
+  or where a given string is written. The reasoning is trivial; at the default scale 2 a character is ~10 x 14 px
+  of ink, about one 8-px patch of the tiny tower, so reading needs many visual tokens.
 
 Answers are 1-3 tokens, scored by exact match. Item j of family f in a split is drawn from
 `np.random.default_rng([seed, split, f, j])`, so train and validation come from disjoint seed streams and any item
@@ -42,6 +44,7 @@ COLORS = {
     "purple": (150, 60, 200),
 }
 SHAPES = ("circle", "square", "triangle")
+MIN_OBJECTS, MAX_OBJECTS = 2, 5
 GRID = 3  # objects sit in cells of a GRID x GRID layout, so left/right/above/below are never ambiguous
 # relation name -> (test on (row, col) of X against (row, col) of Y): "X is <rel> Y"
 RELATIONS: dict[str, Callable[[tuple[int, int], tuple[int, int]], bool]] = {
@@ -51,12 +54,13 @@ RELATIONS: dict[str, Callable[[tuple[int, int], tuple[int, int]], bool]] = {
     "below": lambda x, y: x[0] > y[0],
 }
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-DEFAULT_ALPHABET = "0123456789ACEHKLNPTX"
+DEFAULT_ALPHABET = "0123456789"
 CHAR_W, CHAR_H = 6, 11  # cell of Pillow's built-in bitmap font
 
 # Every word a synthetic question or answer uses (digits and the OCR alphabet are spelled as characters).
 VOCAB_WORDS = tuple(sorted(set(
-    "how many shapes are there is a the what color more than of written in character first last where yes no".split()
+    "how many shapes are there is a the what color shape one more than of written in character first last where yes no"
+    .split()
     + " ".join(RELATIONS).split() + " ".join(QUADRANTS).split() + list(COLORS)
     + [s for shape in SHAPES for s in (shape, shape + "s")])))
 
@@ -95,6 +99,28 @@ class _Obj:
     @property
     def name(self) -> str:
         return f"{self.color} {self.shape}"
+
+
+def _count_all(rng, objs):
+    return "how many shapes are there?", str(len(objs))
+
+
+def _color_of(rng, objs):
+    """'what color is the <shape>?', asked of a shape that occurs once."""
+    unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+    if not unique:
+        return None
+    o = unique[rng.integers(len(unique))]
+    return f"what color is the {o.shape}?", o.color
+
+
+def _shape_of(rng, objs):
+    """'what shape is the <color> one?', asked of a colour that occurs once."""
+    unique = [o for o in objs if sum(p.color == o.color for p in objs) == 1]
+    if not unique:
+        return None
+    o = unique[rng.integers(len(unique))]
+    return f"what shape is the {o.color} one?", o.shape
 
 
 def _count_color(rng, objs):
@@ -165,7 +191,11 @@ def _query_color(rng, objs):
     return f"what color is the {shape} {rel} the {y.name}?", color
 
 
+# One-fact questions (count_all, color_of, shape_of) are learnt first; the rest combine several facts.
 REASONING_KINDS = {
+    "count_all": _count_all,
+    "color_of": _color_of,
+    "shape_of": _shape_of,
     "count_color": _count_color,
     "count_shape": _count_shape,
     "exists": _exists,
@@ -176,7 +206,7 @@ REASONING_KINDS = {
 
 
 def _draw_reasoning(rng: np.random.Generator) -> tuple[Image.Image, list[_Obj]]:
-    n = int(rng.integers(3, 7))
+    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     cells = rng.choice(GRID * GRID, n, replace=False)
     pairs = rng.choice(len(COLORS) * len(SHAPES), n, replace=False)
     colors = list(COLORS)
@@ -219,7 +249,15 @@ def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default_imagefont()  # fixed bitmap font: identical pixels everywhere
 
 
-def _ocr_example(rng: np.random.Generator, alphabet: str, length: int) -> tuple[Image.Image, str, str, str]:
+def _glyphs(text: str, scale: int) -> Image.Image:
+    """An 'L' mask of `text` in the bitmap font, each pixel blown up to scale x scale (crisp, no smoothing)."""
+    mask = Image.new("L", (CHAR_W * len(text), CHAR_H), 0)
+    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=_font())
+    return mask if scale == 1 else mask.resize((mask.width * scale, mask.height * scale), Image.Resampling.NEAREST)
+
+
+def _ocr_example(rng: np.random.Generator, alphabet: str, length: int, scale: int
+                 ) -> tuple[Image.Image, str, str, str]:
     strings: list[str] = []
     while len(strings) < len(QUADRANTS):
         s = "".join(rng.choice(list(alphabet), length))
@@ -227,14 +265,13 @@ def _ocr_example(rng: np.random.Generator, alphabet: str, length: int) -> tuple[
             strings.append(s)
     bg = tuple(int(v) for v in rng.integers(200, 256, 3))
     img = Image.new("RGB", (CANVAS, CANVAS), bg)
-    draw = ImageDraw.Draw(img)
     half = CANVAS // 2
-    w, h = CHAR_W * length, CHAR_H
     for q, s in enumerate(strings):
-        x = (q % 2) * half + int(rng.integers(1, max(2, half - w)))
-        y = (q // 2) * half + int(rng.integers(1, max(2, half - h)))
+        mask = _glyphs(s, scale)
+        x = (q % 2) * half + int(rng.integers(1, half - mask.width))
+        y = (q // 2) * half + int(rng.integers(1, half - mask.height))
         ink = tuple(int(v) for v in rng.integers(0, 90, 3))
-        draw.text((x, y), s, fill=ink, font=_font())
+        img.paste(ink, (x, y, x + mask.width, y + mask.height), mask)
     kind = ("read", "char", "where")[int(rng.integers(3))]
     q = int(rng.integers(len(QUADRANTS)))
     if kind == "read":
@@ -250,7 +287,7 @@ def _ocr_example(rng: np.random.Generator, alphabet: str, length: int) -> tuple[
 # public API
 
 
-def _check(split: str, family: str, alphabet: str, length: int) -> None:
+def _check(split: str, family: str, alphabet: str, length: int, scale: int) -> None:
     if split not in SPLITS:
         raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
     if family not in FAMILIES:
@@ -258,29 +295,33 @@ def _check(split: str, family: str, alphabet: str, length: int) -> None:
     bad = sorted(set(alphabet) - set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
     if bad or len(set(alphabet)) < 2:
         raise ValueError(f"ocr_alphabet must hold >= 2 distinct digits/capitals, got {alphabet!r}")
-    if not 1 <= length <= 4:
-        raise ValueError(f"ocr_length must be in 1..4 (a string must fit a quadrant), got {length}")
+    if len(set(alphabet)) ** max(length, 0) < len(QUADRANTS):
+        raise ValueError(f"ocr_alphabet {alphabet!r} with ocr_length={length} cannot make {len(QUADRANTS)} distinct "
+                         f"strings (one per quadrant)")
+    if length < 1 or scale < 1 or CHAR_W * length * scale > CANVAS // 2 - 2 or CHAR_H * scale > CANVAS // 2 - 2:
+        raise ValueError(f"ocr_length={length} characters at ocr_scale={scale} ({CHAR_W * length * scale} x "
+                         f"{CHAR_H * scale} px) must fit a {CANVAS // 2} px quadrant with a margin")
 
 
 def make_example(split: str, family: str, index: int, *, seed: int = 0, image_size: int = CANVAS,
-                 ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2) -> Example:
+                 ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2, ocr_scale: int = 2) -> Example:
     """Item `index` of `family` in `split`: a pure function of its arguments."""
-    _check(split, family, ocr_alphabet, ocr_length)
+    _check(split, family, ocr_alphabet, ocr_length, ocr_scale)
     rng = np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index])
     if family == "reasoning":
         img, kind, question, answer = _reasoning_example(rng)
     else:
-        img, kind, question, answer = _ocr_example(rng, ocr_alphabet, ocr_length)
+        img, kind, question, answer = _ocr_example(rng, ocr_alphabet, ocr_length, ocr_scale)
     if image_size != CANVAS:
         img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return Example(f"{split}-{family}-{index}", family, kind, np.asarray(img, np.uint8), question, answer)
 
 
 def make_examples(split: str, family: str, n: int, *, seed: int = 0, image_size: int = CANVAS,
-                  ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2) -> list[Example]:
+                  ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2, ocr_scale: int = 2) -> list[Example]:
     """Items 0..n-1 of `family` in `split`: the same examples the training/eval sources draw."""
     return [make_example(split, family, j, seed=seed, image_size=image_size, ocr_alphabet=ocr_alphabet,
-                         ocr_length=ocr_length) for j in range(n)]
+                         ocr_length=ocr_length, ocr_scale=ocr_scale) for j in range(n)]
 
 
 def parse_families(families: str | Sequence[str]) -> tuple[str, ...]:
@@ -298,13 +339,14 @@ class SyntheticSource:
     """
 
     def __init__(self, split: str, num_examples: int, *, families: str | Sequence[str] = FAMILIES, seed: int = 0,
-                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2):
+                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2,
+                 ocr_scale: int = 2):
         self.families = parse_families(families)
-        _check(split, self.families[0], ocr_alphabet, ocr_length)
+        _check(split, self.families[0], ocr_alphabet, ocr_length, ocr_scale)
         if num_examples < 1:
             raise ValueError(f"synthetic num_examples must be >= 1, got {num_examples}")
         self.split, self.num_examples, self.seed, self.image_size = split, int(num_examples), seed, image_size
-        self.ocr_alphabet, self.ocr_length = ocr_alphabet, ocr_length
+        self.ocr_alphabet, self.ocr_length, self.ocr_scale = ocr_alphabet, ocr_length, ocr_scale
 
     def __len__(self) -> int:
         return self.num_examples
@@ -315,13 +357,13 @@ class SyntheticSource:
             raise IndexError(f"synthetic index {i} out of range [0, {self.num_examples})")
         f = len(self.families)
         ex = make_example(self.split, self.families[i % f], i // f, seed=self.seed, image_size=self.image_size,
-                          ocr_alphabet=self.ocr_alphabet, ocr_length=self.ocr_length)
+                          ocr_alphabet=self.ocr_alphabet, ocr_length=self.ocr_length, ocr_scale=self.ocr_scale)
         return {"id": ex.id, "image": ex.image, "turns": ex.turns()}
 
     def __repr__(self) -> str:  # grain checks this against a restored iterator state
         return (f"SyntheticSource(split={self.split!r}, num_examples={self.num_examples}, families={self.families}, "
                 f"seed={self.seed}, image_size={self.image_size}, ocr_alphabet={self.ocr_alphabet!r}, "
-                f"ocr_length={self.ocr_length})")
+                f"ocr_length={self.ocr_length}, ocr_scale={self.ocr_scale})")
 
 
 def write_llava(out_dir: str | os.PathLike, examples: Sequence[Example], *, json_name: str = "data.json") -> str:
