@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -65,10 +66,13 @@ def synthetic_benchmarks(data_cfg: ml_collections.ConfigDict, image_size: int, n
     if num_per_family < 1:
         raise ValueError(f"num_per_family must be >= 1, got {num_per_family}")
     s = data_cfg.synthetic
+    # Every content key of the run's data.synthetic that make_examples takes (seed, ocr_*...), so evaluation draws
+    # what training drew, also for keys added later; keys an older run lacks keep make_examples' defaults.
+    accepted = inspect.signature(synthetic.make_examples).parameters
+    content = {k: s[k] for k in s if k in accepted and k not in ("split", "family", "n", "image_size")}
     out = []
     for family in synthetic.parse_families(families or s.families):
-        examples = synthetic.make_examples("validation", family, num_per_family, seed=s.seed, image_size=image_size,
-                                           ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length)
+        examples = synthetic.make_examples("validation", family, num_per_family, image_size=image_size, **content)
         items = [EvalItem(e.id, e.image, synthetic.prompt_text(e.question),
                           {"question_id": e.id, "question": e.question, "answer": e.answer, "kind": e.kind})
                  for e in examples]

@@ -5,8 +5,8 @@
   first in learning; the others count by colour or shape, test a colour+shape conjunction, compare two counts, test
   a spatial relation between two objects, or ask the colour of the object in a relation to another. The shapes are
   big, so a few coarse visual tokens see them; the answers need several facts combined, which is LLM work.
-- `ocr`: four short strings of small characters (Pillow's 6x11 bitmap font, each pixel drawn ocr_scale x
-  ocr_scale), one per quadrant of the image. Questions ask what is written in a quadrant, its first/last character,
+- `ocr`: one to four short strings of small characters (Pillow's 6x11 bitmap font, each pixel drawn ocr_scale x
+  ocr_scale), in distinct quadrants of the image. Questions ask what is written in a quadrant, its first/last character,
   or where a given string is written. The reasoning is trivial; at the default scale 2 a character is ~10 x 14 px
   of ink, about one 8-px patch of the tiny tower, so reading needs many visual tokens.
 
@@ -56,6 +56,7 @@ RELATIONS: dict[str, Callable[[tuple[int, int], tuple[int, int]], bool]] = {
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 DEFAULT_ALPHABET = "0123456789"
 CHAR_W, CHAR_H = 6, 11  # cell of Pillow's built-in bitmap font
+OCR_STEP = 8  # lattice of string positions, in canvas pixels (= the tiny tower's patch size at 64 px)
 
 # Every word a synthetic question or answer uses (digits and the OCR alphabet are spelled as characters).
 VOCAB_WORDS = tuple(sorted(set(
@@ -258,29 +259,36 @@ def _glyphs(text: str, scale: int) -> Image.Image:
 
 def _ocr_example(rng: np.random.Generator, alphabet: str, length: int, scale: int
                  ) -> tuple[Image.Image, str, str, str]:
+    # 1-4 strings in distinct quadrants: images with one string give an early learning signal, fuller ones need
+    # the question's quadrant to be found.
+    n = int(rng.integers(1, len(QUADRANTS) + 1))
+    quadrants = sorted(int(q) for q in rng.choice(len(QUADRANTS), n, replace=False))
     strings: list[str] = []
-    while len(strings) < len(QUADRANTS):
+    while len(strings) < n:
         s = "".join(rng.choice(list(alphabet), length))
         if s not in strings:
             strings.append(s)
     bg = tuple(int(v) for v in rng.integers(200, 256, 3))
     img = Image.new("RGB", (CANVAS, CANVAS), bg)
     half = CANVAS // 2
-    for q, s in enumerate(strings):
+    for q, s in zip(quadrants, strings):
         mask = _glyphs(s, scale)
-        x = (q % 2) * half + int(rng.integers(1, half - mask.width))
-        y = (q // 2) * half + int(rng.integers(1, half - mask.height))
+        # Strings sit on an OCR_STEP-px lattice inside their quadrant, so a character meets the tower's patch grid
+        # in only a few alignments, which a from-scratch tower has fewer patterns to learn from.
+        x = (q % 2) * half + 1 + OCR_STEP * int(rng.integers((half - 2 - mask.width) // OCR_STEP + 1))
+        y = (q // 2) * half + 1 + OCR_STEP * int(rng.integers((half - 2 - mask.height) // OCR_STEP + 1))
         ink = tuple(int(v) for v in rng.integers(0, 90, 3))
         img.paste(ink, (x, y, x + mask.width, y + mask.height), mask)
     kind = ("read", "char", "where")[int(rng.integers(3))]
-    q = int(rng.integers(len(QUADRANTS)))
+    k = int(rng.integers(n))
+    where, text = QUADRANTS[quadrants[k]], strings[k]
     if kind == "read":
-        return img, kind, f"what is written in the {QUADRANTS[q]}?", strings[q]
+        return img, kind, f"what is written in the {where}?", text
     if kind == "char":
         first = bool(rng.integers(2))
-        which = "first" if first else "last"
-        return img, kind, f"what is the {which} character in the {QUADRANTS[q]}?", strings[q][0 if first else -1]
-    return img, kind, f"where is {strings[q]} written?", QUADRANTS[q]
+        return img, kind, f"what is the {'first' if first else 'last'} character in the {where}?", text[
+            0 if first else -1]
+    return img, kind, f"where is {text} written?", where
 
 
 # ----------------------------------------------------------------------------------------------------------------------
