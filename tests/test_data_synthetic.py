@@ -70,7 +70,10 @@ def test_ocr_read_answers_are_drawn_in_the_asked_quadrant():
 def test_all_question_kinds_occur_with_short_balanced_answers():
     exs = [e for f in synthetic.FAMILIES for e in synthetic.make_examples("train", f, 600)]
     kinds = collections.Counter(e.kind for e in exs)
-    assert set(kinds) == set(synthetic.REASONING_KINDS) | {"read", "char", "where"}
+    assert set(kinds) == set(synthetic.REASONING_KINDS) | {"read", "where"}  # single characters by default
+    longer = synthetic.make_examples("train", "ocr", 300, ocr_length=2)
+    assert {e.kind for e in longer} == {"read", "where", "char"}
+    assert max(len(e.answer) for e in longer if e.kind == "read") == 2
     yes_no = collections.Counter(e.answer for e in exs if e.answer in ("yes", "no"))
     assert abs(yes_no["yes"] - yes_no["no"]) < 0.15 * sum(yes_no.values())
     assert max(len(e.answer.split()) for e in exs) <= 2

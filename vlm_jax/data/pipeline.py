@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.synthetic.validation_size = 2_000
     c.synthetic.seed = 0  # content seed; train and validation draw from disjoint streams of it
     c.synthetic.ocr_alphabet = synthetic.DEFAULT_ALPHABET
-    c.synthetic.ocr_length = 2  # characters per string
+    c.synthetic.ocr_length = 1  # most characters per string (each has 1..ocr_length); 2+ is much slower to learn
     c.synthetic.ocr_scale = 2  # each font pixel drawn scale x scale; 1 = the raw 6x11 font (harder to learn)
 
     c.llava = ml_collections.ConfigDict()

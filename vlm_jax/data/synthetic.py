@@ -5,7 +5,7 @@
   first in learning; the others count by colour or shape, test a colour+shape conjunction, compare two counts, test
   a spatial relation between two objects, or ask the colour of the object in a relation to another. The shapes are
   big, so a few coarse visual tokens see them; the answers need several facts combined, which is LLM work.
-- `ocr`: one to four short strings of small characters (Pillow's 6x11 bitmap font, each pixel drawn ocr_scale x
+- `ocr`: one to four short strings (1..ocr_length characters) of small characters (Pillow's 6x11 bitmap font, each pixel drawn ocr_scale x
   ocr_scale), in distinct quadrants of the image. Questions ask what is written in a quadrant, its first/last character,
   or where a given string is written. The reasoning is trivial; at the default scale 2 a character is ~10 x 14 px
   of ink, about one 8-px patch of the tiny tower, so reading needs many visual tokens.
@@ -260,12 +260,12 @@ def _glyphs(text: str, scale: int) -> Image.Image:
 def _ocr_example(rng: np.random.Generator, alphabet: str, length: int, scale: int
                  ) -> tuple[Image.Image, str, str, str]:
     # 1-4 strings in distinct quadrants: images with one string give an early learning signal, fuller ones need
-    # the question's quadrant to be found.
+    # the question's quadrant to be found. The alphabet check guarantees enough distinct strings.
     n = int(rng.integers(1, len(QUADRANTS) + 1))
     quadrants = sorted(int(q) for q in rng.choice(len(QUADRANTS), n, replace=False))
     strings: list[str] = []
-    while len(strings) < n:
-        s = "".join(rng.choice(list(alphabet), length))
+    while len(strings) < n:  # lengths 1..length: single characters are the easy start
+        s = "".join(rng.choice(list(alphabet), int(rng.integers(1, length + 1))))
         if s not in strings:
             strings.append(s)
     bg = tuple(int(v) for v in rng.integers(200, 256, 3))
@@ -279,9 +279,10 @@ def _ocr_example(rng: np.random.Generator, alphabet: str, length: int, scale: in
         y = (q // 2) * half + 1 + OCR_STEP * int(rng.integers((half - 2 - mask.height) // OCR_STEP + 1))
         ink = tuple(int(v) for v in rng.integers(0, 90, 3))
         img.paste(ink, (x, y, x + mask.width, y + mask.height), mask)
-    kind = ("read", "char", "where")[int(rng.integers(3))]
     k = int(rng.integers(n))
     where, text = QUADRANTS[quadrants[k]], strings[k]
+    kinds = ("read", "where", "char") if len(text) > 1 else ("read", "where")  # 'char' of one character = 'read'
+    kind = kinds[int(rng.integers(len(kinds)))]
     if kind == "read":
         return img, kind, f"what is written in the {where}?", text
     if kind == "char":
@@ -303,7 +304,7 @@ def _check(split: str, family: str, alphabet: str, length: int, scale: int) -> N
     bad = sorted(set(alphabet) - set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
     if bad or len(set(alphabet)) < 2:
         raise ValueError(f"ocr_alphabet must hold >= 2 distinct digits/capitals, got {alphabet!r}")
-    if len(set(alphabet)) ** max(length, 0) < len(QUADRANTS):
+    if sum(len(set(alphabet)) ** k for k in range(1, length + 1)) < len(QUADRANTS):
         raise ValueError(f"ocr_alphabet {alphabet!r} with ocr_length={length} cannot make {len(QUADRANTS)} distinct "
                          f"strings (one per quadrant)")
     if length < 1 or scale < 1 or CHAR_W * length * scale > CANVAS // 2 - 2 or CHAR_H * scale > CANVAS // 2 - 2:
@@ -312,7 +313,7 @@ def _check(split: str, family: str, alphabet: str, length: int, scale: int) -> N
 
 
 def make_example(split: str, family: str, index: int, *, seed: int = 0, image_size: int = CANVAS,
-                 ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2, ocr_scale: int = 2) -> Example:
+                 ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1, ocr_scale: int = 2) -> Example:
     """Item `index` of `family` in `split`: a pure function of its arguments."""
     _check(split, family, ocr_alphabet, ocr_length, ocr_scale)
     rng = np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index])
@@ -326,7 +327,7 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
 
 
 def make_examples(split: str, family: str, n: int, *, seed: int = 0, image_size: int = CANVAS,
-                  ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2, ocr_scale: int = 2) -> list[Example]:
+                  ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1, ocr_scale: int = 2) -> list[Example]:
     """Items 0..n-1 of `family` in `split`: the same examples the training/eval sources draw."""
     return [make_example(split, family, j, seed=seed, image_size=image_size, ocr_alphabet=ocr_alphabet,
                          ocr_length=ocr_length, ocr_scale=ocr_scale) for j in range(n)]
@@ -347,7 +348,7 @@ class SyntheticSource:
     """
 
     def __init__(self, split: str, num_examples: int, *, families: str | Sequence[str] = FAMILIES, seed: int = 0,
-                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 2,
+                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1,
                  ocr_scale: int = 2):
         self.families = parse_families(families)
         _check(split, self.families[0], ocr_alphabet, ocr_length, ocr_scale)
