@@ -26,8 +26,8 @@ def test_llava_record_layout_exact_tokens_targets_loss_and_slots(hf):
     expected = (["<|im_start|>", "user", "Ċ", slot, slot, slot, "Ċ", "What", "Ġcolor", "Ġis", "Ġit", "?",
                  "<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ", "Red", ".", "<|im_end|>", "Ċ",
                  "<|im_start|>", "user", "Ċ", "Why", "?", "<|im_end|>", "Ċ",
-                 "<|im_start|>", "assistant", "Ċ", "It", "Ġis", "Ġred", "Ġbecause", "Ġit", "Ġis", ".", "<|im_end|>",
-                 "Ċ"])
+                 "<|im_start|>", "assistant", "Ċ", "It", "Ġis", "Ġred", "Ġbecause", "Ġit", "Ġis", ".",
+                 "<|im_end|>", "Ċ"])
     n, length = len(expected), 43
     want_tokens = [raw.token_to_id(t) for t in expected] + [tok.pad_id] * (length - n)
     np.testing.assert_array_equal(ex["tokens"], want_tokens)
@@ -47,7 +47,7 @@ def test_llava_record_layout_exact_tokens_targets_loss_and_slots(hf):
 
 
 def test_truncation_cuts_the_tail_but_keeps_slots_and_first_answer(hf):
-    tok, raw = hf
+    tok, _ = hf
     layout = features.TextLayout(seq_len=18, question_len=8, num_visual_tokens=3)  # L = 21: cut inside turn 2
     ex = features.encode_conversation(tok, TURNS, layout, has_image=True)
     full = features.encode_conversation(tok, TURNS, features.TextLayout(40, 8, 3), has_image=True)

@@ -21,7 +21,8 @@ def small_config(n=40, **overrides):
 
 
 def make(cfg, **kw):
-    args = dict(tokenizer=pipeline.make_tokenizer(cfg), num_visual_tokens=V, image_size=S, batch_size=8, seed=0)
+    args = {"tokenizer": pipeline.make_tokenizer(cfg), "num_visual_tokens": V, "image_size": S, "batch_size": 8,
+            "seed": 0}
     return pipeline.make_train_iterator(cfg, **{**args, **kw})
 
 
@@ -129,8 +130,8 @@ def test_state_of_another_pipeline_is_refused():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(batch_size=9, process_count=2), "not divisible"),
-    (dict(process_index=2, process_count=2), "process_index"),
+    ({"batch_size": 9, "process_count": 2}, "not divisible"),
+    ({"process_index": 2, "process_count": 2}, "process_index"),
 ])
 def test_bad_sharding_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

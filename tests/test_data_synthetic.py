@@ -101,14 +101,15 @@ def test_written_out_as_llava_it_reads_back_into_identical_batches(tmp_path):
     source = synthetic.SyntheticSource("train", n)
     examples = [synthetic.make_example("train", source.families[i % 2], i // 2) for i in range(n)]
     json_path = synthetic.write_llava(str(tmp_path), examples)
-    record = json.load(open(json_path))[1]
+    with open(json_path) as f:
+        record = json.load(f)[1]
     assert record["conversations"][0]["value"].startswith("<image>\n") and record["image"].endswith(".png")
 
     llava_cfg = pipeline.default_config()
     llava_cfg.source = "llava"
     llava_cfg.llava.json_path, llava_cfg.llava.image_dir = json_path, str(tmp_path)
     tok = pipeline.make_tokenizer(cfg)
-    kw = dict(tokenizer=tok, num_visual_tokens=4, image_size=64, batch_size=8, seed=5)
+    kw = {"tokenizer": tok, "num_visual_tokens": 4, "image_size": 64, "batch_size": 8, "seed": 5}
     direct = pipeline.make_train_iterator(cfg, **kw)
     via_llava = pipeline.make_train_iterator(llava_cfg, **kw)
     for _ in range(4):  # 32 examples: crosses an epoch boundary

@@ -9,7 +9,7 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from vlm_jax.data import errors, images, pipeline  # noqa: E402
+from vlm_jax.data import errors, images, pipeline
 
 N_TRAIN = 12
 

@@ -7,6 +7,7 @@ from vlm_jax.data import synthetic
 from vlm_jax.data.testing import build_tokenizer_json
 from vlm_jax.data.tokenize import HFTokenizer, WordTokenizer, render_chat
 
+
 def build_hf_tokenizer(path, extra_specials=()):
     return build_tokenizer_json(str(path), extra_specials=extra_specials)
 

@@ -10,7 +10,8 @@ run would.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any, Self
 
 import numpy as np
 from absl import logging
@@ -39,7 +40,7 @@ class BatchIterator:
         self.bad_input = errors.BadInputCounter()
         self.pad_final = pad_final  # for a finite (eval) stream: fill the last batch, add `valid`
 
-    def __iter__(self) -> "BatchIterator":
+    def __iter__(self) -> Self:
         return self
 
     def _next_good(self) -> dict[str, Any]:
@@ -84,7 +85,7 @@ class BatchIterator:
         if inner is not None and hasattr(inner, "close"):
             inner.close()
 
-    def __enter__(self) -> "BatchIterator":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # Reasons, one per kind of bad input. They key the skip counts.
 MALFORMED_JSON = "malformed_json"

@@ -18,12 +18,18 @@ makes the record bad (`too_long`) instead of a silently wrong example.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from vlm_jax.data import errors
-from vlm_jax.data.tokenize import ASSISTANT, IMAGE_PLACEHOLDER, USER, Tokenizer, render_chat
+from vlm_jax.data.tokenize import (
+    ASSISTANT,
+    IMAGE_PLACEHOLDER,
+    USER,
+    Tokenizer,
+    render_chat,
+)
 
 
 @dataclasses.dataclass(frozen=True)

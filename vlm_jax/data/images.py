@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,7 +21,7 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)
 ASPECT_RATIOS = ("pad", "crop")
 
-ImageSource = Union[str, os.PathLike, bytes, np.ndarray, Image.Image]
+ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
 
 
 def load_image(source: ImageSource) -> Image.Image:

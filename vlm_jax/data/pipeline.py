@@ -8,21 +8,30 @@
     state = it.get_state(); it.set_state(state)           # JSON-able; exact resume
     it.bad_input.counts; it.bad_input.write(path)         # skipped records per reason
 
+For evaluation: `make_eval_iterator` (one ordered pass, last batch filled, `valid` per row) and `make_prompt_batch`
+(prompt-only batches for generation, e.g. from `synthetic.make_examples`).
+
 Each process reads a disjoint shard of every epoch (grain's IndexSampler shards by process index/count, then
 shuffles within the shard with a per-epoch seed); epochs repeat forever.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain.python as grain
-from absl import flags
 import ml_collections
 import numpy as np
+from absl import flags
 
 from vlm_jax.data import batching, errors, features, images, synthetic
-from vlm_jax.data.tokenize import IMAGE_PLACEHOLDER, HFTokenizer, Tokenizer, WordTokenizer
+from vlm_jax.data.tokenize import (
+    IMAGE_PLACEHOLDER,
+    HFTokenizer,
+    Tokenizer,
+    WordTokenizer,
+)
 from vlm_jax.data.transforms import EncodeExample, ExampleSource, Step
 
 SOURCES = ("synthetic", "llava", "tfds")

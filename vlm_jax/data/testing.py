@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
 DEFAULT_CORPUS = ("system\nuser\nassistant\n", "What color is it?", "Red.", "Why?", "It is red because it is.",
@@ -16,7 +16,7 @@ def build_tokenizer_json(path: str, corpus: Iterable[str] = DEFAULT_CORPUS,
     Qwen-like: ByteLevel pre-tokenizer ("\\n" -> "Ċ", " color" -> "Ġcolor") and the ChatML special tokens
     (<|endoftext|> as pad, <|im_start|>, <|im_end|>); words outside `corpus` map to <unk>.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -18,7 +18,8 @@ the <|im_end|> that closes it: the model must learn to stop).
 from __future__ import annotations
 
 import re
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 IMAGE_PLACEHOLDER = "<image>"
 USER, ASSISTANT = "user", "assistant"

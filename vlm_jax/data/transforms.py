@@ -14,7 +14,8 @@ instead cost ~3 ms per 336 px example on one core (benchmarks/bench_pipeline.py)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from vlm_jax.data import errors, features, images
 from vlm_jax.data.tokenize import Tokenizer
