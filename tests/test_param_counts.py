@@ -8,6 +8,7 @@ the published 619,570,176 = our (tied, counted once) tree + one vocab x hidden c
 import pytest
 
 from configs import models
+from vlm_jax import flops
 from vlm_jax.models import vlm
 
 PUBLISHED_LLM = {
@@ -21,10 +22,7 @@ PUBLISHED_LLM = {
 PUBLISHED_VISION = {"clip-vit-l14-336": 303_507_456, "clip-vit-l14": 303_179_776}
 
 
-def count(tree):
-    import jax
-    import numpy as np
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+count = flops.count_params
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_LLM))

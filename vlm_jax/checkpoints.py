@@ -6,7 +6,6 @@ previous checkpoint; `max_to_keep` old ones are kept.
 """
 
 import base64
-import json
 import logging
 import os
 
@@ -88,7 +87,3 @@ def _check_shapes(saved_meta, abstract_state):
         if saved[key] != shape:
             raise ValueError(f"checkpoint shape mismatch at {key}: checkpoint has {saved[key]}, model wants {shape}")
 
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)

@@ -153,17 +153,12 @@ def load_params(run_dir: str, mesh=None):
     return config, optim.merge(state.params, state.frozen)
 
 
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 class _StopFlag:
-    """Set by SIGTERM/SIGINT (preemption): the loop saves a checkpoint and exits cleanly."""
+    """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM,):
-            signal.signal(sig, self._set)
+        signal.signal(signal.SIGTERM, self._set)
 
     def _set(self, *_):
         logging.warning("stop requested: will checkpoint and exit after this step")
@@ -196,7 +191,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     # --- model and sharded state ----------------------------------------------------------------
     model = vlm.VLM(m)
     state, state_shardings, tx = create_state(m, t, mesh, jax.random.key(config.seed))
-    n_train, n_frozen = count_params(state.params), count_params(state.frozen)
+    n_train, n_frozen = flops.count_params(state.params), flops.count_params(state.frozen)
     logging.info("parameters: %s trainable, %s frozen", f"{n_train:,}", f"{n_frozen:,}")
 
     # --- checkpoint restore ---------------------------------------------------------------------

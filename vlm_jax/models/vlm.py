@@ -117,7 +117,7 @@ def compressor_cost_fn(cfg: ml_collections.ConfigDict, batch: int = 1):
     feature = jax.ShapeDtypeStruct((batch, 1 + g * g, cfg.vision.width), dtype)
     features = {i: feature for i in head_cls.vision_layers(cfg.compressor, cfg.vision)}
     query = jax.ShapeDtypeStruct((batch, cfg.llm.hidden_size), dtype)
-    params = abstract_params(cfg)["compressor"]
+    params = compressors.abstract_head_params(cfg)   # the head alone: no need to trace the LLM
 
     def fn(head_params, features, query):
         return head.apply({"params": head_params}, features, query if head_cls.needs_query else None)
