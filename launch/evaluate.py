@@ -15,7 +15,7 @@ from absl import app, flags, logging
 flags.DEFINE_string("run_dir", None, "Run directory holding config.json and checkpoints/.")
 flags.DEFINE_bool("synthetic", True, "Evaluate the synthetic validation split, one benchmark per family.")
 flags.DEFINE_string("families", "", "Synthetic families (comma-separated); '' = the run's data.synthetic.families.")
-flags.DEFINE_integer("num_per_family", 200, "Synthetic validation questions per family.")
+flags.DEFINE_integer("num_per_family", 500, "Synthetic validation questions per family.")
 flags.DEFINE_multi_string("bench", [], "NAME[@SCORER]:QUESTIONS[:ANSWERS[:IMAGE_DIR]] (repeatable).")
 flags.DEFINE_integer("batch_size", 32, "Questions per generation batch.")
 flags.DEFINE_integer("max_new_tokens", 16, "Generated tokens per answer at most.")

@@ -78,6 +78,27 @@ def test_restoring_a_checkpoint_into_a_different_model_fails_clearly(full_run, t
         checkpoints.restore_latest(mngr, abstract)
 
 
+def test_params_only_restore_equals_the_full_restore_and_checks_shapes(full_run, tmp_path):
+    run_dir, _ = full_run
+    config = small_config(run_dir)
+    mesh = sharding.make_mesh(config.mesh)
+    _, abstract, _ = train.state_layout(config.model, config.train, mesh)
+    directory = os.path.join(run_dir, "checkpoints")
+    mngr = checkpoints.manager(directory)
+    step, state, _, _ = checkpoints.restore_latest(mngr, abstract)
+    mngr.close()
+    part_step, parts = checkpoints.restore_latest_parts(directory, {"params": abstract.params})
+    assert part_step == step and set(parts) == {"params"}
+    flat = traverse_util.flatten_dict(parts["params"], sep="/")
+    assert flat.keys() == traverse_util.flatten_dict(state.params, sep="/").keys()
+    for k, v in traverse_util.flatten_dict(state.params, sep="/").items():
+        np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(v))
+    wider = small_config(tmp_path, llm="tiny")
+    _, wrong, _ = train.state_layout(wider.model, wider.train, sharding.make_mesh(wider.mesh))
+    with pytest.raises(ValueError, match="checkpoint shape mismatch"):
+        checkpoints.restore_latest_parts(directory, {"params": wrong.params})
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: setattr(c.model.compressor, "num_tokens", 5), "V=5"),
     (lambda c: setattr(c.model.compressor, "name", "nope"), "unknown compressor head 'nope'"),

@@ -69,14 +69,36 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     return step, restored["state"], _decode_iterator_state(restored["data"]), restored["meta"]
 
 
+def restore_latest_parts(directory, abstract_parts: dict):
+    """(step, {name: subtree}) of the latest checkpoint under `directory`, reading only the named top-level parts of
+    the saved train state (e.g. params and frozen for evaluation: the optimizer state, twice the size of the
+    trainable parameters under Adam, is never read). None when there is no checkpoint; shape errors as above."""
+    mngr = ocp.CheckpointManager(directory, item_handlers=dict(
+        state=ocp.PyTreeCheckpointHandler(), data=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
+    try:
+        step = mngr.latest_step()
+        if step is None:
+            return None
+        _check_shapes(mngr.item_metadata(step)["state"], abstract_parts, only=tuple(abstract_parts))
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract_parts, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_parts),
+            partial_restore=True)))
+        return step, dict(restored["state"])
+    finally:
+        mngr.close()
+
+
 def _path(keys) -> str:
     """'opt_state/1/0/mu/llm/...': the same string for a dict key, a named-tuple field or a list index."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
 
 
-def _check_shapes(saved_meta, abstract_state):
+def _check_shapes(saved_meta, abstract_state, only: tuple[str, ...] = ()):
+    """Raises unless the saved tree (restricted to the top-level parts `only`, when given) matches."""
     saved = {_path(p): tuple(getattr(x, "shape", ()) or ())
              for p, x in jax.tree_util.tree_flatten_with_path(saved_meta)[0]}
+    if only:
+        saved = {k: v for k, v in saved.items() if k.split("/", 1)[0] in only}
     wanted = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))

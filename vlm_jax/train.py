@@ -139,18 +139,18 @@ def create_state(model_cfg, train_cfg, mesh, rng):
 
 
 def load_params(run_dir: str, mesh=None):
-    """(config, merged params) of the latest checkpoint in `run_dir`, for evaluation and generation."""
+    """(config, merged params) of the latest checkpoint in `run_dir`, for evaluation and generation (the optimizer
+    state is not read)."""
     with open(os.path.join(run_dir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
     _, abstract, _ = state_layout(config.model, config.train, mesh)
-    ckpt = checkpoints.manager(checkpoints.directory(run_dir))
-    restored = checkpoints.restore_latest(ckpt, abstract)
-    ckpt.close()
+    restored = checkpoints.restore_latest_parts(checkpoints.directory(run_dir),
+                                                {"params": abstract.params, "frozen": abstract.frozen})
     if restored is None:
         raise FileNotFoundError(f"no checkpoint under {run_dir}/checkpoints")
-    _, state, _, _ = restored
-    return config, optim.merge(state.params, state.frozen)
+    _, parts = restored
+    return config, optim.merge(parts["params"], parts["frozen"])
 
 
 class _StopFlag:

@@ -1,10 +1,13 @@
 """The built-in synthetic benchmark: two task families drawn on the fly from seeds, nothing to download.
 
 - `reasoning`: 2-5 coloured shapes (5 colours x 3 shapes, each colour/shape pair at most once) in the cells of a
-  3x3 grid. One-fact questions (how many shapes, the colour of the only circle, the shape of the only red one) come
-  first in learning; the others count by colour or shape, test a colour+shape conjunction, compare two counts, test
-  a spatial relation between two objects, or ask the colour of the object in a relation to another. The shapes are
-  big, so a few coarse visual tokens see them; the answers need several facts combined, which is LLM work.
+  4x4 grid of 16-px cells. One-fact questions (how many shapes, the colour of the only circle, the shape of the only
+  red one) come first in learning; the others count by colour or shape, test a colour+shape conjunction, compare two
+  counts, test a spatial relation between two objects, or ask the colour of the object in a relation to another.
+  Each shape fills its cell at a fixed size and place, so on the tiny tower (8-px patches) it is always the same
+  2x2 patches and a 16-token grid holds one object per token: perception is cheap, and the answers need several
+  facts combined, which is LLM work. (Random sizes, offsets and background shades in 3x3 cells left a
+  from-scratch tower at the answer prior of the shape questions for thousands of steps.)
 - `ocr`: one to four short strings of 1..ocr_length small characters (Pillow's 6x11 bitmap font, each font pixel
   drawn ocr_scale x ocr_scale), in distinct quadrants of the image, on an 8-px lattice. Questions ask what is
   written in a quadrant, its first/last character, or where a given string is written. The reasoning is trivial; at
@@ -46,8 +49,9 @@ COLORS = {
     "purple": (150, 60, 200),
 }
 SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (120, 120, 120)  # one grey: with a random shade, shape (fill) was confounded with brightness
 MIN_OBJECTS, MAX_OBJECTS = 2, 5
-GRID = 3  # objects sit in cells of a GRID x GRID layout, so left/right/above/below are never ambiguous
+GRID = 4  # objects fill cells of a GRID x GRID layout (CANVAS // GRID = 16 px), so relations are never ambiguous
 # relation name -> (test on (row, col) of X against (row, col) of Y): "X is <rel> Y"
 RELATIONS: dict[str, Callable[[tuple[int, int], tuple[int, int]], bool]] = {
     "left of": lambda x, y: x[1] < y[1],
@@ -58,6 +62,7 @@ RELATIONS: dict[str, Callable[[tuple[int, int], tuple[int, int]], bool]] = {
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 DEFAULT_ALPHABET = "0123456789"
 CHAR_W, CHAR_H = 6, 11  # cell of Pillow's built-in bitmap font
+PAPER, INK = (235, 235, 235), (20, 20, 20)  # fixed, like BACKGROUND: nuisance colours only slow a small tower
 OCR_STEP = 8  # lattice of string positions, in canvas pixels (= the tiny tower's patch size at 64 px)
 
 # Every word a synthetic question or answer uses (digits and the OCR alphabet are spelled as characters).
@@ -215,14 +220,13 @@ def _draw_reasoning(rng: np.random.Generator) -> tuple[Image.Image, list[_Obj]]:
     colors = list(COLORS)
     objs = [_Obj(colors[p // len(SHAPES)], SHAPES[p % len(SHAPES)], (int(c) // GRID, int(c) % GRID))
             for c, p in zip(cells, pairs)]
-    shade = int(rng.integers(90, 150))
-    img = Image.new("RGB", (CANVAS, CANVAS), (shade, shade, shade))
+    img = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    cell = CANVAS / GRID
+    cell = CANVAS // GRID
     for o in objs:
-        r = float(rng.uniform(5.0, 7.5))
-        cx = (o.cell[1] + 0.5) * cell + rng.uniform(-2, 2)
-        cy = (o.cell[0] + 0.5) * cell + rng.uniform(-2, 2)
+        r = cell / 2 - 1.5
+        cx = (o.cell[1] + 0.5) * cell - 0.5
+        cy = (o.cell[0] + 0.5) * cell - 0.5
         fill = COLORS[o.color]
         if o.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -270,8 +274,7 @@ def _ocr_example(rng: np.random.Generator, alphabet: str, length: int, scale: in
         s = "".join(rng.choice(list(alphabet), int(rng.integers(1, length + 1))))
         if s not in strings:
             strings.append(s)
-    bg = tuple(int(v) for v in rng.integers(200, 256, 3))
-    img = Image.new("RGB", (CANVAS, CANVAS), bg)
+    img = Image.new("RGB", (CANVAS, CANVAS), PAPER)
     half = CANVAS // 2
     for q, s in zip(quadrants, strings):
         mask = _glyphs(s, scale)
@@ -279,8 +282,7 @@ def _ocr_example(rng: np.random.Generator, alphabet: str, length: int, scale: in
         # in only a few alignments, which a from-scratch tower has fewer patterns to learn from.
         x = (q % 2) * half + 1 + OCR_STEP * int(rng.integers((half - 2 - mask.width) // OCR_STEP + 1))
         y = (q // 2) * half + 1 + OCR_STEP * int(rng.integers((half - 2 - mask.height) // OCR_STEP + 1))
-        ink = tuple(int(v) for v in rng.integers(0, 90, 3))
-        img.paste(ink, (x, y, x + mask.width, y + mask.height), mask)
+        img.paste(INK, (x, y, x + mask.width, y + mask.height), mask)
     k = int(rng.integers(n))
     where, text = QUADRANTS[quadrants[k]], strings[k]
     kinds = ("read", "where", "char") if len(text) > 1 else ("read", "where")  # 'char' of one character = 'read'
