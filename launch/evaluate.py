@@ -63,14 +63,16 @@ def main(argv):
     summary = evaluation.evaluate(answerer, benchmarks, out_dir, FLAGS.error_benchmarks or None)
 
     width = max(len(n) for n in summary["scores"])
-    print(f"{'benchmark':<{width}}  score   questions  majority-answer baseline")
+    print(f"{'benchmark':<{width}}  score   questions  chance  majority  (baselines: answers without the image)")
     for name, score in summary["scores"].items():
-        prior = summary["majority_baseline"][name]
-        prior = "" if prior is None else f"{prior:.4f}"
-        print(f"{name:<{width}}  {score:.4f}  {summary['num_questions'][name]:>9}  {prior}")
+        base = summary["baselines"][name]
+
+        def priors(kind, base=base):
+            return "" if base is None else f"{base['chance'][kind]:.4f}  {base['majority'][kind]:.4f}"
+        print(f"{name:<{width}}  {score:.4f}  {summary['num_questions'][name]:>9}  {priors('all')}")
         kinds = {k[5:]: v for k, v in summary["metrics"][name].items() if k.startswith("kind/")}
         for kind, acc in kinds.items():
-            print(f"  {kind:<{width - 2}}  {acc:.4f}")
+            print(f"  {kind:<{width - 2}}  {acc:.4f}  {'':>9}  {priors(kind)}")
     print(f"average error over {summary['error_benchmarks']}: {summary['average_error']:.4f}")
     print(f"predictions and summary.json in {out_dir}")
 

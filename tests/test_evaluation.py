@@ -136,14 +136,18 @@ def test_summary_average_error_is_one_minus_mean_score(tmp_path):
         evaluation.summarize({}, ["gqa"])
 
 
-def test_majority_baseline_is_the_best_constant_answer_per_kind():
+def test_baselines_are_a_uniform_guess_and_the_best_constant_answer_per_kind():
     def item(i, kind, answer):
         return evaluation.EvalItem(i, None, "q", {"question_id": i, "kind": kind, "answer": answer})
     bench = evaluation.Benchmark("b", "exact_match", [
         item(0, "count", "1"), item(1, "count", "1"), item(2, "count", "2"),
         item(3, "yesno", "yes"), item(4, "yesno", "No."), item(5, "yesno", "no")])
-    assert evaluation.majority_baseline(bench) == pytest.approx((2 + 2) / 6)
-    assert evaluation.majority_baseline(evaluation.Benchmark("p", "pope", bench.items)) is None
+    base = evaluation.answer_baselines(bench)
+    assert base["majority"] == pytest.approx({"all": (2 + 2) / 6, "count": 2 / 3, "yesno": 2 / 3})
+    assert base["chance"] == pytest.approx({"all": 0.5, "count": 0.5, "yesno": 0.5})  # "No." == "no"
+    bench.items.append(item(6, "color", "red"))
+    assert evaluation.answer_baselines(bench)["chance"]["all"] == pytest.approx((6 * 0.5 + 1) / 7)
+    assert evaluation.answer_baselines(evaluation.Benchmark("p", "pope", bench.items)) is None
 
 
 def test_bench_flag_parsing():

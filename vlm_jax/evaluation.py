@@ -209,17 +209,23 @@ def score_benchmark(benchmark: Benchmark, predictions: Sequence[str]) -> scorers
     return result
 
 
-def majority_baseline(benchmark: Benchmark) -> float | None:
-    """Accuracy of always giving the most common reference answer of each question `kind` (the whole benchmark
-    when there are no kinds): what a model that ignores the image can reach. In-sample, so slightly optimistic.
-    None for scorers other than exact match."""
+def answer_baselines(benchmark: Benchmark) -> dict[str, dict[str, float]] | None:
+    """What a model that ignores the image reaches, overall ('all') and per question `kind`:
+    {'chance': a uniform guess among the kind's distinct reference answers, 'majority': always the kind's most
+    common answer}. In-sample, so slightly optimistic. None for scorers other than exact match."""
     if benchmark.scorer not in ("exact_match", "gqa"):
         return None
     by_kind: dict[str, list[str]] = collections.defaultdict(list)
     for it in benchmark.items:
         by_kind[str(it.reference.get("kind", ""))].append(scorers.normalize_exact(str(it.reference["answer"])))
-    hits = sum(collections.Counter(answers).most_common(1)[0][1] for answers in by_kind.values())
-    return hits / len(benchmark.items)
+    counts = {k: collections.Counter(answers) for k, answers in by_kind.items()}
+    n = len(benchmark.items)
+    chance = {k: 1 / len(c) for k, c in counts.items()}
+    majority = {k: c.most_common(1)[0][1] / c.total() for k, c in counts.items()}
+    return {
+        "chance": {"all": sum(chance[k] * c.total() for k, c in counts.items()) / n, **chance},
+        "majority": {"all": sum(majority[k] * c.total() for k, c in counts.items()) / n, **majority},
+    }
 
 
 def summarize(results: Mapping[str, scorers.Score], chosen: Sequence[str] | None = None) -> dict:
@@ -270,7 +276,7 @@ def evaluate(answerer: Answerer, benchmarks: Sequence[Benchmark], out_dir: str |
                               predictions, results[b.name])
     summary = summarize(results, error_benchmarks)
     summary["num_questions"] = {b.name: len(b.items) for b in benchmarks}
-    summary["majority_baseline"] = {b.name: majority_baseline(b) for b in benchmarks}
+    summary["baselines"] = {b.name: answer_baselines(b) for b in benchmarks}
     if out_dir:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
