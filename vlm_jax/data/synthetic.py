@@ -49,7 +49,9 @@ COLORS = {
     "purple": (150, 60, 200),
 }
 SHAPES = ("circle", "square", "triangle")
-BACKGROUND = (120, 120, 120)  # one grey: with a random shade, shape (fill) was confounded with brightness
+# One light background. Not mid-grey: that is near the CLIP mean, so it normalises to ~0, a patch becomes
+# fill x colour, and the tower's pre-LayerNorm divides the fill (the shape's cue) away. A random shade was worse still.
+BACKGROUND = (235, 235, 235)
 MIN_OBJECTS, MAX_OBJECTS = 2, 5
 GRID = 4  # objects fill cells of a GRID x GRID layout (CANVAS // GRID = 16 px), so relations are never ambiguous
 # relation name -> (test on (row, col) of X against (row, col) of Y): "X is <rel> Y"
