@@ -35,6 +35,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         b2=0.999,
         eps=1e-8,
         grad_clip=1.0,
+        loss_chunk=0,             # >0: output layer + loss over this many positions at a time (big vocabularies)
         log_every=10,
         checkpoint_every=500,
         keep_checkpoints=2,

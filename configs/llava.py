@@ -45,7 +45,8 @@ def get_config(arg=None):
     config.train = common.train_config(
         stage=recipe["stage"], lr=recipe["lr"], batch_size=recipe["batch_size"],
         steps=max(1, examples // recipe["batch_size"]), warmup_ratio=0.03, weight_decay=0.0,
-        log_every=10, checkpoint_every=500)
+        log_every=10, checkpoint_every=500,
+        loss_chunk=512)  # float32 logits of 512 positions at a time, not 2048 x 151,936 per example
     config.mesh = common.mesh_config(data=1, fsdp=-1, tensor=1)
     config.lock()
     return config

@@ -138,6 +138,13 @@ class LLM(nn.Module):
         return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
+def output_weights(llm_params, cfg: ml_collections.ConfigDict):
+    """The float[D, vocab] matrix `LLM.logits` multiplies by: the tied input embedding or lm_head's kernel."""
+    if cfg.tie_embeddings:
+        return llm_params["embed_tokens"]["embedding"].T
+    return llm_params["lm_head"]["kernel"]
+
+
 def init_cache(cfg: ml_collections.ConfigDict, batch: int, max_len: int, dtype=jnp.float32):
     """Empty KV cache (k, v), each float[layers, B, max_len, kv_heads, head_dim]."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)

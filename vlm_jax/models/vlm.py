@@ -65,11 +65,17 @@ class VLM(nn.Module):
         rows = jnp.arange(tokens.shape[0])[:, None]
         return x.at[rows, image_positions].set(visual.astype(x.dtype), mode="drop")
 
-    def __call__(self, pixels, tokens, attention_mask, image_positions, question_tokens=None, question_mask=None):
-        """Next-token logits float32[B, T, vocab] for a batch in the pipeline's layout."""
+    def hidden_states(self, pixels, tokens, attention_mask, image_positions, question_tokens=None,
+                      question_mask=None):
+        """The LLM's final-norm hidden states float[B, T, D] (the chunked training loss applies the output layer)."""
         visual = self.encode_images(pixels, question_tokens, question_mask)
         hidden, _ = self.llm(self.embed_inputs(tokens, image_positions, visual), attention_mask)
-        return self.llm.logits(hidden)
+        return hidden
+
+    def __call__(self, pixels, tokens, attention_mask, image_positions, question_tokens=None, question_mask=None):
+        """Next-token logits float32[B, T, vocab] for a batch in the pipeline's layout."""
+        return self.llm.logits(self.hidden_states(pixels, tokens, attention_mask, image_positions, question_tokens,
+                                                  question_mask))
 
 
 def dummy_inputs(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 8, question_len: int = 4):
