@@ -23,10 +23,10 @@ def test_examples_are_a_pure_function_of_split_family_index_and_seed():
 def test_train_and_validation_are_different_streams():
     # Scenes are drawn from a finite set of fixed templates (a one-digit OCR image has 240 variants), so a few
     # validation items may repeat a training item by chance; a copied or shifted stream would repeat them all.
+    def items(split, family):
+        return [(e.image.tobytes(), e.question) for e in synthetic.make_examples(split, family, 300)]
     for family in synthetic.FAMILIES:
-        def items(split):
-            return [(e.image.tobytes(), e.question) for e in synthetic.make_examples(split, family, 300)]
-        train, val = items("train"), items("validation")
+        train, val = items("train", family), items("validation", family)
         assert len(set(train)) > 250 and len(set(val)) > 250
         assert sum(v in set(train) for v in val) < 30
 

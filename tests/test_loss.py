@@ -52,7 +52,7 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence(tie, chunk):
 
 
 def test_a_train_step_with_loss_chunk_matches_one_without():
-    config, model, params, batch = _setup(tie=False)
+    _, model, params, batch = _setup(tie=False)
     tx = optax.sgd(0.5)   # plain SGD: Adam would turn rounding noise of near-zero gradients into O(lr) steps
     state = train.TrainState(step=np.int32(0), params=params, frozen={}, opt_state=tx.init(params))
     whole, m_whole = jax.jit(train.make_train_step(model, tx))(state, batch)

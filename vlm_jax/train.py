@@ -49,7 +49,7 @@ def chunked_cross_entropy(hidden, weights, targets, loss_mask, chunk: int, dtype
     in the backward pass (jax.checkpoint inside lax.scan), so at most one chunk's float32[B, chunk, vocab] logits are
     alive instead of the whole float32[B, T, vocab] (2.5 GB per example for Qwen's 151,936 tokens at T = 2048).
     """
-    b, t, d = hidden.shape
+    b, t, _ = hidden.shape
     pad = -t % chunk
     if pad:  # padded positions carry no loss
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
