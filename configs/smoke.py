@@ -7,7 +7,7 @@ Argument keys: llm (a preset of configs/models.py), compressor (a head name), to
 the tiny tower has 8-px patches: res=64 -> 8x8 grid, V in {1, 4, 16, 64}; res=96 -> 12x12, V in {1, 4, 9, 16, 36, 144}).
 The tiny tower is randomly initialised, so it trains too (train_vision=True); everything else is the full-size path.
 lr 3e-4, not the paper's 1e-3 (a stage-1 rate, for a pretrained tower): at 1e-3 this from-scratch tower stayed at
-the answer prior (counting alone: 64% after 400 steps at 1e-3, 100% at 3e-4). 2000 steps of 32 (about five minutes on
+the answer prior (counting alone: 64% after 400 steps at 1e-3, 100% at 3e-4). 2000 steps of 32 (about seven minutes on
 a 2-core CPU) take both synthetic families well past their no-image baselines (`python -m launch.evaluate`).
 """
 
