@@ -23,6 +23,8 @@ flags.DEFINE_integer("seq_len", 0, "Text budget of a prompt (0 = the run's data.
 flags.DEFINE_bool("prefix_cache", True, "Compute the chat header's KV cache once and reuse it for every question.")
 flags.DEFINE_list("error_benchmarks", [], "Benchmarks averaged into average_error ('' = all).")
 flags.DEFINE_string("out_dir", "", "Where predictions and summary.json go ('' = RUN_DIR/eval).")
+flags.DEFINE_list("mesh", ["-1", "1", "1"], "Device mesh sizes data,fsdp,tensor for the parameters (one may be -1), "
+                  "e.g. 1,-1,1 to shard a large model over every device as in training.")
 flags.mark_flags_as_required(["run_dir"])
 FLAGS = flags.FLAGS
 
@@ -41,11 +43,14 @@ def main(argv):
     del argv
     import os
 
-    from vlm_jax import evaluation, train
+    from vlm_jax import evaluation, sharding, train
     from vlm_jax.data import pipeline
 
     logging.set_verbosity(logging.INFO)
-    config, params = train.load_params(FLAGS.run_dir)
+    if len(FLAGS.mesh) != 3:
+        raise app.UsageError(f"--mesh takes three sizes data,fsdp,tensor; got {','.join(FLAGS.mesh)}")
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (int(x) for x in FLAGS.mesh))))
+    config, params = train.load_params(FLAGS.run_dir, mesh)
     tokenizer = pipeline.make_tokenizer(config.data)
     benchmarks = []
     if FLAGS.synthetic:
@@ -58,7 +63,7 @@ def main(argv):
         raise app.UsageError("nothing to evaluate: pass --bench or keep --synthetic")
     answerer = evaluation.Answerer(config, params, tokenizer, batch_size=FLAGS.batch_size,
                                    max_new_tokens=FLAGS.max_new_tokens, use_prefix_cache=FLAGS.prefix_cache,
-                                   seq_len=FLAGS.seq_len)
+                                   seq_len=FLAGS.seq_len, mesh=mesh)
     out_dir = FLAGS.out_dir or os.path.join(FLAGS.run_dir, "eval")
     summary = evaluation.evaluate(answerer, benchmarks, out_dir, FLAGS.error_benchmarks or None)
 

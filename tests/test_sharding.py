@@ -1,4 +1,5 @@
-"""One train step on 1 device and on 8 fake CPU devices (data=2, fsdp=2, tensor=2) gives the same result.
+"""One train step, and greedy generation, on 1 device and on 8 fake CPU devices (data=2, fsdp=2, tensor=2) give
+the same result.
 
 JAX fixes its device count when the backend starts, so the 8-device run happens in a subprocess.
 """
@@ -43,6 +44,32 @@ def _one_step(mesh_cfg, devices):
     return float(metrics["loss"]), params, split
 
 
+def _greedy_tokens(mesh_cfg, devices):
+    """Greedy generation with parameters sharded over the mesh (as `launch.evaluate --mesh` loads them)."""
+    import flax.linen as nn
+    import jax
+
+    from tests import helpers
+    from tests.test_generate import PREFIX, _prompts
+    from vlm_jax import generate, sharding
+    from vlm_jax.models import vlm
+
+    config = helpers.tiny_config(num_tokens=4, seq_len=20)
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+    init = vlm.init_fn(config.model)
+    shardings = sharding.logical_to_sharding(jax.eval_shape(init, jax.random.key(1)), mesh)
+    params = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)(jax.random.key(1))
+    generator = generate.Generator(vlm.VLM(config.model), generate.GenerationConfig(max_new_tokens=6))
+    batch = _prompts(config, [9, 14, 20, 12], prefix=PREFIX, image_at=len(PREFIX))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        out = generator(params, batch)
+        prefix = generator.encode_prefix(params, PREFIX)
+        cached = generator(params, generate.strip_prefix(batch, PREFIX), prefix=prefix)
+    kernel = params["llm"]["layers"]["gate_proj"]["kernel"]
+    return (np.asarray(out.tokens).tolist(), np.asarray(cached.tokens).tolist(),
+            [list(kernel.shape), list(kernel.addressable_shards[0].data.shape)])
+
+
 def worker(out_path):
     import jax
     jax.config.update("jax_threefry_partitionable", True)
@@ -60,8 +87,18 @@ def worker(out_path):
     except ValueError as e:
         batch_error = str(e)
     scale = {k: float(np.max(np.abs(params1[k]))) for k in params1}
+    from vlm_jax import evaluation, sharding
+    try:
+        evaluation.Answerer(config, None, None, batch_size=6, mesh=sharding.make_mesh(config.mesh))
+        eval_batch_error = ""
+    except ValueError as e:
+        eval_batch_error = str(e)
+    gen1, _, _ = _greedy_tokens(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    gen8, gen8_cached, gen8_split = _greedy_tokens(dict(data=2, fsdp=2, tensor=2), jax.devices())
     with open(out_path, "w") as f:
-        json.dump(dict(loss1=loss1, loss8=loss8, diff=diff, scale=scale, split=split8, batch_error=batch_error), f)
+        json.dump(dict(loss1=loss1, loss8=loss8, diff=diff, scale=scale, split=split8, batch_error=batch_error,
+                       gen1=gen1, gen8=gen8, gen8_cached=gen8_cached, gen8_split=gen8_split,
+                       eval_batch_error=eval_batch_error), f)
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +140,11 @@ def test_large_matrices_are_split_across_devices(result):
 
 def test_batch_not_divisible_by_the_data_axes_fails_at_start(result):
     assert "train.batch_size=6" in result["batch_error"] and "4 shards" in result["batch_error"]
+
+
+def test_generation_with_sharded_parameters_matches_one_device(result):
+    full, shard = result["gen8_split"]
+    assert np.prod(shard) * 4 == np.prod(full)   # the parameters really are split (fsdp x tensor)
+    assert result["gen8"] == result["gen1"]
+    assert result["gen8_cached"] == result["gen1"]   # and the cached-prefix path on the mesh
+    assert "batch_size=6" in result["eval_batch_error"] and "data x fsdp = 4" in result["eval_batch_error"]

@@ -18,6 +18,7 @@ A benchmark is a list of `EvalItem`s (image, user prompt, ground-truth record) p
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -27,11 +28,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from vlm_jax import generate, scorers
+from vlm_jax import generate, scorers, sharding
 from vlm_jax.data import errors, images, pipeline, synthetic
 from vlm_jax.data.tokenize import IMAGE_PLACEHOLDER, USER, Tokenizer, render_chat
 from vlm_jax.models import vlm
@@ -159,10 +161,16 @@ class Answerer:
     so one compiled program serves a whole benchmark)."""
 
     def __init__(self, config: ml_collections.ConfigDict, params, tokenizer: Tokenizer, *, batch_size: int = 32,
-                 max_new_tokens: int = 16, use_prefix_cache: bool = True, seq_len: int = 0):
+                 max_new_tokens: int = 16, use_prefix_cache: bool = True, seq_len: int = 0, mesh=None):
+        """mesh: the device mesh `params` are sharded over (train.load_params(run_dir, mesh)); generation then runs
+        partitioned over it, so a model too big for one device is evaluated as it was trained. None: one device."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.config, self.params, self.tokenizer, self.batch_size = config, params, tokenizer, batch_size
+        self.mesh = mesh
+        if mesh is not None and batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+            raise ValueError(f"batch_size={batch_size} must be divisible by the mesh's data x fsdp = "
+                             f"{mesh.shape['data'] * mesh.shape['fsdp']} (the batch is split over them)")
         self.data_cfg = ml_collections.ConfigDict(config.data.to_dict())
         if seq_len:
             self.data_cfg.seq_len = seq_len
@@ -170,8 +178,16 @@ class Answerer:
             max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
             vocab_limit=tokenizer.vocab_size))
         self.prefix_tokens = chat_prefix_tokens(tokenizer, self.data_cfg.system_prompt) if use_prefix_cache else None
-        self.prefix = (self.generator.encode_prefix(params, self.prefix_tokens)
-                       if use_prefix_cache and len(self.prefix_tokens) else None)
+        with self._on_mesh():
+            self.prefix = (self.generator.encode_prefix(params, self.prefix_tokens)
+                           if use_prefix_cache and len(self.prefix_tokens) else None)
+
+    def _on_mesh(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if self.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.mesh))
+            stack.enter_context(nn.logical_axis_rules(sharding.RULES))
+        return stack
 
     def __call__(self, items: Sequence[EvalItem]) -> list[str]:
         m = self.config.model
@@ -186,7 +202,8 @@ class Answerer:
                 num_visual_tokens=m.compressor.num_tokens, image_size=m.vision.image_size)
             if self.prefix is not None:
                 batch = generate.strip_prefix(batch, self.prefix_tokens)
-            out = jax.device_get(self.generator(self.params, batch, prefix=self.prefix))
+            with self._on_mesh():
+                out = jax.device_get(self.generator(self.params, batch, prefix=self.prefix))
             for row in range(real):
                 answers.append(self.tokenizer.decode(out.tokens[row, :out.lengths[row]]).strip())
         return answers
