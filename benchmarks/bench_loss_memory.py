@@ -20,13 +20,9 @@ from vlm_jax.models import vlm
 def temp_bytes(config) -> int:
     mesh = sharding.make_mesh(config.mesh)
     _, abstract, tx = train.state_layout(config.model, config.train, mesh)
-    b, v = config.train.batch_size, config.model.compressor.num_tokens
-    t, s, q = config.data.seq_len + v, config.model.vision.image_size, config.data.question_len
-    sds = jax.ShapeDtypeStruct
-    batch = dict(pixels=sds((b, s, s, 3), jnp.float32), tokens=sds((b, t), jnp.int32),
-                 targets=sds((b, t), jnp.int32), loss_mask=sds((b, t), jnp.float32),
-                 attention_mask=sds((b, t), jnp.int32), image_positions=sds((b, v), jnp.int32),
-                 question_tokens=sds((b, q), jnp.int32), question_mask=sds((b, q), jnp.int32))
+    b, t = config.train.batch_size, config.data.seq_len + config.model.compressor.num_tokens
+    batch = vlm.dummy_inputs(config.model, b, t, config.data.question_len)
+    batch.update(targets=jax.ShapeDtypeStruct((b, t), jnp.int32), loss_mask=jax.ShapeDtypeStruct((b, t), jnp.float32))
     step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx, config.train.loss_chunk), donate_argnums=(0,))
     with jax.set_mesh(mesh):
         compiled = step.lower(abstract, batch).compile()

@@ -39,6 +39,11 @@ def parse_bench(spec: str):
     return name, scorer or name, parts[1], parts[2] or None, parts[3]
 
 
+def _baseline_columns(base, kind: str) -> str:
+    """'chance  majority' of one benchmark (or question kind), '' where the scorer has no baselines."""
+    return "" if base is None else f"{base['chance'][kind]:.4f}  {base['majority'][kind]:.4f}"
+
+
 def main(argv):
     del argv
     import os
@@ -71,13 +76,10 @@ def main(argv):
     print(f"{'benchmark':<{width}}  score   questions  chance  majority  (baselines: answers without the image)")
     for name, score in summary["scores"].items():
         base = summary["baselines"][name]
-
-        def priors(kind, base=base):
-            return "" if base is None else f"{base['chance'][kind]:.4f}  {base['majority'][kind]:.4f}"
-        print(f"{name:<{width}}  {score:.4f}  {summary['num_questions'][name]:>9}  {priors('all')}")
+        print(f"{name:<{width}}  {score:.4f}  {summary['num_questions'][name]:>9}  {_baseline_columns(base, 'all')}")
         kinds = {k[5:]: v for k, v in summary["metrics"][name].items() if k.startswith("kind/")}
         for kind, acc in kinds.items():
-            print(f"  {kind:<{width - 2}}  {acc:.4f}  {'':>9}  {priors(kind)}")
+            print(f"  {kind:<{width - 2}}  {acc:.4f}  {'':>9}  {_baseline_columns(base, kind)}")
     print(f"average error over {summary['error_benchmarks']}: {summary['average_error']:.4f}")
     print(f"predictions and summary.json in {out_dir}")
 

@@ -19,11 +19,15 @@ def directory(run_dir: str) -> str:
     return os.path.join(base, "checkpoints")
 
 
+def _item_handlers(state_handler) -> dict:
+    """The checkpoint's items: the train state (arrays), the data-iterator state and run metadata (JSON)."""
+    return dict(state=state_handler, data=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+
+
 def manager(directory, max_to_keep: int = 2) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
-                           meta=ocp.JsonCheckpointHandler()))
+        item_handlers=_item_handlers(ocp.StandardCheckpointHandler()))
 
 
 def _encode_iterator_state(state):
@@ -73,8 +77,8 @@ def restore_latest_parts(directory, abstract_parts: dict):
     """(step, {name: subtree}) of the latest checkpoint under `directory`, reading only the named top-level parts of
     the saved train state (e.g. params and frozen for evaluation: the optimizer state, twice the size of the
     trainable parameters under Adam, is never read). None when there is no checkpoint; shape errors as above."""
-    mngr = ocp.CheckpointManager(directory, item_handlers=dict(
-        state=ocp.PyTreeCheckpointHandler(), data=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
+    # Same files as `manager` writes; the PyTree handler is the one that can restore a subtree.
+    mngr = ocp.CheckpointManager(directory, item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
     try:
         step = mngr.latest_step()
         if step is None:

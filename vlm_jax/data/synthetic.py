@@ -115,22 +115,22 @@ def _count_all(rng, objs):
     return "how many shapes are there?", str(len(objs))
 
 
+def _only_one(rng, objs, attr: str) -> _Obj | None:
+    """A random object whose `attr` ('color' or 'shape') no other object shares, or None."""
+    unique = [o for o in objs if sum(getattr(p, attr) == getattr(o, attr) for p in objs) == 1]
+    return unique[rng.integers(len(unique))] if unique else None
+
+
 def _color_of(rng, objs):
     """'what color is the <shape>?', asked of a shape that occurs once."""
-    unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
-    if not unique:
-        return None
-    o = unique[rng.integers(len(unique))]
-    return f"what color is the {o.shape}?", o.color
+    o = _only_one(rng, objs, "shape")
+    return None if o is None else (f"what color is the {o.shape}?", o.color)
 
 
 def _shape_of(rng, objs):
     """'what shape is the <color> one?', asked of a colour that occurs once."""
-    unique = [o for o in objs if sum(p.color == o.color for p in objs) == 1]
-    if not unique:
-        return None
-    o = unique[rng.integers(len(unique))]
-    return f"what shape is the {o.color} one?", o.shape
+    o = _only_one(rng, objs, "color")
+    return None if o is None else (f"what shape is the {o.color} one?", o.shape)
 
 
 def _count_color(rng, objs):
