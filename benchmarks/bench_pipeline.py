@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_jax.data import features, images, pipeline
-from vlm_jax.data.testing import build_tokenizer_json
+from tests.tokenizer_fixtures import build_tokenizer_json
 from vlm_jax.data.tokenize import HFTokenizer
 
 QUESTION = "What is the man doing in the image? Describe the scene in detail."

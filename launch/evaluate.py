@@ -5,7 +5,7 @@
         --bench=pope:eval/pope/questions.jsonl:eval/pope/answers.jsonl:eval/pope/val2014 \\
         --bench=gqa_testdev@gqa:eval/gqa/questions.jsonl:eval/gqa/answers.jsonl:eval/gqa/images
 
-`--bench` is NAME[@SCORER]:QUESTIONS[:ANSWERS[:IMAGE_DIR]] (the scorer defaults to NAME; see vlm_jax/scorers.py).
+`--bench` is NAME[@SCORER]:QUESTIONS[:ANSWERS[:IMAGE_DIR]] (the scorer defaults to NAME; see vlm_jax/evaluation/scorers.py).
 Predictions and summary.json go to --out_dir (default RUN_DIR/eval); the summary's average_error is
 1 - mean score over --error_benchmarks (default: every benchmark evaluated).
 """

@@ -1,87 +1,67 @@
 """Fit scaling laws to a results table; print the laws with intervals and the compute-optimal frontier; write plots.
 
-    python -m launch.fit --results results.jsonl [--out scaling_out] [--text_tokens 0,64,256]
-    python -m launch.fit --demo        # a synthetic table from known laws, to see it work without data
+    python -m launch.fit --results=grid/results.jsonl [--out=DIR] [--text_tokens=0,64,256]
+    python -m launch.fit --demo --out=demo_fit     # a table drawn from known laws, to see it work without data
 
 The results file (CSV or JSONL) has columns llm, n_params, visual_tokens, task, error (others are ignored); each
-task family gets its own fit per law form.
+task family gets its own fit per law form. Plots and fit_summary.json go beside the results file unless --out says.
 """
 
-from __future__ import annotations
-
-import argparse
+import json
 import os
-import sys
-import time
 
-import numpy as np
+from absl import app, flags
 
-from vlm_jax import plots, scaling, scaling_report, scaling_table
+flags.DEFINE_string("results", None, "Results table (.csv or .jsonl).")
+flags.DEFINE_bool("demo", False, "Fit a synthetic table drawn from known laws instead of --results.")
+flags.DEFINE_string("out", "", "Directory for the PNGs and fit_summary.json ('' = beside --results; "
+                    "required with --demo).")
+flags.DEFINE_list("forms", ["multiplicative", "additive"], "Law forms to fit.")
+flags.DEFINE_list("text_tokens", ["0", "64", "256"], "Text lengths Q for the frontiers.")
+flags.DEFINE_list("budgets", [], "Inference FLOPs budgets (default: 4 spanning the table's own costs).")
+flags.DEFINE_float("v_max", 576.0, "Largest V the frontier may choose.")
+flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples (0: none).")
+flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+flags.DEFINE_float("level", 0.95, "Confidence level of the intervals.")
+flags.DEFINE_float("delta", 1e-3, "Huber delta on log-error residuals.")
+flags.DEFINE_bool("plots", True, "Write PNG figures.")
+FLAGS = flags.FLAGS
 
 
-def _floats(text: str) -> list[float]:
+def _floats(name: str, values) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [float(x) for x in values]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise app.UsageError(f"--{name} takes comma-separated numbers, got {','.join(values)!r}") from None
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m launch.fit", description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--results", help="results table (.csv or .jsonl)")
-    src.add_argument("--demo", action="store_true", help="fit a synthetic table drawn from known laws")
-    p.add_argument("--out", default="scaling_out", help="directory for the PNGs (and the demo table)")
-    p.add_argument("--forms", default="multiplicative,additive", help="law forms to fit, comma-separated")
-    p.add_argument("--text_tokens", type=_floats, default=[0.0, 64.0, 256.0], help="text lengths Q for frontiers")
-    p.add_argument("--budgets", type=_floats, default=None,
-                   help="inference FLOPs budgets (default: 4 spanning the table's own costs)")
-    p.add_argument("--v_max", type=float, default=576.0, help="largest V the frontier may choose")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
-    p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-error residuals")
-    p.add_argument("--no_plots", action="store_true")
-    return p.parse_args(argv)
+def main(argv) -> int:
+    del argv
+    from vlm_jax import scaling
 
-
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    forms = [scaling.get_form(f.strip()) for f in args.forms.split(",") if f.strip()]
-    if args.demo:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "demo_results.jsonl")
-        scaling_table.write_rows(path, scaling_report.demo_rows(seed=args.seed))
+    if FLAGS.demo == bool(FLAGS.results):
+        raise app.UsageError("pass exactly one of --results and --demo")
+    if FLAGS.demo and not FLAGS.out:
+        raise app.UsageError("--demo needs --out (where the demo table and plots go)")
+    out = FLAGS.out or os.path.dirname(os.path.abspath(FLAGS.results))
+    path = FLAGS.results
+    if FLAGS.demo:
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "demo_results.jsonl")
+        scaling.tables.write_rows(path, scaling.report.demo_rows(seed=FLAGS.seed))
         print(f"demo: wrote a synthetic table from known laws to {path}")
-    else:
-        path = args.results
-    tables = scaling_table.load_tables(path)
-    v_range = (1.0, args.v_max)
-    written = []
-    for task, table in tables.items():
-        print(f"\n=== task {task!r}: {len(table)} cells; N = {', '.join(f'{n:.3g}' for n in table.n_values)} B; "
-              f"V = {', '.join(f'{v:g}' for v in table.v_values)}")
-        for form in forms:
-            start = time.perf_counter()
-            fit = scaling.fit_law(table, form, n_bootstrap=args.bootstrap, seed=args.seed, delta=args.delta,
-                                  level=args.level)
-            truth = None
-            if args.demo and scaling_report.DEMO_LAWS.get(task, ("",))[0] == form.name:
-                truth = scaling_report.DEMO_LAWS[task][1]
-            print(scaling_report.format_fit(fit, truth) + f"   [{time.perf_counter() - start:.2f} s]")
-            for q in args.text_tokens:
-                budgets = args.budgets or scaling_report.default_budgets(fit, q)
-                print(scaling_report.format_frontier(fit, budgets, q, v_range=v_range))
-            middle = float(np.sqrt(np.prod(scaling_report.default_budgets(fit, max(args.text_tokens), 2))))
-            print(scaling_report.format_v_by_q(fit, args.budgets[0] if args.budgets else middle,
-                                               sorted(set(args.text_tokens) | {0.0, 16.0, 64.0, 256.0, 1024.0}),
-                                               v_range=v_range))
-            if not args.no_plots:
-                written += plots.write_plots(fit, args.out, text_tokens=args.text_tokens, v_range=v_range)
-    if written:
-        print(f"\nwrote {len(written)} plots to {args.out}/")
+    summary = scaling.report.fit_tables(
+        scaling.load_tables(path), FLAGS.forms, text_tokens=_floats("text_tokens", FLAGS.text_tokens),
+        budgets=_floats("budgets", FLAGS.budgets) or None, v_range=(1.0, FLAGS.v_max),
+        n_bootstrap=FLAGS.bootstrap, seed=FLAGS.seed, level=FLAGS.level, delta=FLAGS.delta,
+        plot_dir=out if FLAGS.plots else None, truths=scaling.report.DEMO_LAWS if FLAGS.demo else None)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "fit_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    n_plots = sum(len(s["plots"]) for forms in summary.values() for s in forms.values())
+    print(f"\nfit_summary.json and {n_plots} plots in {out}/")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

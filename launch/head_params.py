@@ -22,19 +22,19 @@ def main(argv):
     import numpy as np
 
     from configs import models
-    from vlm_jax.models import compressors, vlm
+    from vlm_jax.models import heads, vlm
 
     def count(tree):
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
-    heads = FLAGS.heads or list(compressors.REGISTRY)
+    heads = FLAGS.heads or list(heads.REGISTRY)
     print(f"compressor head parameters: vision {FLAGS.vision}, LLM {FLAGS.llm}")
     print(f"{'head':<12} {'V':>5} {'params':>14}  breakdown")
     for name in heads:
         for v in (int(t) for t in FLAGS.tokens):
             cfg = models.model_config(FLAGS.vision, FLAGS.llm, name, v)
             try:
-                tree = compressors.abstract_head_params(cfg)
+                tree = heads.abstract_head_params(cfg)
             except ValueError as e:
                 print(f"{name:<12} {v:>5} {'-':>14}  ({e})")
                 continue

@@ -15,7 +15,8 @@ from scipy.special import erf
 from configs import heads as heads_cfg
 from configs import models
 from vlm_jax import sharding
-from vlm_jax.models import compressors, tokenpacker
+from vlm_jax.models import heads
+from vlm_jax.models.heads import tokenpacker
 
 GRID, WIDTH, D_LLM, BATCH = 24, 32, 16, 2
 ALLOWED_24 = (1, 4, 16, 36, 64, 144, 576)       # the paper's V values for CLIP-L/14-336's 24x24 grid
@@ -39,7 +40,7 @@ def model_cfg(name, v, grid=GRID, width=WIDTH, **options):
 
 
 def make_inputs(cfg, seed=0):
-    head_cls = compressors.get(cfg.compressor.name)
+    head_cls = heads.get(cfg.compressor.name)
     g = cfg.vision.image_size // cfg.vision.patch_size
     rng = np.random.default_rng(seed)
     features = {i: jnp.asarray(rng.normal(size=(BATCH, 1 + g * g, cfg.vision.width)), jnp.float32)
@@ -148,13 +149,13 @@ def test_none_head_passes_every_patch_token_unchanged():
 def test_grid_heads_reject_v_that_does_not_tile_the_grid(name, v):
     cfg = model_cfg(name, v)
     with pytest.raises(ValueError, match=rf"'{name}'.*V={v}.*24x24"):
-        compressors.validate(cfg.compressor, cfg.vision)
+        heads.validate(cfg.compressor, cfg.vision)
 
 
 @pytest.mark.parametrize("v", (2, 25, 100, 577))
 def test_resampler_accepts_any_v(v):
     cfg = model_cfg("resampler", v)
-    compressors.validate(cfg.compressor, cfg.vision)
+    heads.validate(cfg.compressor, cfg.vision)
     head_cls, features, query = make_inputs(cfg)
     head = head_cls(cfg.compressor, cfg.vision, cfg.llm)
     out = jax.eval_shape(lambda: head.init_with_output(jax.random.key(0), features, query)[0])
@@ -164,39 +165,39 @@ def test_resampler_accepts_any_v(v):
 def test_none_head_rejects_fewer_tokens_than_the_grid():
     cfg = model_cfg("none", 144)
     with pytest.raises(ValueError, match=r"'none'.*V=144"):
-        compressors.validate(cfg.compressor, cfg.vision)
+        heads.validate(cfg.compressor, cfg.vision)
 
 
 def test_unknown_head_key_is_a_config_error():
     cfg = model_cfg("quecc", 4)
     cfg.compressor.depth = 3
     with pytest.raises(ValueError, match=r"unknown key.*depth.*'quecc'"):
-        compressors.validate(cfg.compressor, cfg.vision)
+        heads.validate(cfg.compressor, cfg.vision)
 
 
 def test_vision_tap_outside_the_tower_is_a_config_error():
     cfg = model_cfg("tokenpacker", 4, kv_layers=(2, 30))
     with pytest.raises(ValueError, match="vision layer index 30"):
-        compressors.validate(cfg.compressor, cfg.vision)
+        heads.validate(cfg.compressor, cfg.vision)
 
 
 def test_head_count_must_divide_the_vision_width():
     cfg = model_cfg("resampler", 4, num_heads=5)
     with pytest.raises(ValueError, match=r"num_heads=5.*32"):
-        compressors.validate(cfg.compressor, cfg.vision)
+        heads.validate(cfg.compressor, cfg.vision)
 
 
 def test_default_taps_are_clip_l_layers_and_scale_with_depth():
     clip = models.vision_config("clip-vit-l14-336")
     cfg = heads_cfg.compressor_config("quecc", 1)
-    assert compressors.get("quecc").vision_layers(cfg, clip) == (-2, 12, 16, 22, 23)
+    assert heads.get("quecc").vision_layers(cfg, clip) == (-2, 12, 16, 22, 23)
     tiny = models.vision_config("tiny")     # 4 blocks
-    assert compressors.get("tokenpacker").vision_layers(cfg, tiny) == (-2, 2, 3, 4, 4)
+    assert heads.get("tokenpacker").vision_layers(cfg, tiny) == (-2, 2, 3, 4, 4)
 
 
 def test_config_table_lists_exactly_each_heads_defaults():
-    assert set(heads_cfg.KEYS) == set(compressors.REGISTRY)
-    for name, head_cls in compressors.REGISTRY.items():
+    assert set(heads_cfg.KEYS) == set(heads.REGISTRY)
+    for name, head_cls in heads.REGISTRY.items():
         assert heads_cfg.KEYS[name] == head_cls.DEFAULTS, name
 
 
@@ -271,7 +272,7 @@ def region_attention_reference(queries, keys, values, side, p):
 
 
 def multi_level(features, cfg, g):
-    taps = compressors.get(cfg.compressor.name).vision_layers(cfg.compressor, cfg.vision)[1:]
+    taps = heads.get(cfg.compressor.name).vision_layers(cfg.compressor, cfg.vision)[1:]
     return np.concatenate([patch_grid(features, t, g) for t in taps], axis=-1)
 
 

@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from vlm_jax.data import synthetic
-from vlm_jax.data.testing import build_tokenizer_json
+from tests.tokenizer_fixtures import build_tokenizer_json
 from vlm_jax.data.tokenize import HFTokenizer, WordTokenizer, render_chat
 
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from configs import smoke
 from launch import evaluate as cli
-from vlm_jax import evaluation, scorers
+from vlm_jax import evaluation
+from vlm_jax.evaluation import scorers
 from vlm_jax.data import pipeline
 from vlm_jax.models import vlm
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from vlm_jax import generate as gen
+from vlm_jax.evaluation import generate as gen
 from vlm_jax.models import vlm
 
 V = 4

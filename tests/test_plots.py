@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from absl import flags
+
 from launch import fit as fit_cli
-from vlm_jax import plots, scaling, scaling_report
+from vlm_jax import scaling
+from vlm_jax.scaling import plots
 
 N = (0.464, 1.84, 3.95, 7.72)
 V = (1, 4, 16, 36, 64, 144, 576)
@@ -46,10 +49,17 @@ def test_frontier_curve_lies_below_every_fitted_llm_curve(fit):
     assert np.all(lo <= err) and np.all(err <= hi)
 
 
+def run_fit_cli(args):
+    """`python -m launch.fit ARGS` in this process (absl flags parsed afresh)."""
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["launch.fit", *args])
+    return fit_cli.main([])
+
+
 def test_fit_cli_demo_prints_laws_frontier_and_writes_plots(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert fit_cli.main(["--demo", "--out", str(out), "--bootstrap", "100", "--text_tokens", "0,64",
-                         "--forms", "multiplicative"]) == 0
+    assert run_fit_cli(["--demo", f"--out={out}", "--bootstrap=100", "--text_tokens=0,64",
+                        "--forms=multiplicative"]) == 0
     text = capsys.readouterr().out
     assert "task 'reasoning'" in text and "task 'fine_detail'" in text
     assert "alpha  = " in text and "(true 0.45)" in text
@@ -61,19 +71,21 @@ def test_fit_cli_demo_prints_laws_frontier_and_writes_plots(tmp_path, capsys):
 def test_fit_cli_reads_a_results_table(tmp_path, capsys):
     path = tmp_path / "results.jsonl"
     with open(path, "w") as f:
-        for row in scaling_report.demo_rows(seed=1):
+        for row in scaling.report.demo_rows(seed=1):
             if row["task"] == "reasoning":
                 f.write(json.dumps(row) + "\n")
-    assert fit_cli.main(["--results", str(path), "--out", str(tmp_path), "--bootstrap", "0", "--no_plots",
-                         "--text_tokens", "32", "--budgets", "1e12"]) == 0
+    assert run_fit_cli([f"--results={path}", "--bootstrap=0", "--noplots", "--text_tokens=32",
+                        "--budgets=1e12"]) == 0
     text = capsys.readouterr().out
     assert "multiplicative law" in text and "additive law" in text
     assert "C = 1e+12" in text
     assert not list(tmp_path.glob("*.png"))
+    summary = json.loads((tmp_path / "fit_summary.json").read_text())   # written beside the results file
+    assert set(summary["reasoning"]) == {"multiplicative", "additive"}
 
 
 def test_fit_cli_reports_bad_tables_clearly(tmp_path):
     path = tmp_path / "results.csv"
     path.write_text("llm,n_params,visual_tokens,task,error\na,1e9,4,t,0.3\nb,2e9,4,t,-0.1\n")
     with pytest.raises(ValueError, match=r"row 2 .*error must lie in \(0, 1\]"):
-        fit_cli.main(["--results", str(path), "--no_plots"])
+        run_fit_cli([f"--results={path}", "--noplots"])

@@ -9,14 +9,14 @@ from flax import traverse_util
 from tests import helpers
 from tests.test_compressors import random_like
 from vlm_jax import train
-from vlm_jax.models import compressors, vlm
+from vlm_jax.models import heads, vlm
 
 HEADS = {"quecc": 4, "tokenpacker": 4, "resampler": 4, "avgpool": 4, "none": 16}   # tiny config: 4x4 grid
 
 
 def setup(name, v, seed=0):
     config = helpers.tiny_config(compressor=name, num_tokens=v, batch_size=4)
-    compressors.validate(config.model.compressor, config.model.vision)
+    heads.validate(config.model.compressor, config.model.vision)
     params = random_like(vlm.abstract_params(config.model), seed)
     return config, vlm.VLM(config.model), params, helpers.random_batch(config, seed=seed)
 
@@ -44,7 +44,7 @@ def test_quecc_adds_no_llm_copy_its_question_pass_uses_the_models_llm():
     def shapes(tree):
         return {k: v.shape for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
     assert shapes(a["llm"]) == shapes(b["llm"])
-    assert shapes(a["compressor"]) == shapes(compressors.abstract_head_params(quecc))
+    assert shapes(a["compressor"]) == shapes(heads.abstract_head_params(quecc))
     assert not any("embed_tokens" in k or "layers" in k for k in shapes(a["compressor"]))
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from vlm_jax import scaling, scaling_frontier, scaling_table
+from vlm_jax import scaling
 from vlm_jax.scaling import ADDITIVE, MULTIPLICATIVE
 
 N = (0.464, 1.84, 3.95, 7.72)
@@ -204,8 +204,8 @@ def _rows():
 def test_results_file_round_trips_into_one_table_per_task(tmp_path, ext):
     rows = _rows() + [{"llm": "x", "n_params": 1e9, "visual_tokens": 4, "task": "ocr", "error": 0.5}]
     path = tmp_path / f"results.{ext}"
-    scaling_table.write_rows(path, rows)
-    tables = scaling_table.load_tables(path)
+    scaling.tables.write_rows(path, rows)
+    tables = scaling.tables.load_tables(path)
     assert set(tables) == {"reasoning", "ocr"}
     t = tables["reasoning"]
     assert len(t) == len(N) * len(V)
@@ -214,7 +214,7 @@ def test_results_file_round_trips_into_one_table_per_task(tmp_path, ext):
 
 
 def test_repeated_cells_are_averaged():
-    tables = scaling_table.tables_from_rows([
+    tables = scaling.tables.tables_from_rows([
         {"llm": "a", "n_params": 1e9, "visual_tokens": 4, "task": "t", "error": 0.2},
         {"llm": "a", "n_params": 1e9, "visual_tokens": 4, "task": "t", "error": 0.4},
         {"llm": "b", "n_params": 2e9, "visual_tokens": 4, "task": "t", "error": 0.1}])
@@ -225,18 +225,18 @@ def test_repeated_cells_are_averaged():
 
 def test_missing_column_and_non_numbers_are_named_with_their_row(tmp_path):
     with pytest.raises(ValueError, match=r"row 2 lacks column\(s\) error"):
-        scaling_table.tables_from_rows([{"llm": "a", "n_params": 1, "visual_tokens": 1, "task": "t", "error": 0.5},
+        scaling.tables.tables_from_rows([{"llm": "a", "n_params": 1, "visual_tokens": 1, "task": "t", "error": 0.5},
                                         {"llm": "a", "n_params": 1, "visual_tokens": 1, "task": "t"}])
     with pytest.raises(ValueError, match=r"row 1: visual_tokens='many' is not a number"):
-        scaling_table.tables_from_rows([{"llm": "a", "n_params": 1, "visual_tokens": "many", "task": "t", "error": 0.5}])
+        scaling.tables.tables_from_rows([{"llm": "a", "n_params": 1, "visual_tokens": "many", "task": "t", "error": 0.5}])
     with pytest.raises(ValueError, match=r"row 1 \(llm 'a', task 't'\): error must lie in \(0, 1\]"):
-        scaling_table.tables_from_rows([{"llm": "a", "n_params": 1, "visual_tokens": 1, "task": "t", "error": 2}])
+        scaling.tables.tables_from_rows([{"llm": "a", "n_params": 1, "visual_tokens": 1, "task": "t", "error": 2}])
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"llm": "a"}) + "\n[1, 2]\n")
     with pytest.raises(ValueError, match=r"r.jsonl:2: expected a JSON object"):
-        scaling_table.read_rows(path)
+        scaling.tables.read_rows(path)
     with pytest.raises(ValueError, match="unknown results format '.txt'"):
-        scaling_table.read_rows(tmp_path / "r.txt")
+        scaling.tables.read_rows(tmp_path / "r.txt")
 
 
 # ------------------------------------------------------------------------------------------------ frontier
@@ -245,33 +245,33 @@ def test_missing_column_and_non_numbers_are_named_with_their_row(tmp_path):
 @pytest.mark.parametrize("budget", [1e11, 3e12, 1e14])
 def test_numerical_frontier_matches_the_analytic_multiplicative_optimum(q, budget):
     theta = TRUE["multiplicative"]
-    n, v, err, binding = scaling_frontier.optimum_from_params("multiplicative", theta, budget, q)
-    n_star, v_star = scaling_frontier.multiplicative_optimum(theta[1], theta[2], budget, q)
+    n, v, err, binding = scaling.frontier.optimum_from_params("multiplicative", theta, budget, q)
+    n_star, v_star = scaling.frontier.multiplicative_optimum(theta[1], theta[2], budget, q)
     assert binding
     assert v[0] == pytest.approx(v_star, rel=1e-6)
     assert n[0] == pytest.approx(n_star, rel=1e-6)
     assert err[0] == pytest.approx(MULTIPLICATIVE.predict(theta, n_star, v_star)[0], rel=1e-9)
-    assert scaling_frontier.inference_flops(n[0], v[0], q) == pytest.approx(budget, rel=1e-12)
+    assert scaling.frontier.inference_flops(n[0], v[0], q) == pytest.approx(budget, rel=1e-12)
 
 
 def test_analytic_optimum_uses_one_token_at_q0_and_a_budget_free_v_for_q_positive():
     alpha, beta = 0.45, 0.06
     for budget in (1e11, 1e13):
-        n0, v0 = scaling_frontier.multiplicative_optimum(alpha, beta, budget, 0.0)
+        n0, v0 = scaling.frontier.multiplicative_optimum(alpha, beta, budget, 0.0)
         assert v0 == 1.0 and n0 == pytest.approx(budget / 2 / 1e9)
-        nq, vq = scaling_frontier.multiplicative_optimum(alpha, beta, budget, 100.0)
+        nq, vq = scaling.frontier.multiplicative_optimum(alpha, beta, budget, 100.0)
         assert vq == pytest.approx(beta * 100 / (alpha - beta))
         assert nq == pytest.approx(budget * (alpha - beta) / (2 * alpha * 100) / 1e9)
     # Tokens that pay off faster than parameters (beta > alpha): use every token allowed.
-    _, v = scaling_frontier.multiplicative_optimum(0.1, 0.3, 1e12, 50.0)
-    _, v_num, _, _ = scaling_frontier.optimum_from_params("multiplicative", [0.35, 0.1, 0.3, 0.1], 1e12, 50.0)
+    _, v = scaling.frontier.multiplicative_optimum(0.1, 0.3, 1e12, 50.0)
+    _, v_num, _, _ = scaling.frontier.optimum_from_params("multiplicative", [0.35, 0.1, 0.3, 0.1], 1e12, 50.0)
     assert v == 576.0 and v_num[0] == pytest.approx(576.0)
 
 
 def test_additive_frontier_matches_a_dense_search_along_the_budget_line():
     theta = TRUE["additive"]
     for q, budget in ((0.0, 1e12), (64.0, 1e12), (64.0, 1e14)):
-        _, v, err, _ = scaling_frontier.optimum_from_params("additive", theta, budget, q)
+        _, v, err, _ = scaling.frontier.optimum_from_params("additive", theta, budget, q)
         vs = np.geomspace(1, 576, 400_001)
         ns = budget / (2e9 * (q + vs))
         errs = ADDITIVE.predict(theta, ns, vs)
@@ -283,12 +283,12 @@ def test_additive_frontier_matches_a_dense_search_along_the_budget_line():
 def test_frontier_for_a_fit_carries_bootstrap_intervals():
     table = scaling.synthetic_table("multiplicative", TRUE["multiplicative"], N, V, noise=0.02, seed=4)
     fit = scaling.fit_law(table, n_bootstrap=200, seed=0, loo=False)
-    p = scaling_frontier.continuous_optimum(fit, 1e12, 64.0)
+    p = scaling.frontier.continuous_optimum(fit, 1e12, 64.0)
     for est in (p.n, p.v, p.error):
         assert est.lo <= est.point <= est.hi
     assert p.v.point == pytest.approx(64 * fit.theta[2] / (fit.theta[1] - fit.theta[2]), rel=1e-6)
     # V* grows linearly with Q for the multiplicative law.
-    points = scaling_frontier.optimal_v_by_text_length(fit, 1e12, [32.0, 64.0, 128.0])
+    points = scaling.frontier.optimal_v_by_text_length(fit, 1e12, [32.0, 64.0, 128.0])
     assert [pt.v.point for pt in points] == pytest.approx([p.v.point / 2, p.v.point, 2 * p.v.point], rel=1e-6)
 
 
@@ -296,7 +296,7 @@ def test_discrete_optimum_is_the_best_affordable_menu_entry():
     table = scaling.synthetic_table("additive", TRUE["additive"], N, V, noise=0.02, seed=4)
     fit = scaling.fit_law(table, "additive", n_bootstrap=100, seed=0, loo=False)
     for q, budget in ((0.0, 1e11), (64.0, 1e12), (64.0, 1e13)):
-        choice = scaling_frontier.discrete_optimum(fit, budget, q, N, V)
+        choice = scaling.frontier.discrete_optimum(fit, budget, q, N, V)
         best = min(((fit.predict(n, v), n, v) for n in N for v in V
                     if 2e9 * n * (q + v) <= budget), key=lambda t: t[0])
         assert (choice.n, choice.v) == (best[1], best[2])
@@ -309,19 +309,19 @@ def test_unaffordable_budgets_are_refused():
     fit = scaling.fit_law(scaling.synthetic_table("multiplicative", TRUE["multiplicative"], N, V), n_bootstrap=0,
                           loo=False)
     with pytest.raises(ValueError, match="affords no menu entry"):
-        scaling_frontier.discrete_optimum(fit, 1e8, 0.0, N, V)
+        scaling.frontier.discrete_optimum(fit, 1e8, 0.0, N, V)
     with pytest.raises(ValueError, match="cannot afford the smallest configuration"):
-        scaling_frontier.continuous_optimum(fit, 1e8, 0.0, n_range=(0.464, 7.72))
+        scaling.frontier.continuous_optimum(fit, 1e8, 0.0, n_range=(0.464, 7.72))
     with pytest.raises(ValueError, match="does not cover the fixed overhead"):
-        scaling_frontier.continuous_optimum(fit, 1e10, 0.0, overhead_flops=2e10)
+        scaling.frontier.continuous_optimum(fit, 1e10, 0.0, overhead_flops=2e10)
 
 
 def test_a_budget_beyond_the_largest_configuration_buys_the_largest_configuration():
     theta = TRUE["multiplicative"]
-    n, v, _, binding = scaling_frontier.optimum_from_params("multiplicative", theta, 1e20, 64.0,
+    n, v, _, binding = scaling.frontier.optimum_from_params("multiplicative", theta, 1e20, 64.0,
                                                             n_range=(0.5, 14.0))
     assert not binding and (n[0], v[0]) == (14.0, 576.0)
     # With the N cap binding part-way, V takes up the rest of the budget.
-    n, v, _, binding = scaling_frontier.optimum_from_params("multiplicative", theta, 2e9 * 14 * (64 + 100), 64.0,
+    n, v, _, binding = scaling.frontier.optimum_from_params("multiplicative", theta, 2e9 * 14 * (64 + 100), 64.0,
                                                             n_range=(0.5, 14.0))
     assert binding and n[0] == pytest.approx(14.0) and v[0] == pytest.approx(100.0)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vlm_jax import scorers
+from vlm_jax.evaluation import scorers
 
 
 def _refs(*answer_lists):

@@ -51,7 +51,8 @@ def _greedy_tokens(mesh_cfg, devices):
 
     from tests import helpers
     from tests.test_generate import PREFIX, _prompts
-    from vlm_jax import generate, sharding
+    from vlm_jax import sharding
+    from vlm_jax.evaluation import generate
     from vlm_jax.models import vlm
 
     config = helpers.tiny_config(num_tokens=4, seq_len=20)

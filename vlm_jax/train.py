@@ -23,7 +23,7 @@ import optax
 
 from vlm_jax import checkpoints, flops, hardware, optim, sharding
 from vlm_jax.data import pipeline
-from vlm_jax.models import compressors, vlm
+from vlm_jax.models import heads, vlm
 from vlm_jax.models import llm as llm_lib
 
 
@@ -110,7 +110,7 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, vocab_siz
     if m.vision.image_size % m.vision.patch_size:
         raise ValueError(f"model.vision.image_size={m.vision.image_size} is not a multiple of "
                          f"model.vision.patch_size={m.vision.patch_size}")
-    compressors.validate(m.compressor, m.vision)
+    heads.validate(m.compressor, m.vision)
     if m.llm.hidden_size % m.llm.num_heads:
         raise ValueError(f"model.llm.hidden_size={m.llm.hidden_size} is not divisible by "
                          f"model.llm.num_heads={m.llm.num_heads}")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.models import compressors, layers
+from vlm_jax.models import heads, layers
 from vlm_jax.models.llm import LLM
 from vlm_jax.models.vision import VisionTower
 
@@ -38,7 +38,7 @@ class VLM(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         if cfg.projector.name not in PROJECTORS:
             raise ValueError(f"unknown model.projector.name {cfg.projector.name!r}; known: {sorted(PROJECTORS)}")
-        self.head_cls = compressors.get(cfg.compressor.name)
+        self.head_cls = heads.get(cfg.compressor.name)
         self.vision = VisionTower(cfg.vision, dtype)
         self.compressor = self.head_cls(cfg.compressor, cfg.vision, cfg.llm, dtype)
         self.projector = PROJECTORS[cfg.projector.name](cfg.llm.hidden_size, dtype)
@@ -116,14 +116,14 @@ def compressor_cost_fn(cfg: ml_collections.ConfigDict, batch: int = 1):
 
     fn(head_params, features, query) with features {layer: float[B, 1 + P, Dv]} and query float[B, D_llm].
     """
-    head_cls = compressors.get(cfg.compressor.name)
+    head_cls = heads.get(cfg.compressor.name)
     dtype = jnp.dtype(cfg.dtype)
     head = head_cls(cfg.compressor, cfg.vision, cfg.llm, dtype)
     g = cfg.vision.image_size // cfg.vision.patch_size
     feature = jax.ShapeDtypeStruct((batch, 1 + g * g, cfg.vision.width), dtype)
     features = {i: feature for i in head_cls.vision_layers(cfg.compressor, cfg.vision)}
     query = jax.ShapeDtypeStruct((batch, cfg.llm.hidden_size), dtype)
-    params = compressors.abstract_head_params(cfg)   # the head alone: no need to trace the LLM
+    params = heads.abstract_head_params(cfg)   # the head alone: no need to trace the LLM
 
     def fn(head_params, features, query):
         return head.apply({"params": head_params}, features, query if head_cls.needs_query else None)

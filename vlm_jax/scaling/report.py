@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlm_jax import scaling, scaling_frontier
-from vlm_jax.scaling import FitResult
-from vlm_jax.scaling_table import PARAMS_PER_UNIT
+from vlm_jax.scaling import frontier, laws
+from vlm_jax.scaling.laws import FitResult
+from vlm_jax.scaling.tables import PARAMS_PER_UNIT
 
 # The demo's known laws: one family where LLM size matters far more than visual tokens (reasoning-like) and one
 # where tokens matter more (fine detail, e.g. reading small text). Sizes are the Qwen1.5 trees' parameter counts.
@@ -26,7 +26,7 @@ def demo_rows(noise: float = 0.02, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for task, (form, theta) in DEMO_LAWS.items():
-        form = scaling.get_form(form)
+        form = laws.get_form(form)
         for llm, n_params in DEMO_LLMS.items():
             for v in DEMO_V:
                 err = form.predict(np.asarray(theta), np.array([n_params / PARAMS_PER_UNIT]), np.array([v]))[0]
@@ -63,22 +63,22 @@ def format_fit(fit: FitResult, truth: Sequence[float] | None = None) -> str:
 
 def default_budgets(fit: FitResult, text_tokens: float, count: int = 4) -> np.ndarray:
     """float[count] budgets spanning the table's own inference costs at Q = text_tokens."""
-    cost = scaling_frontier.inference_flops(fit.table.n, fit.table.v, text_tokens)
+    cost = frontier.inference_flops(fit.table.n, fit.table.v, text_tokens)
     return np.geomspace(cost.min(), cost.max(), count)
 
 
 def format_frontier(fit: FitResult, budgets: Sequence[float], text_tokens: float, *,
-                    v_range=scaling_frontier.DEFAULT_V_RANGE) -> str:
+                    v_range=frontier.DEFAULT_V_RANGE) -> str:
     """The continuous optimum and the best menu entry (the table's N and V values) per budget."""
     lines = [(f"   frontier at Q = {text_tokens:g} (continuous N, V in [{v_range[0]:g}, {v_range[1]:g}]; "
              "menu = the table's N and V; ! = N* outside the fitted N range, an extrapolation):")]
     n_lo, n_hi = fit.table.n_values[0], fit.table.n_values[-1]
     for c in budgets:
-        p = scaling_frontier.continuous_optimum(fit, c, text_tokens, v_range=v_range)
+        p = frontier.continuous_optimum(fit, c, text_tokens, v_range=v_range)
         flag = "" if n_lo <= p.n.point <= n_hi else "!"
         line = f"     C = {c:.3g}: N* = {p.n} B{flag}, V* = {p.v}, error {p.error}"
         try:
-            d = scaling_frontier.discrete_optimum(fit, c, text_tokens, fit.table.n_values, fit.table.v_values)
+            d = frontier.discrete_optimum(fit, c, text_tokens, fit.table.n_values, fit.table.v_values)
             share = f", picked by {d.share:.0%} of resamples" if np.isfinite(d.share) else ""
             line += f"  | menu: N {d.n:.3g}B, V {d.v:g}, error {d.error}{share}"
         except ValueError:
@@ -88,13 +88,54 @@ def format_frontier(fit: FitResult, budgets: Sequence[float], text_tokens: float
 
 
 def format_v_by_q(fit: FitResult, budget: float, text_tokens: Sequence[float], *,
-                  v_range=scaling_frontier.DEFAULT_V_RANGE) -> str:
+                  v_range=frontier.DEFAULT_V_RANGE) -> str:
     """How the optimal V moves with the text length Q at one budget."""
-    points = scaling_frontier.optimal_v_by_text_length(fit, budget, text_tokens, v_range=v_range)
+    points = frontier.optimal_v_by_text_length(fit, budget, text_tokens, v_range=v_range)
     cells = [f"Q={p.text_tokens:g}: V* {p.v} (N* {p.n.point:.3g}B)" for p in points]
     text = f"   optimal V vs Q at C = {budget:.3g}: " + "; ".join(cells)
     if fit.form.name == "multiplicative":
-        # The closed form (scaling_frontier docstring): V* = Q * beta / (alpha - beta) inside the allowed range.
+        # The closed form (frontier.py docstring): V* = Q * beta / (alpha - beta) inside the allowed range.
         ratio = fit.estimate(lambda th: np.where(th[:, 1] > th[:, 2], th[:, 2] / (th[:, 1] - th[:, 2]), np.inf))
         text += f"\n   closed form: V*/Q = beta / (alpha - beta) = {ratio}, independent of the budget"
     return text
+
+
+def fit_tables(tables: dict, forms: Sequence[str], *, text_tokens: Sequence[float] = (0.0, 64.0, 256.0),
+               budgets: Sequence[float] | None = None, v_range=frontier.DEFAULT_V_RANGE, n_bootstrap: int = 1000,
+               seed: int = 0, level: float = 0.95, delta: float = 1e-3, plot_dir: str | None = None,
+               truths: dict | None = None, echo=print) -> dict:
+    """Fit every law form to every task's table; echo the text report; write PNGs to `plot_dir` (None: none).
+
+    Returns the JSON-ready summary {task: {form: {params: {name: {point, lo, hi}}, r2, optimal_v: {Q: {budget,
+    v, n_billions}}, plots: [...]}}}; `truths` {task: (form name, theta)} prints the known values next to the fit.
+    """
+    from vlm_jax.scaling import plots   # matplotlib only when plotting
+
+    summary = {}
+    for task, table in tables.items():
+        echo(f"\n=== task {task!r}: {len(table)} cells; N = {', '.join(f'{n:.3g}' for n in table.n_values)} B; "
+             f"V = {', '.join(f'{v:g}' for v in table.v_values)}")
+        for form in forms:
+            fit = laws.fit_law(table, form, n_bootstrap=n_bootstrap, seed=seed, delta=delta, level=level)
+            truth = truths.get(task) if truths else None
+            echo(format_fit(fit, truth[1] if truth and truth[0] == fit.form.name else None))
+            middle = float(np.sqrt(np.prod(default_budgets(fit, max(text_tokens), 2))))
+            optimal_v = {}
+            for q in text_tokens:
+                echo(format_frontier(fit, budgets or default_budgets(fit, q), q, v_range=v_range))
+                p = frontier.continuous_optimum(fit, (budgets or [middle])[0], q, v_range=v_range)
+                optimal_v[f"{q:g}"] = {"budget_flops": (budgets or [middle])[0], "v": _estimate_json(p.v),
+                                       "n_billions": _estimate_json(p.n), "error": _estimate_json(p.error)}
+            echo(format_v_by_q(fit, budgets[0] if budgets else middle,
+                               sorted(set(text_tokens) | {0.0, 16.0, 64.0, 256.0, 1024.0}), v_range=v_range))
+            written = (plots.write_plots(fit, plot_dir, text_tokens=text_tokens, v_range=v_range)
+                       if plot_dir else [])
+            summary.setdefault(task, {})[fit.form.name] = {
+                "formula": fit.form.formula, "params": {k: _estimate_json(e) for k, e in fit.params.items()},
+                "r2": fit.r2, "level": fit.level, "bootstrap": len(fit.bootstrap), "optimal_v": optimal_v,
+                "plots": written}
+    return summary
+
+
+def _estimate_json(e) -> dict:
+    return {"point": e.point, "lo": e.lo, "hi": e.hi}

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from vlm_jax import flops as flops_lib
-from vlm_jax.scaling import Estimate, FitResult, LawForm, get_form
-from vlm_jax.scaling_table import PARAMS_PER_UNIT
+from vlm_jax.scaling.laws import Estimate, FitResult, LawForm, get_form
+from vlm_jax.scaling.tables import PARAMS_PER_UNIT
 
 DEFAULT_V_RANGE = (1.0, 576.0)  # one token up to every patch of CLIP ViT-L/14-336's 24x24 grid
 _GRID = 257  # log-spaced V candidates before refinement

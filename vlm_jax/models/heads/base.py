@@ -1,7 +1,7 @@
 """What every compressor head shares: the constructor interface, V/grid checks, region partitioning, and the
 small blocks (projection MLP, cross-attention) the attention-based heads are built from.
 
-The registry itself lives in `vlm_jax/models/compressors.py`; this module holds no head of its own so that the
+The registry itself lives in `vlm_jax/models/heads/registry.py`; this module holds no head of its own so that the
 head modules (quecc, tokenpacker, resampler) and the registry can both import it without a cycle.
 """
 

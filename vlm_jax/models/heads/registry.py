@@ -4,12 +4,12 @@ One registry is the only place a head is added: `@register("name")` on a class h
 the bottom for heads that live in their own module. Registered heads:
 
 - `none`: every patch token (V = g*g); `avgpool`: parameter-free average pooling (V tiles the grid);
-- `quecc` (vlm_jax/models/quecc.py): the paper's query-conditioned convolutional cross-attention;
-- `tokenpacker` (vlm_jax/models/tokenpacker.py): point-to-region cross-attention, query-agnostic;
-- `resampler` (vlm_jax/models/resampler.py): V learned latents cross-attending to all tokens (any V).
+- `quecc` (heads/quecc.py): the paper's query-conditioned convolutional cross-attention;
+- `tokenpacker` (heads/tokenpacker.py): point-to-region cross-attention, query-agnostic;
+- `resampler` (heads/resampler.py): V learned latents cross-attending to all tokens (any V).
 
 Every head is a linen Module built as `Head(cfg=compressor_cfg, vision_cfg=..., llm_cfg=..., dtype=...)`
-(base class in vlm_jax/models/head_base.py) and declares, as class attributes/methods:
+(base class in heads/base.py) and declares, as class attributes/methods:
 
 - `DEFAULTS`: its config keys beyond `name`/`num_tokens`, with defaults (unknown keys are a config error);
   configs/heads.py documents them all;
@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.models import quecc, resampler, tokenpacker, vision
-from vlm_jax.models.head_base import Head, grid_side, option
+from vlm_jax.models import vision
+from vlm_jax.models.heads import quecc, resampler, tokenpacker
+from vlm_jax.models.heads.base import Head, grid_side, option
 
 REGISTRY: dict[str, type] = {}
 

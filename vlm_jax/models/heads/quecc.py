@@ -14,7 +14,7 @@ no gradient. That is a property of the published design, not of this code.
 import flax.linen as nn
 
 from vlm_jax.models import layers
-from vlm_jax.models.head_base import CrossAttention, Head, ProjectionMLP, grid_side, option, to_regions, vision_taps
+from vlm_jax.models.heads.base import CrossAttention, Head, ProjectionMLP, grid_side, option, to_regions, vision_taps
 
 EPS = 1e-6
 

@@ -17,8 +17,8 @@ from matplotlib import colors as mcolors
 from matplotlib import ticker as mticker
 from matplotlib.figure import Figure
 
-from vlm_jax import scaling_frontier
-from vlm_jax.scaling import FitResult
+from vlm_jax.scaling import frontier as frontier_lib
+from vlm_jax.scaling.laws import FitResult
 
 _DPI = 120
 
@@ -33,16 +33,16 @@ def _save(fig: Figure, path: str) -> str:
     return path
 
 
-def frontier_curve(fit: FitResult, budgets, text_tokens: float, *, v_range=scaling_frontier.DEFAULT_V_RANGE):
+def frontier_curve(fit: FitResult, budgets, text_tokens: float, *, v_range=frontier_lib.DEFAULT_V_RANGE):
     """Arrays over budgets float[C]: (n, v, error, error_lo, error_hi) of the continuous optimum."""
-    points = scaling_frontier.frontier(fit, budgets, text_tokens, v_range=v_range)
+    points = frontier_lib.frontier(fit, budgets, text_tokens, v_range=v_range)
     field = lambda name, attr: np.array([getattr(getattr(p, name), attr) for p in points])
     return (field("n", "point"), field("v", "point"), field("error", "point"), field("error", "lo"),
             field("error", "hi"))
 
 
 def plot_error_vs_flops(fit: FitResult, path: str, *, text_tokens: float = 0.0,
-                        v_range=scaling_frontier.DEFAULT_V_RANGE) -> str:
+                        v_range=frontier_lib.DEFAULT_V_RANGE) -> str:
     """Error against inference FLOPs 2 N (Q + V): one curve per N over V, plus the frontier."""
     fig = Figure(figsize=(7.0, 4.8))
     ax = fig.subplots()
@@ -51,10 +51,10 @@ def plot_error_vs_flops(fit: FitResult, path: str, *, text_tokens: float = 0.0,
     v_curve = np.geomspace(*v_range, 200)
     lo_cost, hi_cost = np.inf, 0.0
     for n, color in zip(table.n_values, palette):
-        cost = scaling_frontier.inference_flops(n, v_curve, text_tokens)
+        cost = frontier_lib.inference_flops(n, v_curve, text_tokens)
         ax.plot(cost, fit.predict(n, v_curve), color=color, lw=1.5, label=f"N = {n:.3g}B")
         cells = table.n == n
-        ax.scatter(scaling_frontier.inference_flops(n, table.v[cells], text_tokens), table.error[cells],
+        ax.scatter(frontier_lib.inference_flops(n, table.v[cells], text_tokens), table.error[cells],
                    color=color, s=22, zorder=3, edgecolors="white", linewidths=0.5)
         lo_cost, hi_cost = min(lo_cost, cost.min()), max(hi_cost, cost.max())
     budgets = np.geomspace(lo_cost, hi_cost, 40)
@@ -85,7 +85,7 @@ def plot_error_surface(fit: FitResult, path: str, *, text_tokens: float = 0.0, r
     norm = mcolors.Normalize(min(err.min(), table.error.min()), max(err.max(), table.error.max()))
     mesh = ax.pcolormesh(nn, vv, err, shading="auto", cmap="viridis", norm=norm)
     fig.colorbar(mesh, ax=ax, label="predicted error")
-    log_cost = np.log10(scaling_frontier.inference_flops(nn, vv, text_tokens))
+    log_cost = np.log10(frontier_lib.inference_flops(nn, vv, text_tokens))
     levels = np.arange(np.ceil(log_cost.min() * 2) / 2, log_cost.max(), 0.5)
     iso = ax.contour(nn, vv, log_cost, levels=levels, colors="white", linewidths=0.8, alpha=0.8)
     ax.clabel(iso, fmt=lambda x: f"1e{x:g}", fontsize=7)
@@ -94,7 +94,7 @@ def plot_error_surface(fit: FitResult, path: str, *, text_tokens: float = 0.0, r
     n_range = (table.n_values[0], table.n_values[-1])
     path_n, path_v = [], []
     for c in budgets:
-        n, v, _, _ = scaling_frontier.optimum_from_params(fit.form, fit.theta, c, text_tokens, v_range=v_range,
+        n, v, _, _ = frontier_lib.optimum_from_params(fit.form, fit.theta, c, text_tokens, v_range=v_range,
                                                           n_range=n_range)
         path_n.append(n[0])
         path_v.append(v[0])
@@ -141,7 +141,7 @@ def plot_predicted_vs_observed(fit: FitResult, path: str) -> str:
     return _save(fig, path)
 
 
-def write_plots(fit: FitResult, out_dir: str, *, text_tokens=(0.0,), v_range=scaling_frontier.DEFAULT_V_RANGE
+def write_plots(fit: FitResult, out_dir: str, *, text_tokens=(0.0,), v_range=frontier_lib.DEFAULT_V_RANGE
                 ) -> list[str]:
     """All figures of one fit into out_dir, named <task>_<form>_*.png; returns the paths."""
     stem = os.path.join(out_dir, f"{_safe(fit.table.task)}_{fit.form.name}")

@@ -1,7 +1,7 @@
 """Evaluation: answer a benchmark's questions with a checkpoint, score them, summarise the downstream error.
 
 A benchmark is a list of `EvalItem`s (image, user prompt, ground-truth record) plus the name of its scorer
-(vlm_jax/scorers.py). Two kinds of source:
+(vlm_jax/evaluation/scorers.py). Two kinds of source:
 
 - the built-in synthetic validation split, one benchmark per task family (`synthetic/reasoning`, `synthetic/ocr`),
   the same items the training pipeline's validation source draws, scored by exact match;
@@ -33,7 +33,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from vlm_jax import generate, scorers, sharding
+from vlm_jax import sharding
+from vlm_jax.evaluation import generate, scorers
 from vlm_jax.data import errors, images, pipeline, synthetic
 from vlm_jax.data.tokenize import IMAGE_PLACEHOLDER, USER, Tokenizer, render_chat
 from vlm_jax.models import vlm

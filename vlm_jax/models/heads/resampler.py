@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlm_jax.models import layers, vision
-from vlm_jax.models.head_base import CrossAttention, Head, option
+from vlm_jax.models.heads.base import CrossAttention, Head, option
 
 EPS = 1e-6
 

@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vlm_jax import scaling_solvers
-from vlm_jax.scaling_table import ScalingTable, load_tables, tables_from_rows  # noqa: F401  (re-exported)
+from vlm_jax.scaling import solvers
+from vlm_jax.scaling.tables import ScalingTable
 
 # ----------------------------------------------------------------------------------------------- law forms
 
@@ -258,10 +258,10 @@ def bootstrap_weights(table: ScalingTable, num_params: int, n_resamples: int, se
 
 def _refit(form, grid, point_coords, weights, data, *, delta, k):
     """Best of (the point fit + the k best grid points) for each weight vector: coords float[B, P], converged."""
-    screened = scaling_solvers.screen_starts(form, grid, weights, *data, delta=delta, k=k)  # [B, k, P]
+    screened = solvers.screen_starts(form, grid, weights, *data, delta=delta, k=k)  # [B, k, P]
     starts = np.concatenate([np.broadcast_to(point_coords, (len(weights), 1, len(point_coords))), screened], 1)
     s = starts.shape[1]
-    coords, loss, converged = scaling_solvers.minimize_batched(
+    coords, loss, converged = solvers.minimize_batched(
         form, starts.reshape(-1, starts.shape[-1]), np.repeat(weights, s, axis=0), *data, delta=delta)
     loss = np.where(np.isfinite(loss), loss, np.inf).reshape(-1, s)
     best = np.argmin(loss, axis=1)
@@ -280,7 +280,7 @@ def fit_law(table: ScalingTable, form: str | LawForm = "multiplicative", *, n_bo
     The point fit runs L-BFGS from the `n_starts` best points of the form's start grid (ranked by loss) and
     keeps the lowest loss. Each leave-one-N-out refit starts from the point fit and the 32 best grid points of
     its own data; each of the `n_bootstrap` seeded resamples from the point fit and its `bootstrap_starts - 1`
-    best grid points. All runs of a stage go through one batched, compiled L-BFGS (`scaling_solvers`), so the
+    best grid points. All runs of a stage go through one batched, compiled L-BFGS (`solvers.py`), so the
     point fit and its bootstrap replicates are the same estimator.
     """
     form = get_form(form)
@@ -299,8 +299,8 @@ def fit_law(table: ScalingTable, form: str | LawForm = "multiplicative", *, n_bo
 
     # ---- point fit
     ones = np.ones((1, len(table)))
-    starts = scaling_solvers.screen_starts(form, grid, ones, *data, delta=delta, k=n_starts)[0]
-    runs, losses, converged = scaling_solvers.minimize_batched(form, starts, np.repeat(ones, len(starts), 0),
+    starts = solvers.screen_starts(form, grid, ones, *data, delta=delta, k=n_starts)[0]
+    runs, losses, converged = solvers.minimize_batched(form, starts, np.repeat(ones, len(starts), 0),
                                                                *data, delta=delta)
     best = int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
     coords, loss, point_converged = runs[best], losses[best], bool(converged[best])

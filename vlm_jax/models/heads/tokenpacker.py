@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.models import layers
-from vlm_jax.models.head_base import CrossAttention, Head, ProjectionMLP, grid_side, option, to_regions, vision_taps
+from vlm_jax.models.heads.base import CrossAttention, Head, ProjectionMLP, grid_side, option, to_regions, vision_taps
 
 EPS = 1e-6
 
