@@ -62,7 +62,7 @@ def main():
         first, fit = timed(point)
         point_s = statistics.median(timed(point)[0] for _ in range(args.repeats))
         full_s = statistics.median(timed(full)[0] for _ in range(args.repeats))
-        weights = scaling.bootstrap_weights(table, fit.form.num_params, 50, seed=0)
+        weights = scaling.laws.bootstrap_weights(table, fit.form.num_params, 50, seed=0)
         loop_s = scipy_per_resample_seconds(fit, weights, fit.delta) * args.bootstrap
         print(f"{form:>14}: point fit {point_s:.3f} s (first call, compiling: {first:.2f} s); full fit with "
               f"bootstrap + leave-one-N-out {full_s:.2f} s; scipy loop over resamples ~{loop_s:.1f} s "
