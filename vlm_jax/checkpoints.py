@@ -8,9 +8,11 @@ previous checkpoint; `max_to_keep` old ones are kept.
 import base64
 import logging
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 
 def directory(run_dir: str) -> str:
@@ -113,3 +115,65 @@ def _check_shapes(saved_meta, abstract_state, only: tuple[str, ...] = ()):
         if saved[key] != shape:
             raise ValueError(f"checkpoint shape mismatch at {key}: checkpoint has {saved[key]}, model wants {shape}")
 
+
+
+# ---------------------------------------------------------------------------------------------- config.init
+
+def init_sources(init_cfg) -> list[tuple[str, str]]:
+    """`config.init` -> [(run or checkpoint directory, regex of parameter names)]. Accepts pairs or 'DIR=REGEX'."""
+    sources = []
+    for item in init_cfg or ():
+        pair = tuple(item.split("=", 1)) if isinstance(item, str) else tuple(item)
+        if len(pair) != 2 or not all(pair):
+            raise ValueError(f"config.init entry {item!r} must be (directory, regex) or 'DIR=REGEX'")
+        sources.append(pair)
+    return sources
+
+
+def _checkpoint_dir(path: str) -> str:
+    """A run directory (holding checkpoints/) or a checkpoints directory itself."""
+    run_ckpts = directory(path)
+    if "://" in path or os.path.isdir(run_ckpts):
+        return run_ckpts
+    return os.path.abspath(path)
+
+
+def restore_matching(source: str, regex: str, abstract_params: dict) -> dict:
+    """{name: array} for every parameter whose '/'-joined name fully matches `regex`, read from the latest
+    checkpoint under `source` (any train/frozen split) straight onto the shardings of `abstract_params`
+    ({name: ShapeDtypeStruct with sharding}, the model being built). A regex that selects nothing, a selected
+    parameter the checkpoint lacks, or a shape that differs is a ValueError naming the parameter."""
+    pattern = re.compile(regex)
+    wanted = {k: v for k, v in abstract_params.items() if pattern.fullmatch(k)}
+    where = f"config.init source {source!r} (params {regex!r})"
+    if not wanted:
+        raise ValueError(f"{where} selects no parameter of the model; names look like {sorted(abstract_params)[:3]}")
+    mngr = ocp.CheckpointManager(_checkpoint_dir(source), item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
+    try:
+        step = mngr.latest_step()
+        if step is None:
+            raise ValueError(f"{where}: no checkpoint under {_checkpoint_dir(source)}")
+        saved = {}   # name -> (part, shape): the source's split into trainable and frozen parts is its own
+        for part in ("params", "frozen"):
+            tree = mngr.item_metadata(step)["state"].get(part) or {}
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                saved[_path(path)] = (part, tuple(leaf.shape))
+        item = {"params": {}, "frozen": {}}
+        for name, abstract in sorted(wanted.items()):
+            if name not in saved:
+                raise ValueError(f"{where}: the checkpoint has no parameter {name!r}")
+            part, shape = saved[name]
+            if shape != tuple(abstract.shape):
+                raise ValueError(f"{where}: {name!r} has shape {shape} in the checkpoint, the model wants "
+                                 f"{tuple(abstract.shape)}")
+            item[part][name] = abstract
+        item = {part: traverse_util.unflatten_dict(flat, sep="/") for part, flat in item.items() if flat}
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+        out = {}
+        for part in item:
+            out.update(traverse_util.flatten_dict(dict(restored["state"][part]), sep="/"))
+        logging.info("%s: %d parameters from step %d", where, len(out), step)
+        return out
+    finally:
+        mngr.close()

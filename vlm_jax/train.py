@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 
 from vlm_jax import checkpoints, flops, hardware, optim, sharding
 from vlm_jax.data import pipeline
@@ -193,6 +194,23 @@ def load_params(run_dir: str, mesh=None):
     return config, optim.merge(parts["params"], parts["frozen"])
 
 
+def init_from_sources(state: TrainState, abstract_state: TrainState, sources) -> TrainState:
+    """`state` with the parameters that each (checkpoint, regex) source selects replaced by the saved values (read
+    directly onto their shardings; later sources win); everything else, the optimizer state included, stays fresh."""
+    wanted = traverse_util.flatten_dict(optim.merge(abstract_state.params, abstract_state.frozen), sep="/")
+    taken = {}
+    for source, regex in sources:
+        taken.update(checkpoints.restore_matching(source, regex, wanted))
+
+    def replace(part):
+        flat = traverse_util.flatten_dict(part, sep="/")
+        return traverse_util.unflatten_dict({k: taken.get(k, v) for k, v in flat.items()}, sep="/")
+
+    logging.info("config.init: %d of %d parameters taken from %d source(s), the rest fresh", len(taken), len(wanted),
+                 len(sources))
+    return state.replace(params=replace(state.params), frozen=replace(state.frozen))
+
+
 class _StopFlag:
     """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
 
@@ -234,15 +252,18 @@ def run(config: ml_collections.ConfigDict) -> dict:
     n_train, n_frozen = flops.count_params(state.params), flops.count_params(state.frozen)
     logging.info("parameters: %s trainable, %s frozen", f"{n_train:,}", f"{n_frozen:,}")
 
-    # --- checkpoint restore ---------------------------------------------------------------------
+    # --- checkpoint restore, or parameters from other checkpoints (config.init) --------------------
     ckpt = checkpoints.manager(checkpoints.directory(run_dir), t.keep_checkpoints)
-    restored = checkpoints.restore_latest(ckpt, jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings))
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  state, state_shardings)
+    restored = checkpoints.restore_latest(ckpt, abstract_state)
     if restored is not None:
         step0, state, data_state, _ = restored
         if data_state is not None:
             data_iter.set_state(data_state)
         logging.info("resumed from step %d", step0)
+    elif config.get("init"):
+        state = init_from_sources(state, abstract_state, checkpoints.init_sources(config.init))
 
     # --- update step ----------------------------------------------------------------------------
     batch_sh = sharding.batch_sharding(mesh)

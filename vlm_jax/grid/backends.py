@@ -30,7 +30,10 @@ def register(name: str):
 
 def make(name: str, cfg: ml_collections.ConfigDict):
     """The backend called `name`, configured by `cfg` (config.backend.<name>; may be empty)."""
-    from vlm_jax.grid import tpu  # noqa: F401  (registers 'tpu')
+    try:
+        from vlm_jax.grid import tpu  # noqa: F401  (registers 'tpu')
+    except ImportError:
+        pass
 
     if name not in BACKENDS:
         raise ValueError(f"unknown grid backend {name!r}; known: {sorted(BACKENDS)}")

@@ -1,0 +1,139 @@
+"""The (LLM size N x visual tokens V) grid: train and evaluate every cell, fit the scaling law, draw the surface.
+
+    python -m launch.grid --config=configs/grid.py                 # smoke: tiny models on the synthetic benchmark
+    python -m launch.grid --config=configs/grid.py:paper --config.dir=gs://BUCKET/grid-paper --config.backend=tpu \
+        --config.cell.data.llava.json_path=... (see README: the paper grid on Cloud TPU)
+
+Variants:
+- `smoke` (default): 3 tiny Qwen-style LLMs (0.10M, 0.74M, 4.4M parameters) x V in {1, 4, 16, 64} on the built-in
+  synthetic benchmark, two task families (reasoning, ocr). As the paper does with CLIP, one tiny vision tower is
+  pretrained once (all 64 patch tokens, tower trained) and then frozen in every cell; it is cached in the grid
+  directory under a hash of its config. Each cell: stage 1 trains compressor + projector, stage 2 adds the LLM.
+- `paper`: Qwen1.5 0.5B/1.8B/4B/7B x V in {1, 4, 16, 36, 64, 144, 576}, CLIP ViT-L/14-336 (pretrained, frozen),
+  QueCC; stage 1 on LLaVA-558K (lr 1e-3, batch 256), stage 2 on LLaVA-665K (lr 2e-5, batch 128); the paper's
+  benchmarks in its reasoning/understanding and OCR groups. Set the data, weight and benchmark paths.
+
+Argument keys: variant name, or `smoke,llms=tiny-s+tiny,tokens=1+16` to shrink the axes.
+"""
+
+import ml_collections
+
+from configs import common, llava, models
+from vlm_jax.data import pipeline
+
+# The paper's evaluation groups (Li et al. 2024, Fig. 1/3): visual reasoning / understanding, and text-heavy OCR.
+PAPER_TASKS = {
+    "reasoning": "gqa,mmb,mme,pope,sqa,seed",
+    "ocr": "textvqa,ocrbench,docvqa,chartqa",
+}
+# name -> (scorer, question file, answer file, image folder); paths relative to config.eval.data_root.
+PAPER_BENCHMARKS = {
+    "gqa": ("gqa", "gqa/llava_gqa_testdev_balanced.jsonl", "gqa/testdev_balanced_answers.jsonl", "gqa/images"),
+    "mmb": ("multiple_choice", "mmbench/mmbench_dev.jsonl", "", "mmbench/images"),
+    "mme": ("mme", "mme/llava_mme.jsonl", "mme/answers.jsonl", "mme/images"),
+    "pope": ("pope", "pope/llava_pope_test.jsonl", "pope/answers.jsonl", "pope/val2014"),
+    "sqa": ("multiple_choice", "scienceqa/llava_test_CQM-A.jsonl", "", "scienceqa/images"),
+    "seed": ("seed", "seed_bench/llava-seed-bench-img.jsonl", "", "seed_bench/images"),
+    "textvqa": ("vqa", "textvqa/llava_textvqa_val_v051_ocr.jsonl", "textvqa/answers.jsonl", "textvqa/train_images"),
+    "ocrbench": ("ocrbench", "ocrbench/ocrbench.jsonl", "", "ocrbench/images"),
+    "docvqa": ("anls", "docvqa/val.jsonl", "", "docvqa/images"),
+    "chartqa": ("relaxed_accuracy", "chartqa/test.jsonl", "", "chartqa/images"),
+}
+
+
+def _axis(text: str, kind=str) -> tuple:
+    return tuple(kind(x) for x in text.split("+") if x)
+
+
+def smoke(arg) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.dir = "runs/grid-smoke"
+    config.llms = _axis(arg.llms) or ("tiny-s", "tiny", "tiny-l")
+    config.tokens = _axis(arg.tokens, int) or (1, 4, 16, 64)
+    config.seeds = (0,)
+
+    cell = ml_collections.ConfigDict()
+    cell.seed = 0
+    cell.run_dir = ""
+    cell.init = ()
+    cell.model = models.model_config("tiny", config.llms[0], "avgpool", config.tokens[0])
+    cell.data = pipeline.default_config()
+    cell.data.read_threads = 2
+    cell.train = common.train_config(batch_size=32, log_every=50, checkpoint_every=1000, keep_checkpoints=1)
+    cell.mesh = common.mesh_config()
+    config.cell = cell
+
+    # Stage 1: compressor + projector against the frozen LLM; stage 2: the LLM as well (tower frozen in both).
+    config.stages = ml_collections.ConfigDict(dict(
+        stage1=dict(train=dict(stage="projector", lr=1e-3, steps=100)),
+        stage2=dict(train=dict(stage="full", lr=1e-3, steps=400)),
+    ))
+
+    # The tower: pretrained once with every patch token (compressor none), trained end to end, then frozen.
+    config.tower = ml_collections.ConfigDict(dict(
+        pretrain=True, llm="tiny", tokens=64,
+        overrides=dict(model=dict(compressor=dict(name="none")),
+                       train=dict(stage="full", train_vision=True, lr=3e-4, steps=800)),
+    ))
+    config.eval = eval_config(synthetic_per_family=400, tasks=dict(reasoning="synthetic/reasoning",
+                                                                 ocr="synthetic/ocr"))
+    config.backend = "local"
+    config.parallel = 2
+    config.fit = fit_config(bootstrap=300)
+    return config
+
+
+def paper(arg) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.dir = "gs://YOUR_BUCKET/vlm-jax/grid-paper"
+    config.llms = _axis(arg.llms) or ("qwen1.5-0.5b", "qwen1.5-1.8b", "qwen1.5-4b", "qwen1.5-7b")
+    config.tokens = _axis(arg.tokens, int) or (1, 4, 16, 36, 64, 144, 576)
+    config.seeds = (0,)
+    stage1, stage2 = llava.get_config("stage=1,compressor=quecc"), llava.get_config("stage=2,compressor=quecc")
+    cell = ml_collections.ConfigDict(stage1.to_dict())
+    cell.run_dir = ""
+    # Pretrained weights (local or gs:// directories): CLIP tower and the Qwen LLM of each cell.
+    cell.init = ()
+    config.cell = cell
+    config.stages = ml_collections.ConfigDict(dict(
+        stage1=dict(train=dict(stage2.train.to_dict() | stage1.train.to_dict())),
+        stage2=dict(train=stage2.train.to_dict()),
+    ))
+    config.tower = ml_collections.ConfigDict(dict(pretrain=False, llm="", tokens=0, overrides={}))
+    config.eval = eval_config(synthetic_per_family=0, batch_size=16, max_new_tokens=128, seq_len=2048,
+                              text_tokens=64, tasks=PAPER_TASKS,
+                              benchmarks={k: v for k, v in PAPER_BENCHMARKS.items()})
+    config.backend = "tpu"
+    config.parallel = 4
+    config.fit = fit_config(bootstrap=1000)
+    return config
+
+
+def eval_config(*, synthetic_per_family: int, tasks: dict, benchmarks: dict | None = None, batch_size: int = 50,
+                max_new_tokens: int = 4, seq_len: int = 0, text_tokens: int = 16) -> ml_collections.ConfigDict:
+    """How each cell is evaluated: tasks (name -> comma-separated benchmarks, averaged into the task's error),
+    synthetic validation questions per family, LLaVA-format benchmarks, and Q for the inference-FLOPs column."""
+    return ml_collections.ConfigDict(dict(
+        synthetic_per_family=synthetic_per_family, tasks=tasks, benchmarks=benchmarks or {},
+        batch_size=batch_size, max_new_tokens=max_new_tokens, seq_len=seq_len, text_tokens=text_tokens))
+
+
+def fit_config(bootstrap: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(forms=("multiplicative", "additive"), bootstrap=bootstrap, seed=0,
+                                          text_tokens=(0.0, 16.0, 64.0), level=0.95))
+
+
+VARIANTS = {"smoke": smoke, "paper": paper}
+
+
+def get_config(arg=None):
+    variant, _, rest = (arg or "smoke").partition(",")
+    if "=" in variant:   # only key=value pairs: the default variant
+        variant, rest = "smoke", arg
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown grid variant {variant!r}; known: {sorted(VARIANTS)}")
+    parsed = common.parse_arg(rest, llms="", tokens="")
+    config = VARIANTS[variant](parsed)
+    config.variant = variant
+    config.lock()
+    return config

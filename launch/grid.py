@@ -1,0 +1,57 @@
+"""Train and evaluate every (LLM size N x visual tokens V) cell of a grid, fit the scaling law, draw the surface.
+
+    python -m launch.grid --config=configs/grid.py                       # the smoke grid, on this machine
+    python -m launch.grid --config=configs/grid.py:paper --dry_run       # every command of the paper grid, in order
+    python -m launch.grid --config=configs/grid.py --only='tiny-l_*'     # a subset of cells (fnmatch patterns)
+    python -m launch.grid --config=configs/grid.py --retry_failed        # only the cells that failed before
+
+Re-running resumes: finished cells are skipped, interrupted ones continue. Writes CONFIG.dir/results.jsonl,
+summary.json, report.txt and plots/ (see vlm_jax/grid/).
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/grid.py", "Grid config, e.g. configs/grid.py:paper.",
+                                lock_config=True)
+flags.DEFINE_list("only", [], "Run only the cells whose names match these fnmatch patterns (e.g. 'tiny_v*').")
+flags.DEFINE_bool("retry_failed", False, "Run only the cells that failed before.")
+flags.DEFINE_bool("dry_run", False, "Print every command, in order, and run nothing.")
+flags.DEFINE_bool("fit_only", False, "Run no job; rebuild the table, fit and plot from the finished cells.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from configs import models
+    from vlm_jax import flops
+    from vlm_jax.grid import backends, report, runner, spec
+
+    grid = FLAGS.config
+    backend = backends.make(grid.backend, grid.get(grid.backend))
+    n_params = lambda model_cfg: flops.param_counts(model_cfg)["llm"]  # noqa: E731
+    tower = spec.tower_job(grid, models.llm_config)
+    cells = spec.cell_jobs(grid, models.llm_config, n_params, tower)
+    if FLAGS.dry_run:
+        runner.dry_run(([tower] if tower else []) + cells, backend, print)
+        return
+    if not FLAGS.fit_only:
+        todo, notes = runner.select(([tower] if tower else []) + cells, FLAGS.only, FLAGS.retry_failed)
+        for note in notes:
+            print(note)
+        todo_tower = tower if tower in todo else None
+        todo_cells = [j for j in todo if j.is_cell]
+        print(f"grid {grid.dir}: {len(cells)} cells ({len(grid.llms)} LLMs x {len(grid.tokens)} V x "
+              f"{len(grid.seeds)} seeds), {len(todo_cells)} to run, {grid.parallel} at a time on '{grid.backend}'"
+              + (", tower first" if todo_tower else ""), flush=True)
+        progress = runner.run_jobs(todo_tower, todo_cells, backend, grid.parallel,
+                                   echo=lambda line: print(line, flush=True))
+        if progress.failed:
+            print(f"{progress.failed} job(s) failed: see their result.json and log.txt; "
+                  f"re-run with --retry_failed after fixing the cause")
+    report.write_report(grid.dir, cells, grid.fit)
+    print(f"\nresults.jsonl, summary.json, report.txt and plots/ in {grid.dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,99 @@
+"""Run one grid job in this process: its training stages in order, then (for a cell) the evaluation, then write
+`result.json` — the rows (one per task) that the results table collects. `python -m launch.cell --job_dir=DIR`.
+
+Each stage is an ordinary `train.run` with its own run directory, so a killed job resumes inside a stage from the
+stage's last checkpoint and skips finished stages; the result is written last and atomically, so a job counts as
+done only when everything before it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import ml_collections
+import numpy as np
+
+from vlm_jax import flops, train
+from vlm_jax.grid import results
+
+log = logging.getLogger(__name__)
+
+
+def read_spec(job_dir: str) -> dict:
+    with open(os.path.join(job_dir, "job.json")) as f:
+        return json.load(f)
+
+
+def _finished_steps(run_dir: str) -> int:
+    """The step of the stage's last logged metrics line (0 when it has not logged)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [json.loads(x) for x in f if x.strip()]
+    return int(lines[-1]["step"]) if lines else 0
+
+
+def run_stages(spec: dict) -> float:
+    """Train every stage not yet finished; returns the seconds spent training in this call."""
+    seconds = 0.0
+    for stage in spec["stages"]:
+        cfg = ml_collections.ConfigDict(stage["config"])
+        if _finished_steps(cfg.run_dir) >= cfg.train.steps:
+            log.info("stage %s: already finished, skipped", stage["name"])
+            continue
+        start = time.perf_counter()
+        log.info("stage %s: training %d steps -> %s", stage["name"], cfg.train.steps, cfg.run_dir)
+        train.run(cfg)
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+def evaluate_cell(spec: dict) -> dict:
+    """{task: {accuracy, benchmarks: {name: score}}} from the last stage's checkpoint."""
+    from vlm_jax.data import pipeline
+    from vlm_jax.evaluation import Answerer, evaluate, llava_benchmark, synthetic_benchmarks
+
+    e = spec["eval"]
+    run_dir = spec["stages"][-1]["config"]["run_dir"]
+    config, params = train.load_params(run_dir)
+    benchmarks = []
+    if e["synthetic_per_family"]:
+        benchmarks += synthetic_benchmarks(config.data, config.model.vision.image_size, e["synthetic_per_family"])
+    for name, (scorer, questions, answers, image_dir) in sorted(e["benchmarks"].items()):
+        benchmarks.append(llava_benchmark(name, questions, answers or None, image_dir, scorer))
+    answerer = Answerer(config, params, pipeline.make_tokenizer(config.data), batch_size=e["batch_size"],
+                        max_new_tokens=e["max_new_tokens"], seq_len=e["seq_len"])
+    summary = evaluate(answerer, benchmarks, os.path.join(os.path.dirname(run_dir), "eval"))
+    tasks = {}
+    for task, names in sorted(e["tasks"].items()):
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        missing = [n for n in names if n not in summary["scores"]]
+        if missing:
+            raise ValueError(f"eval.tasks.{task} names benchmarks that were not evaluated: {missing}; "
+                             f"evaluated: {sorted(summary['scores'])}")
+        tasks[task] = {"accuracy": float(np.mean([summary["scores"][n] for n in names])),
+                       "benchmarks": {n: summary["scores"][n] for n in names}}
+    return tasks
+
+
+def run_job(job_dir: str) -> dict:
+    """Run the job in `job_dir` to completion and write its result.json; returns the result."""
+    spec = read_spec(job_dir)
+    start = time.perf_counter()
+    train_s = run_stages(spec)
+    result = {"status": "ok", "spec_digest": results.spec_digest(spec), "train_s": round(train_s, 1)}
+    if spec["row"] is not None:
+        tasks = evaluate_cell(spec)
+        model_cfg = ml_collections.ConfigDict(spec["stages"][-1]["config"]["model"])
+        q = int(spec["eval"]["text_tokens"])
+        infer = flops.inference_flops(model_cfg, text_tokens=q)
+        result["rows"] = [dict(spec["row"], task=task, error=max(1.0 - t["accuracy"], 1e-4),
+                               accuracy=t["accuracy"], benchmarks=t["benchmarks"], inference_flops=infer,
+                               text_tokens=q, train_s=round(train_s, 1)) for task, t in tasks.items()]
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    results.write_json_atomic(os.path.join(job_dir, "result.json"), result)
+    return result

@@ -1,0 +1,68 @@
+"""Job results and the grid's results table, written so that a kill at any moment leaves a readable file.
+
+Every job writes `<job_dir>/result.json` ({status, rows, ...}) by write-then-rename; `results.jsonl` (one row per
+(cell, task): the columns `launch.fit` reads plus accuracies, FLOPs and times) is rebuilt from them the same way,
+in the grid's cell order, so a re-run after a kill produces the same table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from vlm_jax.grid import spec as spec_lib
+
+
+def spec_digest(spec: dict) -> str:
+    return spec_lib.digest(spec)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync, rename over `path` (atomic on POSIX)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def read_result(job_dir: str) -> dict | None:
+    """The job's result.json, or None when it has none (never ran, or was killed before the end)."""
+    path = os.path.join(job_dir, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def status(job, result: dict | None) -> str:
+    """'done' | 'failed' | 'stale' (done under another spec) | 'todo'."""
+    if result is None:
+        return "todo"
+    if result.get("spec_digest") != spec_digest(job.spec):
+        return "stale"
+    return "done" if result.get("status") == "ok" else "failed"
+
+
+def write_table(path: str, jobs) -> list[dict]:
+    """Rebuild results.jsonl from the finished cells' rows, in the grid's order; returns the rows."""
+    rows = []
+    for job in jobs:
+        result = read_result(job.dir)
+        if job.is_cell and result is not None and status(job, result) == "done":
+            rows += result["rows"]
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return rows

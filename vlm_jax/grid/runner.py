@@ -1,0 +1,127 @@
+"""Run a grid: the tower job first (cells need it), then every cell through the backend, k at a time; a failing job
+is recorded and never stops the others. Progress (done / running / failed, elapsed, ETA) after every job."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fnmatch
+import os
+import shlex
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+from vlm_jax.grid import backends, results
+from vlm_jax.grid.spec import GridJob
+
+
+def job_command(job: GridJob) -> backends.Job:
+    return backends.Job(job.name, ("python", "-m", "launch.cell", f"--job_dir={job.dir}"))
+
+
+def select(jobs: Sequence[GridJob], only: Sequence[str], retry_failed: bool) -> tuple[list[GridJob], list[str]]:
+    """(jobs to run, notes): done jobs are skipped; `only` (fnmatch patterns of cell names) narrows the cells;
+    `retry_failed` runs only the cells that failed before. A job done under another spec is an error."""
+    todo, notes = [], []
+    for job in jobs:
+        result = results.read_result(job.dir)
+        state = results.status(job, result)
+        if state == "stale":
+            raise ValueError(f"{job.dir} holds a finished job with a different spec (the grid config changed); "
+                             f"use a new config.dir, or delete that directory to redo it")
+        if job.is_cell and only and not any(fnmatch.fnmatch(job.name, p) for p in only):
+            continue
+        if state == "done":
+            notes.append(f"{job.name}: done, skipped")
+        elif retry_failed and state != "failed" and job.is_cell:
+            continue
+        else:
+            todo.append(job)
+    return todo, notes
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """Thread-safe counters and one line per finished job."""
+
+    def __init__(self, total: int, parallel: int, echo: Callable[[str], None]):
+        self.total, self.parallel, self.echo = total, parallel, echo
+        self.done = self.failed = self.running = 0
+        self.durations: list[float] = []
+        self.start = time.perf_counter()
+        self.lock = threading.Lock()
+
+    def started(self):
+        with self.lock:
+            self.running += 1
+
+    def finished(self, job: GridJob, ok: bool, seconds: float, detail: str):
+        with self.lock:
+            self.running -= 1
+            self.done += ok
+            self.failed += not ok
+            self.durations.append(seconds)
+            left = self.total - self.done - self.failed
+            elapsed = time.perf_counter() - self.start
+            eta = (sum(self.durations) / len(self.durations)) * left / self.parallel
+            self.echo(f"[{self.done + self.failed:>3}/{self.total} | {self.done} done, {self.running} running, "
+                      f"{self.failed} failed | {_fmt_s(elapsed)} elapsed, ETA {_fmt_s(eta) if left else '0s'}] "
+                      f"{job.name}: {detail} ({_fmt_s(seconds)})")
+
+
+def _summary_line(result: dict | None) -> str:
+    if not result or "rows" not in result:
+        return "ok"
+    return "  ".join(f"{r['task']} acc {r['accuracy']:.3f}" for r in result["rows"])
+
+
+def run_one(job: GridJob, backend, progress: Progress) -> bool:
+    """Run one job; on failure write result.json with the error and the log's tail (never raises)."""
+    progress.started()
+    start = time.perf_counter()
+    log_path = os.path.join(job.dir, "log.txt")
+    try:
+        os.makedirs(job.dir, exist_ok=True)
+        results.write_json_atomic(os.path.join(job.dir, "job.json"), job.spec)
+        rc = backend.run(job_command(job), log_path)
+        result = results.read_result(job.dir)
+        ok = rc == 0 and results.status(job, result) == "done"
+        error = None if ok else f"exit code {rc}" + ("" if result else " and no result.json")
+    except Exception:  # a launcher-side error fails this job only
+        ok, error, result = False, traceback.format_exc(limit=3), None
+    if not ok:
+        tail = ""
+        if os.path.exists(log_path):
+            with open(log_path, errors="replace") as f:
+                tail = "".join(f.readlines()[-20:])
+        results.write_json_atomic(os.path.join(job.dir, "result.json"), {
+            "status": "failed", "error": error, "log_tail": tail, "spec_digest": results.spec_digest(job.spec)})
+        detail = f"FAILED ({error}); log: {log_path}"
+    else:
+        detail = _summary_line(result)
+    progress.finished(job, ok, time.perf_counter() - start, detail)
+    return ok
+
+
+def dry_run(jobs: Sequence[GridJob], backend, echo: Callable[[str], None]) -> None:
+    for job in jobs:
+        echo(f"# {job.name}: write {os.path.join(job.dir, 'job.json')}")
+        for argv in backend.commands(job_command(job)):
+            echo(shlex.join(argv))
+
+
+def run_jobs(tower: GridJob | None, cells: Sequence[GridJob], backend, parallel: int,
+             echo: Callable[[str], None] = print) -> Progress:
+    """The tower (if it is to run) alone, then the cells `parallel` at a time. If the tower fails, no cell runs."""
+    progress = Progress((tower is not None) + len(cells), max(1, parallel), echo)
+    if tower is not None and not run_one(tower, backend, progress):
+        echo(f"the tower job failed: no cell can run; see {os.path.join(tower.dir, 'log.txt')}")
+        return progress
+    with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+        list(pool.map(lambda job: run_one(job, backend, progress), cells))
+    return progress

@@ -1,0 +1,107 @@
+"""The grid specification: which cells exist, and the exact run configs of each cell's stages.
+
+A grid config (configs/grid.py) holds the axes (`llms`, `tokens`, `seeds`), one run-config template (`cell`: model,
+data, train, mesh, as for `launch.train`), per-stage overrides of it (`stages`), the evaluation (`eval`), an optional
+vision-tower pretraining job (`tower`) and the backend. `jobs()` turns it into `Job`s whose `spec` is written to
+`<dir>/job.json` and run by `python -m launch.cell --job_dir=<dir>` (vlm_jax/grid/cell.py), on any backend.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+import ml_collections
+
+TOWER_PARAMS = "vision/.*"   # what the cells take from the pretrained tower
+
+
+@dataclasses.dataclass(frozen=True)
+class GridJob:
+    """One job of the grid: its name, directory, and the spec (JSON-ready) that `cell.run_job` executes."""
+
+    name: str
+    dir: str
+    spec: dict
+
+    @property
+    def is_cell(self) -> bool:
+        return self.spec["row"] is not None
+
+
+def merge(base: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    """A copy of `base` with the nested `overrides` (dict or ConfigDict) applied; unknown keys are an error."""
+    out = ml_collections.ConfigDict(copy.deepcopy(base.to_dict()))
+
+    def apply(node, upd, prefix):
+        for key, value in upd.items():
+            if key not in node:
+                raise ValueError(f"grid override {prefix}{key} names no key of the run config")
+            if isinstance(value, (dict, ml_collections.ConfigDict)) and isinstance(node[key], ml_collections.ConfigDict):
+                apply(node[key], value, f"{prefix}{key}.")
+            else:
+                node[key] = value
+    apply(out, overrides.to_dict() if isinstance(overrides, ml_collections.ConfigDict) else overrides, "")
+    return out
+
+
+def digest(obj) -> str:
+    """A short stable hash of a JSON-able object (keys sorted)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def cell_name(llm: str, tokens: int, seed: int, n_seeds: int) -> str:
+    return f"{llm}_v{tokens}" + (f"_s{seed}" if n_seeds > 1 else "")
+
+
+def tower_job(grid: ml_collections.ConfigDict, llm_config: Callable) -> GridJob | None:
+    """The vision-tower pretraining job (trained once, cached under a directory keyed by its config), or None."""
+    t = grid.tower
+    if not t.pretrain:
+        return None
+    cfg = merge(grid.cell, t.overrides)
+    cfg.model.llm = llm_config(t.llm)
+    cfg.model.compressor.num_tokens = t.tokens
+    cfg.init = ()
+    key = digest({"model": cfg.model.to_dict(), "data": cfg.data.to_dict(), "train": cfg.train.to_dict(),
+                  "seed": cfg.seed})
+    job_dir = os.path.join(grid.dir, f"tower-{key}")
+    cfg.run_dir = os.path.join(job_dir, "run")
+    return GridJob(f"tower-{key}", job_dir, {"stages": [{"name": "tower", "config": cfg.to_dict()}],
+                                             "eval": None, "row": None})
+
+
+def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: Callable,
+              tower: GridJob | None) -> list[GridJob]:
+    """Every (LLM, V, seed) cell: stage 1 (from the tower / config init sources), stage 2 (from stage 1),
+    evaluation. `n_params(model_cfg)` is the LLM's parameter count (the scaling law's N)."""
+    jobs = []
+    for llm in grid.llms:
+        for tokens in grid.tokens:
+            for seed in grid.seeds:
+                name = cell_name(llm, tokens, seed, len(grid.seeds))
+                job_dir = os.path.join(grid.dir, "cells", name)
+                stages, previous = [], None
+                for stage_name, overrides in grid.stages.items():
+                    cfg = merge(grid.cell, overrides)
+                    cfg.model.llm = llm_config(llm)
+                    cfg.model.compressor.num_tokens = tokens
+                    cfg.seed = seed
+                    cfg.run_dir = os.path.join(job_dir, stage_name)
+                    if previous is None:   # the first stage starts from the pretrained parts
+                        init = list(cfg.init)
+                        if tower is not None:
+                            init.append((tower.spec["stages"][0]["config"]["run_dir"], TOWER_PARAMS))
+                    else:                  # later stages start from the previous stage's weights
+                        init = [(previous, ".*")]
+                    cfg.init = tuple(tuple(x) if not isinstance(x, str) else x for x in init)
+                    stages.append({"name": stage_name, "config": cfg.to_dict()})
+                    previous = cfg.run_dir
+                row = {"cell": name, "llm": llm, "n_params": int(n_params(cfg.model)), "visual_tokens": tokens,
+                       "seed": seed}
+                jobs.append(GridJob(name, job_dir, {"stages": stages, "eval": grid.eval.to_dict(), "row": row}))
+    return jobs
