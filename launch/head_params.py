@@ -18,19 +18,14 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    import jax
-    import numpy as np
-
     from configs import models
+    from vlm_jax import flops
     from vlm_jax.models import heads, vlm
 
-    def count(tree):
-        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-    heads = FLAGS.heads or list(heads.REGISTRY)
+    count = flops.count_params
     print(f"compressor head parameters: vision {FLAGS.vision}, LLM {FLAGS.llm}")
     print(f"{'head':<12} {'V':>5} {'params':>14}  breakdown")
-    for name in heads:
+    for name in FLAGS.heads or list(heads.REGISTRY):
         for v in (int(t) for t in FLAGS.tokens):
             cfg = models.model_config(FLAGS.vision, FLAGS.llm, name, v)
             try:

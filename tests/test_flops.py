@@ -7,7 +7,7 @@ import pytest
 
 from configs import models
 from vlm_jax import flops
-from vlm_jax.models import vlm
+from vlm_jax.models import heads, vlm
 
 SDS = jax.ShapeDtypeStruct
 
@@ -76,6 +76,27 @@ def test_quecc_is_charged_for_its_query_pass_over_the_question():
     assert b.query_pass == 2 * n * 12 + 2 * llm.num_layers * llm.num_heads * llm.head_dim * 12 ** 2
     # By default the whole text is the question.
     assert flops.inference_breakdown(cfg, text_tokens=30).query_pass > b.query_pass
+
+
+def test_a_new_query_conditioned_head_is_charged_its_query_pass_and_its_own_cost(monkeypatch):
+    # A head flops has never heard of: the head class alone says what it costs.
+    class QueryPool(heads.get("avgpool")):
+        needs_query = True
+
+        @classmethod
+        def flops_per_image(cls, model_cfg):
+            return 123.0
+
+    monkeypatch.setitem(heads.REGISTRY, "query_pool", QueryPool)
+    cfg = tiny_cfg("avgpool", 4)
+    cfg.compressor.name = "query_pool"
+    n = flops.param_counts(cfg)["llm"]
+    llm = cfg.llm
+    b = flops.inference_breakdown(cfg, text_tokens=30, question_tokens=12)
+    assert b.query_pass == 2 * n * 12 + 2 * llm.num_layers * llm.num_heads * llm.head_dim * 12 ** 2
+    assert b.compressor == 123.0
+    kw = {"batch_size": 1, "seq_len": 40, "train_llm": True, "train_vision": False}
+    assert flops.train_step_flops(cfg, query_tokens=8, **kw) > flops.train_step_flops(tiny_cfg("avgpool", 4), **kw)
 
 
 def test_compressor_flops_come_from_xla_and_grow_with_head_work():

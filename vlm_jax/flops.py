@@ -11,7 +11,8 @@ Conventions (a multiply-add is 2 FLOPs):
   token), a frozen part nothing flows through (the vision tower) 1x. Attention has no weights but both of its
   operands are activations, so it costs 3x forward whenever gradients pass through it.
 Parameter counts come from `vlm_jax.models.vlm.abstract_params(model_cfg)` (shapes only, nothing allocated), never
-from hand-typed sizes; compressor FLOPs from XLA's cost analysis of the compressor head itself.
+from hand-typed sizes. What a compressor head costs is the head class's own answer: `flops_per_image` (by default
+XLA's cost analysis of the head itself) and `needs_query` (an extra forward LLM pass over the question).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def count_params(tree) -> int:
 def _vlm_module():
     # Imported lazily: flops must be importable (and testable) without building the model code.
     return importlib.import_module("vlm_jax.models.vlm")
+
+
+def _head_class(model_cfg):
+    return importlib.import_module("vlm_jax.models.heads").get(model_cfg.compressor.name)
 
 
 def param_counts(model_cfg, params=None) -> dict[str, int]:
@@ -66,11 +71,8 @@ def vision_tokens(vision_cfg) -> int:
 
 
 def visual_tokens(model_cfg) -> int:
-    """V, the visual tokens the LLM receives: compressor.num_tokens, or the whole patch grid without a compressor."""
-    comp = model_cfg.compressor
-    if comp.name == "none" and comp.get("num_tokens") is None:
-        return vision_tokens(model_cfg.vision) - 1
-    return int(comp.num_tokens)
+    """V, the visual tokens the LLM receives (config validation makes every head produce exactly num_tokens)."""
+    return int(model_cfg.compressor.num_tokens)
 
 
 def xla_flops(fn, *abstract_args) -> float:
@@ -84,13 +86,14 @@ def xla_flops(fn, *abstract_args) -> float:
 
 
 def compressor_flops(model_cfg) -> float:
-    """Forward FLOPs of the compressor head for one image (0 without a compressor), by XLA cost analysis of
-    `vlm_jax.models.vlm.compressor_cost_fn(model_cfg)` (the head only: vision tower and projector are counted
-    separately)."""
-    if model_cfg.compressor.name == "none":
-        return 0.0
-    fn, abstract_args = _vlm_module().compressor_cost_fn(model_cfg)
-    return xla_flops(fn, *abstract_args)
+    """Forward FLOPs of the compressor head for one image, as the head class reports them (`flops_per_image`;
+    the head only: vision tower and projector are counted separately)."""
+    return float(_head_class(model_cfg).flops_per_image(model_cfg))
+
+
+def needs_query_pass(model_cfg) -> bool:
+    """Whether the head conditions on the question, which costs an extra forward LLM pass over it."""
+    return bool(_head_class(model_cfg).needs_query)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +101,8 @@ class InferenceFlops:
     """Forward FLOPs of answering one query with one image, by part.
 
     llm: 2 N (Q + V); llm_attention: causal attention over Q + V; vision: 2 N_vision T + ViT attention;
-    compressor: the head (XLA); projector: 2 N_projector V; query_pass: QueCC's extra LLM pass over the question.
+    compressor: the head (its flops_per_image); projector: 2 N_projector V; query_pass: the extra LLM pass over the
+    question of a query-conditioned head (QueCC).
     """
 
     llm: float
@@ -135,8 +139,9 @@ def inference_breakdown(model_cfg, *, text_tokens: int, question_tokens: int | N
                         compressor_flops_per_image: float | None = None, params=None) -> InferenceFlops:
     """Per-part forward FLOPs of one query: text_tokens Q of text plus V visual tokens through the LLM (prefill).
 
-    question_tokens: the question the QueCC head encodes with its extra LLM pass (default: all Q text tokens);
-    charged only for the 'quecc' compressor. compressor_flops_per_image overrides the XLA measurement.
+    question_tokens: the question a query-conditioned head (`needs_query`, e.g. QueCC) encodes with its extra LLM
+    pass (default: all Q text tokens); charged only for such heads. compressor_flops_per_image overrides the
+    head's own count.
     """
     if text_tokens < 0:
         raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
@@ -144,7 +149,7 @@ def inference_breakdown(model_cfg, *, text_tokens: int, question_tokens: int | N
     v = visual_tokens(model_cfg)
     llm, llm_attention = _llm_forward(model_cfg.llm, counts["llm"], text_tokens + v)
     query_pass = 0.0
-    if model_cfg.compressor.name == "quecc":
+    if needs_query_pass(model_cfg):
         q = text_tokens if question_tokens is None else question_tokens
         query_pass = sum(_llm_forward(model_cfg.llm, counts["llm"], q))
     if compressor_flops_per_image is None:
@@ -178,7 +183,7 @@ def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: boo
         vision tower     (3 if train_vision else 1) * F_vision       (2 N_vision per patch token + attention)
         compressor       3 * F_compressor                            (always trained)
         projector        3 * 2 * N_projector * V                     (always trained)
-        QueCC query      2 * N * query_tokens + causal attention     (forward only: the query has no gradient)
+        query pass       2 * N * query_tokens + causal attention     (heads with needs_query; forward only)
     query_tokens defaults to seq_len: with static shapes the query pass runs over the whole padded sequence.
     """
     if batch_size <= 0 or seq_len <= 0:
@@ -192,7 +197,7 @@ def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: boo
         compressor_flops_per_image = compressor_flops(model_cfg)
     per_seq += 3.0 * compressor_flops_per_image
     per_seq += 3.0 * llm_linear_flops(counts["projector"], visual_tokens(model_cfg))
-    if model_cfg.compressor.name == "quecc":
+    if needs_query_pass(model_cfg):
         per_seq += sum(_llm_forward(llm_cfg, counts["llm"], seq_len if query_tokens is None else query_tokens))
     return batch_size * per_seq
 

@@ -59,7 +59,8 @@ class Head(nn.Module):
     """Base class: the constructor fields and defaults every head shares.
 
     Built as `Head(cfg=compressor_cfg, vision_cfg=..., llm_cfg=..., dtype=...)`; subclasses set `DEFAULTS`,
-    `needs_query`, and override `vision_layers`/`check` when they read more layers or tile the grid differently.
+    `needs_query`, and override `vision_layers`/`check` when they read more layers or tile the grid differently,
+    and `flops_per_image` when XLA's count of their computation is not their cost.
     """
     cfg: ml_collections.ConfigDict
     vision_cfg: ml_collections.ConfigDict
@@ -76,6 +77,16 @@ class Head(nn.Module):
     @classmethod
     def check(cls, cfg, grid):
         grid_side(cfg.name, cfg.num_tokens, grid)
+
+    @classmethod
+    def flops_per_image(cls, model_cfg) -> float:
+        """Forward FLOPs of the head for one image: XLA's cost analysis of the head alone, so a new head is
+        charged for what it computes without a formula of its own. The query pass of a `needs_query` head is
+        an LLM forward and counted by vlm_jax.flops, not here."""
+        from vlm_jax import flops              # pylint: disable=import-outside-toplevel  (flops -> heads at call)
+        from vlm_jax.models import vlm         # pylint: disable=import-outside-toplevel  (vlm imports heads)
+        fn, abstract_args = vlm.compressor_cost_fn(model_cfg)
+        return flops.xla_flops(fn, *abstract_args)
 
     def selected(self, features):
         """Patch tokens of the selected layer reshaped to the grid: float[B, g, g, Dv]."""

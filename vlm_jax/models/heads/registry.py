@@ -16,6 +16,7 @@ Every head is a linen Module built as `Head(cfg=compressor_cfg, vision_cfg=..., 
 - `needs_query`: whether it consumes the query embedding (the LLM's hidden state of the user's question);
 - `vision_layers(cfg, vision_cfg)`: the vision hidden-state indices it reads;
 - `check(cfg, grid)`: raises ValueError naming head, V and grid when it cannot produce V tokens;
+- `flops_per_image(model_cfg)`: its forward FLOPs per image (default: XLA's count of the head alone);
 - `__call__(features, query)`: features {layer index: float[B, 1 + g*g, Dv]} (class token first), query
   float[B, D_llm] or None -> float[B, V, Dv].
 """
@@ -75,6 +76,10 @@ class AllTokens(Head):
         if cfg.num_tokens != grid * grid:
             raise ValueError(f"compressor head 'none' passes all {grid * grid} tokens of the {grid}x{grid} grid; "
                              f"V={cfg.num_tokens} is impossible (use V={grid * grid} or another head)")
+
+    @classmethod
+    def flops_per_image(cls, model_cfg) -> float:
+        return 0.0   # passes tokens through: nothing to compute
 
     def __call__(self, features, query=None):
         return vision.patch_tokens(features[self.vision_cfg.select_layer]).astype(self.dtype)
