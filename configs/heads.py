@@ -2,8 +2,9 @@
 
     --config.model.compressor.name=quecc --config.model.compressor.num_tokens=1
 
-Every head takes `name` (the registry entry) and `num_tokens` (V). Head-specific keys, with their defaults
-(the heads' `DEFAULTS` in vlm_jax/models; a test keeps this table and those in sync):
+Every head takes `name` (the registry entry) and `num_tokens` (V). Head-specific keys, with their defaults, are
+each head class's `DEFAULTS` (vlm_jax/models/heads/), read from the registry; this table documents them (a test
+checks every key is in it):
 
 | head        | key        | default | meaning                                                                    |
 |-------------|------------|---------|----------------------------------------------------------------------------|
@@ -26,24 +27,17 @@ resampler takes any V >= 1. A V a head cannot produce fails at start-up with the
 import ml_collections
 from ml_collections import config_dict
 
-KEYS = {
-    "none": {},
-    "avgpool": {},
-    "quecc": dict(kv_layers=None, num_heads=8),
-    "tokenpacker": dict(kv_layers=None, num_heads=8, residual=True),
-    "resampler": dict(depth=2, num_heads=8, mlp_ratio=4),
-}
+from vlm_jax.models import heads
 
 
 def compressor_config(name: str, num_tokens: int, **overrides) -> ml_collections.ConfigDict:
     """`config.model.compressor` with every key of head `name` present (so each is overridable from the
-    command line on a locked config); unknown overrides fail here, naming the key."""
-    if name not in KEYS:
-        raise ValueError(f"unknown compressor head {name!r}; known: {sorted(KEYS)}")
-    unknown = set(overrides) - set(KEYS[name])
+    command line on a locked config); unknown heads and overrides fail here, naming them."""
+    defaults = heads.get(name).DEFAULTS
+    unknown = set(overrides) - set(defaults)
     if unknown:
-        raise ValueError(f"compressor head {name!r} has no key(s) {sorted(unknown)}; it takes {sorted(KEYS[name])}")
-    cfg = dict(name=name, num_tokens=num_tokens, **KEYS[name])
+        raise ValueError(f"compressor head {name!r} has no key(s) {sorted(unknown)}; it takes {sorted(defaults)}")
+    cfg = dict(name=name, num_tokens=num_tokens, **defaults)
     if cfg.get("kv_layers", ()) is None:
         cfg["kv_layers"] = config_dict.placeholder(tuple)   # None, but typed: overridable as '(12, 16, 22, 23)'
     cfg.update(overrides)

@@ -195,10 +195,21 @@ def test_default_taps_are_clip_l_layers_and_scale_with_depth():
     assert heads.get("tokenpacker").vision_layers(cfg, tiny) == (-2, 2, 3, 4, 4)
 
 
-def test_config_table_lists_exactly_each_heads_defaults():
-    assert set(heads_cfg.KEYS) == set(heads.REGISTRY)
+def test_every_head_key_is_documented_in_the_config_table():
+    table = heads_cfg.__doc__
     for name, head_cls in heads.REGISTRY.items():
-        assert heads_cfg.KEYS[name] == head_cls.DEFAULTS, name
+        assert f"\n| {name} " in table, name
+        for key in head_cls.DEFAULTS:
+            assert f"| {key} " in table, (name, key)
+
+
+def test_compressor_config_holds_every_key_the_head_takes_and_validates():
+    for name, head_cls in heads.REGISTRY.items():
+        cfg = heads_cfg.compressor_config(name, 64)
+        assert set(cfg) == {"name", "num_tokens", *head_cls.DEFAULTS}, name
+        heads.validate(cfg, models.vision_config("tiny"))
+    with pytest.raises(ValueError, match="unknown compressor head 'nope'"):
+        heads_cfg.compressor_config("nope", 4)
 
 
 @pytest.mark.parametrize("name", LEARNED)
