@@ -139,12 +139,26 @@ def test_bad_sharding_arguments_raise(kwargs, match):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("source", "webdataset", "data.source"),
+    ("source", "webdataset", r"data.source 'webdataset'; known: \['llava', 'synthetic', 'tfds'\]"),
     ("bad_input", "ignore", "data.bad_input"),
 ])
 def test_bad_config_values_raise(field, value, match):
     with pytest.raises(ValueError, match=match):
         make(small_config(**{field: value}))
+
+
+def test_a_registered_source_is_what_data_source_selects(monkeypatch):
+    calls = []
+
+    def few(data_cfg, split, image_size):
+        calls.append(split)
+        return synthetic.SyntheticSource(split, 6, image_size=image_size), []
+
+    monkeypatch.setitem(pipeline.SOURCES, "few", few)
+    batch = next(make(small_config(source="few")))
+    assert calls == ["train"] and batch["tokens"].shape[0] == 8
+    with pytest.raises(ValueError, match="registered twice"):
+        pipeline.register_source("few")(few)
 
 
 def test_prompt_batch_for_generation_matches_the_training_prefix():

@@ -17,7 +17,7 @@ shuffles within the shard with a per-epoch seed); epochs repeat forever.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain.python as grain
@@ -34,13 +34,11 @@ from vlm_jax.data.tokenize import (
 )
 from vlm_jax.data.transforms import EncodeExample, ExampleSource, Step
 
-SOURCES = ("synthetic", "llava", "tfds")
-
 
 def default_config() -> ml_collections.ConfigDict:
     """Every data key, with the synthetic benchmark as the default source."""
     c = ml_collections.ConfigDict()
-    c.source = "synthetic"  # 'synthetic' | 'llava' | 'tfds'
+    c.source = "synthetic"  # a name in SOURCES: 'synthetic' | 'llava' | 'tfds'
     c.seq_len = 32  # text tokens per example; examples are L = seq_len + V long (V image slots on top)
     c.question_len = 16  # Lq: question tokens for query-conditioned compressors (the END of a long question is kept)
     c.system_prompt = ""  # ChatML system turn; '' for none (LLaVA-Qwen runs use "You are a helpful assistant.")
@@ -99,24 +97,49 @@ def make_layout(data_cfg: ml_collections.ConfigDict, num_visual_tokens: int) -> 
                                num_visual_tokens=num_visual_tokens, system_prompt=data_cfg.system_prompt)
 
 
+# data.source name -> fn(data_cfg, split, image_size) -> (random-access source, steps that turn items into records).
+SOURCES: dict[str, Callable[..., tuple[Any, list[Step]]]] = {}
+
+
+def register_source(name: str):
+    """Decorator adding a data source under `name` (the value of data.source)."""
+    def wrap(fn):
+        if name in SOURCES:
+            raise ValueError(f"data source {name!r} registered twice")
+        SOURCES[name] = fn
+        return fn
+    return wrap
+
+
 def make_source(data_cfg: ml_collections.ConfigDict, split: str, image_size: int
                 ) -> tuple[Any, list[Step]]:
     """The raw random-access source of `split` and the steps that turn its items into records (transforms.py)."""
-    if data_cfg.source == "synthetic":
-        s = data_cfg.synthetic
-        size = {"train": s.train_size, "validation": s.validation_size}.get(split)
-        if size is None:
-            raise ValueError(f"synthetic split must be 'train' or 'validation', got {split!r}")
-        return synthetic.SyntheticSource(split, size, families=s.families, seed=s.seed, image_size=image_size,
-                                         ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length,
-                                         ocr_scale=s.ocr_scale), []
-    if data_cfg.source == "llava":
-        from vlm_jax.data import llava  # pylint: disable=import-outside-toplevel
-        return llava.make_source(data_cfg, split, image_size)
-    if data_cfg.source == "tfds":
-        from vlm_jax.data import tfds  # pylint: disable=import-outside-toplevel
-        return tfds.make_source(data_cfg, split, image_size)
-    raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
+    if data_cfg.source not in SOURCES:
+        raise ValueError(f"unknown data.source {data_cfg.source!r}; known: {sorted(SOURCES)}")
+    return SOURCES[data_cfg.source](data_cfg, split, image_size)
+
+
+@register_source("synthetic")
+def _synthetic_source(data_cfg, split, image_size):
+    s = data_cfg.synthetic
+    size = {"train": s.train_size, "validation": s.validation_size}.get(split)
+    if size is None:
+        raise ValueError(f"synthetic split must be 'train' or 'validation', got {split!r}")
+    return synthetic.SyntheticSource(split, size, families=s.families, seed=s.seed, image_size=image_size,
+                                     ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length,
+                                     ocr_scale=s.ocr_scale), []
+
+
+@register_source("llava")
+def _llava_source(data_cfg, split, image_size):
+    from vlm_jax.data import llava  # pylint: disable=import-outside-toplevel
+    return llava.make_source(data_cfg, split, image_size)
+
+
+@register_source("tfds")
+def _tfds_source(data_cfg, split, image_size):
+    from vlm_jax.data import tfds  # pylint: disable=import-outside-toplevel  (tensorflow_datasets is heavy)
+    return tfds.make_source(data_cfg, split, image_size)
 
 
 def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer, num_visual_tokens: int,
