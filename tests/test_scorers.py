@@ -167,6 +167,55 @@ def test_mmbench_circular_evaluation_needs_every_rotation_right():
     assert plain.score == pytest.approx(1 / 2)
 
 
+# ------------------------------------------------------------------------------------------------ MME, SEED-Bench
+
+
+def test_mme_acc_and_acc_plus_per_subtask_by_hand():
+    def q(qid, image, category, answer):
+        return {"question_id": qid, "image": image, "category": category, "answer": answer}
+
+    refs = [q(1, "a.png", "count", "Yes"), q(2, "a.png", "count", "No"),     # both right
+            q(3, "b.png", "count", "Yes"), q(4, "b.png", "count", "Yes"),    # one right
+            q(5, "c.png", "OCR", "Yes"), q(6, "c.png", "OCR", "No")]         # one right
+    preds = ["Yes, there are two.", "No", "yes", "Not really", "YES", "maybe"]
+    score = scorers.get("mme")(preds, refs)
+    assert score.per_item == [1, 1, 1, 0, 1, 0]
+    m = score.metrics
+    assert (m["count/acc"], m["count/acc_plus"], m["count/score"]) == (0.75, 0.5, 125.0)
+    assert (m["OCR/acc"], m["OCR/acc_plus"], m["OCR/score"]) == (0.5, 0.0, 50.0)
+    assert m["total"] == 175.0
+    assert score.score == pytest.approx(((0.75 + 0.5) / 2 + (0.5 + 0.0) / 2) / 2)
+
+
+def test_mme_reads_yes_no_like_its_tool():
+    assert [scorers.mme_yes_no(t) for t in ("no", " Yes ", "Yes.", "No, it is not", "It is yes", "none")] == \
+        ["no", "yes", "yes", "no", "other", "no"]
+
+
+def test_seed_bench_letter_accuracy_overall_and_per_type():
+    refs = [{"question_id": 1, "answer": "A", "category": "scene"},
+            {"question_id": 2, "answer": "B", "category": "scene"},
+            {"question_id": 3, "answer": "C", "category": "count"},
+            {"question_id": 4, "answer": "B", "category": "count",
+             "options": ["a blue ball", "a red ball", "a cube", "a cone"]}]
+    score = scorers.get("seed_bench")(["A", "(B) a cat", "The answer is D", "a red ball"], refs)
+    assert score.per_item == [1, 1, 0, 1]
+    assert score.score == 0.75
+    assert score.metrics["scene/accuracy"] == 1.0 and score.metrics["count/accuracy"] == 0.5
+
+
+def test_a_registered_scorer_is_found_by_name(monkeypatch):
+    monkeypatch.setattr(scorers, "SCORERS", dict(scorers.SCORERS))
+
+    @scorers.register("always_right")
+    def always_right(predictions, references):
+        return scorers.Score(1.0, {}, [1.0] * len(predictions))
+
+    assert scorers.get("always_right") is always_right
+    with pytest.raises(ValueError, match="registered twice"):
+        scorers.register("always_right")(always_right)
+
+
 # ---------------------------------------------------------------------------------------------------------- errors
 
 

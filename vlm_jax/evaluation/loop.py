@@ -231,7 +231,7 @@ def answer_baselines(benchmark: Benchmark) -> dict[str, dict[str, float]] | None
     """What a model that ignores the image reaches, overall ('all') and per question `kind`:
     {'chance': a uniform guess among the kind's distinct reference answers, 'majority': always the kind's most
     common answer}. In-sample, so slightly optimistic. None for scorers other than exact match."""
-    if benchmark.scorer not in ("exact_match", "gqa"):
+    if scorers.get(benchmark.scorer) is not scorers.exact_match:
         return None
     by_kind: dict[str, list[str]] = collections.defaultdict(list)
     for it in benchmark.items:

@@ -21,7 +21,17 @@ references the ground-truth records (dicts, one per prediction, in the same orde
   quoted in it; an unreadable answer is wrong. MMBench uses circular evaluation when its rotations are present:
   a question counts only if every rotation of it (same `group`) is right. References: `answer` (letter or 0-based
   index), `options` (list of option texts), for MMBench optionally `group`.
+- MME (`mme`): yes/no questions, two per image. The answer is read as MME's tool does (the whole answer, else its
+  first four characters, holding 'yes' or 'no'; anything else is wrong). Per sub-task (`category`): acc = questions
+  right, acc+ = images (`image`, else `question_id`) with both questions right, score = 100 (acc + acc+); `total`
+  is the sum of the sub-task scores, as MME reports. Headline: mean over sub-tasks of (acc + acc+) / 2, i.e. the
+  MME score scaled to [0, 1]. References: `answer` (yes/no), `category`, `image`. Question ids must be unique
+  (the question loader refuses duplicates), so LLaVA's per-image ids need a suffix per question.
+- SEED-Bench (`seed_bench`): multiple choice among A-D (the letter read as for multiple choice; option texts are
+  optional), accuracy overall (the headline) and per question type (`category`). Reference: `answer` (letter).
 - `exact_match` (the synthetic tasks): normalised exact match (whitespace, case, trailing '.').
+
+A scorer is added with `@register("name")`; `get(name)` is the only lookup.
 """
 
 from __future__ import annotations
@@ -34,6 +44,27 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+
+Scorer = Callable[[Sequence[str], Sequence[Mapping]], "Score"]
+SCORERS: dict[str, Scorer] = {}
+
+
+def register(*names: str):
+    """Decorator adding a scorer under each of `names` (a benchmark's `scorer` field)."""
+    def wrap(fn):
+        for name in names:
+            if name in SCORERS:
+                raise ValueError(f"benchmark scorer {name!r} registered twice")
+            SCORERS[name] = fn
+        return fn
+    return wrap
+
+
+def get(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise ValueError(f"unknown benchmark scorer {name!r}; known: {sorted(SCORERS)}")
+    return SCORERS[name]
 
 
 @dataclasses.dataclass
@@ -172,7 +203,7 @@ def _check_lengths(predictions: Sequence[str], references: Sequence[Mapping]) ->
 # Open-ended scorers.
 
 
-def _vqa_scorer(always_normalize_references: bool) -> Callable[[Sequence[str], Sequence[Mapping]], Score]:
+def _vqa_scorer(always_normalize_references: bool) -> Scorer:
     def scorer(predictions, references):
         _check_lengths(predictions, references)
         per_item = [vqa_accuracy(p, _answer_list(r), always_normalize_references)
@@ -187,6 +218,7 @@ def normalize_exact(text: str) -> str:
     return text.strip().rstrip(".").strip().lower()
 
 
+@register("exact_match", "gqa")
 def exact_match(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
     """Normalised exact match against `answer` (or any of `answers`)."""
     _check_lengths(predictions, references)
@@ -194,6 +226,10 @@ def exact_match(predictions: Sequence[str], references: Sequence[Mapping]) -> Sc
                 for p, r in zip(predictions, references)]
     acc = float(np.mean(per_item))
     return Score(acc, {"accuracy": acc}, per_item)
+
+
+register("vqav2", "vizwiz")(_vqa_scorer(always_normalize_references=False))
+register("textvqa")(_vqa_scorer(always_normalize_references=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,6 +255,7 @@ def _binary_metrics(pred_yes: np.ndarray, label_yes: np.ndarray) -> dict[str, fl
             "yes_ratio": float(np.mean(pred_yes))}
 
 
+@register("pope")
 def pope(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
     """POPE metrics per split (`category`, default 'all') and their means; headline = mean accuracy."""
     _check_lengths(predictions, references)
@@ -308,6 +345,7 @@ def _mc_target(ref: Mapping[str, Any]) -> tuple[str, list[str]]:
     return letter, list(options)
 
 
+@register("scienceqa_img", "ai2d")
 def multiple_choice(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
     """Accuracy of the extracted option letter (ScienceQA-IMG, AI2D)."""
     _check_lengths(predictions, references)
@@ -332,6 +370,7 @@ def mmbench_group(ref: Mapping[str, Any]) -> Any:
         return qid
 
 
+@register("mmbench")
 def mmbench(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
     """MMBench: circular accuracy (every rotation of a question right) when rotations are present, else plain."""
     base = multiple_choice(predictions, references)
@@ -346,20 +385,59 @@ def mmbench(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
     return Score(metrics["accuracy"], metrics, base.per_item)
 
 
-SCORERS: dict[str, Callable[[Sequence[str], Sequence[Mapping]], Score]] = {
-    "vqav2": _vqa_scorer(always_normalize_references=False),
-    "vizwiz": _vqa_scorer(always_normalize_references=False),
-    "textvqa": _vqa_scorer(always_normalize_references=True),
-    "gqa": exact_match,
-    "pope": pope,
-    "scienceqa_img": multiple_choice,
-    "ai2d": multiple_choice,
-    "mmbench": mmbench,
-    "exact_match": exact_match,
-}
+# ----------------------------------------------------------------------------------------------------------------------
+# MME and SEED-Bench.
 
 
-def get(name: str) -> Callable[[Sequence[str], Sequence[Mapping]], Score]:
-    if name not in SCORERS:
-        raise ValueError(f"unknown benchmark scorer {name!r}; known: {sorted(SCORERS)}")
-    return SCORERS[name]
+def mme_yes_no(text: str) -> str:
+    """'yes', 'no' or 'other': the whole answer if it is yes/no, else whichever of them its first 4 characters
+    hold ('yes' first), the reading MME's evaluation tool applies."""
+    text = text.strip().lower()
+    if text in ("yes", "no"):
+        return text
+    head = text[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+@register("mme")
+def mme(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
+    """MME acc, acc+ and score per sub-task, their total, and the [0, 1] headline (module docstring)."""
+    _check_lengths(predictions, references)
+    per_item = []
+    for p, r in zip(predictions, references):
+        label = _single_answer(r, "answer", "label").strip().lower()
+        if label not in ("yes", "no"):
+            raise ValueError(f"MME reference {r.get('question_id')!r} has answer {label!r}; expected yes/no")
+        per_item.append(float(mme_yes_no(p) == label))
+    tasks: dict[str, dict[Any, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for credit, r in zip(per_item, references):
+        tasks[str(_single_answer(r, "category"))][r.get("image", r.get("question_id"))].append(credit)
+    metrics: dict[str, float] = {}
+    halves = []
+    for task, images in sorted(tasks.items()):
+        credits = [c for per_image in images.values() for c in per_image]
+        acc = float(np.mean(credits))
+        acc_plus = float(np.mean([min(c) for c in images.values()]))
+        metrics.update({f"{task}/acc": acc, f"{task}/acc_plus": acc_plus, f"{task}/score": 100 * (acc + acc_plus)})
+        halves.append((acc + acc_plus) / 2)
+    metrics["total"] = sum(metrics[f"{t}/score"] for t in tasks)
+    metrics["accuracy"] = float(np.mean(halves))
+    return Score(metrics["accuracy"], metrics, per_item)
+
+
+@register("seed_bench")
+def seed_bench(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
+    """SEED-Bench: accuracy of the option letter (A-D), overall and per question type (`category`)."""
+    _check_lengths(predictions, references)
+    per_item = []
+    for p, r in zip(predictions, references):
+        options = list(r.get("options") or [""] * 4)   # texts optional: '' never matches an answer's words
+        letter, _ = _mc_target(dict(r, options=options))
+        per_item.append(float(extract_choice(p, options) == letter))
+    metrics = {"accuracy": float(np.mean(per_item))}
+    by_type: dict[str, list[float]] = collections.defaultdict(list)
+    for credit, r in zip(per_item, references):
+        if "category" in r:
+            by_type[str(r["category"])].append(credit)
+    metrics.update({f"{t}/accuracy": float(np.mean(c)) for t, c in sorted(by_type.items())})
+    return Score(metrics["accuracy"], metrics, per_item)
