@@ -48,7 +48,7 @@ def _axis(text: str, kind=str) -> tuple:
 def smoke(arg) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.dir = "runs/grid-smoke"
-    config.llms = _axis(arg.llms) or ("tiny-s", "tiny", "tiny-l")
+    config.llms = _axis(arg.llms) or ("tiny-xs", "tiny-s", "tiny-m")
     config.tokens = _axis(arg.tokens, int) or (1, 4, 16, 64)
     config.seeds = (0,)
 
@@ -65,17 +65,17 @@ def smoke(arg) -> ml_collections.ConfigDict:
 
     # Stage 1: compressor + projector against the frozen LLM; stage 2: the LLM as well (tower frozen in both).
     config.stages = ml_collections.ConfigDict(dict(
-        stage1=dict(train=dict(stage="projector", lr=1e-3, steps=100)),
-        stage2=dict(train=dict(stage="full", lr=1e-3, steps=400)),
+        stage1=dict(train=dict(stage="projector", lr=1e-3, steps=30)),
+        stage2=dict(train=dict(stage="full", lr=1e-3, steps=300)),
     ))
 
     # The tower: pretrained once with every patch token (compressor none), trained end to end, then frozen.
     config.tower = ml_collections.ConfigDict(dict(
-        pretrain=True, llm="tiny", tokens=64,
+        pretrain=True, llm="tiny-s", tokens=64,
         overrides=dict(model=dict(compressor=dict(name="none")),
-                       train=dict(stage="full", train_vision=True, lr=3e-4, steps=800)),
+                       train=dict(stage="full", train_vision=True, lr=1e-3, steps=400)),
     ))
-    config.eval = eval_config(synthetic_per_family=400, tasks=dict(reasoning="synthetic/reasoning",
+    config.eval = eval_config(synthetic_per_family=300, max_new_tokens=5, tasks=dict(reasoning="synthetic/reasoning",
                                                                  ocr="synthetic/ocr"))
     config.backend = "local"
     config.parallel = 2

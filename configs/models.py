@@ -38,7 +38,11 @@ LLM_PRESETS = {
     # Tiny LLMs for CPU runs; a family of widths so a local grid has several N. GQA on (kv heads < heads).
     "tiny": dict(vocab_size=128, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=2,
                  tie_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "tiny-xs": dict(vocab_size=128, hidden_size=32, intermediate_size=86, num_layers=2, num_heads=2, num_kv_heads=1,
+                    tie_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
     "tiny-s": dict(vocab_size=128, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=2, num_kv_heads=1,
+                   tie_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "tiny-m": dict(vocab_size=128, hidden_size=96, intermediate_size=256, num_layers=3, num_heads=3, num_kv_heads=1,
                    tie_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
     "tiny-l": dict(vocab_size=128, hidden_size=256, intermediate_size=688, num_layers=6, num_heads=8, num_kv_heads=4,
                    tie_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),

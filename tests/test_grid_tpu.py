@@ -40,7 +40,7 @@ def test_dry_run_prints_every_gcloud_command_of_a_two_cell_grid():
 
     setup = ("'--command=(test -d ~/vlm-jax || git clone -q https://github.com/example/vlm-jax.git ~/vlm-jax)"
              " && cd ~/vlm-jax && git fetch -q origin main && git checkout -q FETCH_HEAD"
-             " && python3 -m pip install -q -r requirements.txt '\"'\"'jax[tpu]'\"'\"''")
+             " && python3 -m pip install -q -r requirements.txt '\"'\"'jax[tpu]'\"'\"' gcsfs'")
     where = "--project=my-proj --zone=us-west4-a"
     assert lines == [
         "# tiny-s_v1: write gs://bucket/grid/cells/tiny-s_v1/job.json",

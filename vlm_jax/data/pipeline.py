@@ -63,8 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.synthetic.validation_size = 2_000
     c.synthetic.seed = 0  # content seed; train and validation draw from disjoint streams of it
     c.synthetic.ocr_alphabet = synthetic.DEFAULT_ALPHABET
-    c.synthetic.ocr_length = 1  # most characters per string (each has 1..ocr_length); 2+ is much slower to learn
-    c.synthetic.ocr_scale = 2  # each font pixel drawn scale x scale; 1 = the raw 6x11 font (harder to learn)
+    c.synthetic.train_questions = 1  # questions per training image (one chat); evaluation asks one at a time
 
     c.llava = ml_collections.ConfigDict()
     c.llava.json_path = ""  # train split: JSON list or JSONL of {id, image, conversations: [{from, value}]}
@@ -126,8 +125,7 @@ def _synthetic_source(data_cfg, split, image_size):
     if size is None:
         raise ValueError(f"synthetic split must be 'train' or 'validation', got {split!r}")
     return synthetic.SyntheticSource(split, size, families=s.families, seed=s.seed, image_size=image_size,
-                                     ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length,
-                                     ocr_scale=s.ocr_scale), []
+                                     ocr_alphabet=s.ocr_alphabet, questions=s.train_questions if split == "train" else 1), []
 
 
 @register_source("llava")

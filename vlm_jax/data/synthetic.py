@@ -8,12 +8,14 @@
   2x2 patches and a 16-token grid holds one object per token: perception is cheap, and the answers need several
   facts combined, which is LLM work. (Random sizes, offsets and background shades in 3x3 cells left a
   from-scratch tower at the answer prior of the shape questions for thousands of steps.)
-- `ocr`: one to four short strings of 1..ocr_length small characters (Pillow's 6x11 bitmap font, each font pixel
-  drawn ocr_scale x ocr_scale), in distinct quadrants of the image, on an 8-px lattice. Questions ask what is
-  written in a quadrant, its first/last character, or where a given string is written. The reasoning is trivial; at
-  the default scale 2 a digit is ~10 x 14 px of ink, about one 8-px patch of the tiny tower, so reading it needs
-  many visual tokens. Defaults (single digits) come from learning probes: 2-character strings stayed at chance for
-  a tiny from-scratch tower within ~800 steps, single characters did not.
+- `ocr`: fine print. 2-5 characters of the 6x11 bitmap font (digits by default), each in its own ink colour, in
+  distinct slots of an 8 x 4 lattice of 8 x 16-px slots (one character covers one column of two patches of the tiny
+  tower). Questions: what is written in a colour, or in which colour a character is written. Reading is trivial for
+  the LLM; the detail is not: a visual token that pools a region holding two characters loses which colour goes
+  with which character. 64 tokens keep every character apart, 16 tokens (16 x 16 px) mix a slot with its neighbour,
+  4 tokens a quadrant, 1 token everything: accuracy must fall as V falls, as OCR does in the paper. (Position-named
+  questions, "what is written in row 2 column 3", were not learnt in a CPU-sized budget; colour is found by
+  content, which attention does first. One string per image quadrant was read as well from 4 tokens as from 64.)
 
 Answers are 1-3 tokens, scored by exact match. Item j of family f in a split is drawn from
 `np.random.default_rng([seed, split, f, j])`, so train and validation come from disjoint seed streams and any item
@@ -61,17 +63,19 @@ RELATIONS: dict[str, Callable[[tuple[int, int], tuple[int, int]], bool]] = {
     "above": lambda x, y: x[0] < y[0],
     "below": lambda x, y: x[0] > y[0],
 }
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 DEFAULT_ALPHABET = "0123456789"
 CHAR_W, CHAR_H = 6, 11  # cell of Pillow's built-in bitmap font
 PAPER, INK = (235, 235, 235), (20, 20, 20)  # fixed, like BACKGROUND: nuisance colours only slow a small tower
-OCR_STEP = 8  # lattice of string positions, in canvas pixels (= the tiny tower's patch size at 64 px)
+INKS = {"red": (200, 30, 30), "green": (20, 140, 40), "blue": (30, 60, 220), "purple": (130, 40, 180),
+        "black": (20, 20, 20)}   # OCR ink colours: dark enough on PAPER
+SLOT_W, SLOT_H = 8, 16   # OCR lattice: CANVAS // SLOT_W columns x CANVAS // SLOT_H rows of slots, one character each
+MIN_CHARS, MAX_CHARS = 2, len(INKS)
 
 # Every word a synthetic question or answer uses (digits and the OCR alphabet are spelled as characters).
 VOCAB_WORDS = tuple(sorted(set(
     ["how", "many", "shapes", "are", "there", "is", "a", "the", "what", "color", "shape", "one", "more", "than",
-     "of", "written", "in", "character", "first", "last", "where", "yes", "no"]
-    + " ".join(RELATIONS).split() + " ".join(QUADRANTS).split() + list(COLORS)
+     "of", "written", "in", "character", "first", "last", "yes", "no"]
+    + " ".join(RELATIONS).split() + list(COLORS) + list(INKS)
     + [s for shape in SHAPES for s in (shape, shape + "s")])))
 
 
@@ -85,10 +89,14 @@ class Example:
     image: np.ndarray
     question: str
     answer: str
+    more: tuple[tuple[str, str], ...] = ()   # further (question, answer) turns about the same image
 
     def turns(self) -> list[tuple[str, str]]:
-        """The example as a chat: the user shows the image and asks, the assistant answers."""
-        return [(USER, prompt_text(self.question)), (ASSISTANT, self.answer)]
+        """The example as a chat: the user shows the image and asks, the assistant answers (then any follow-ups)."""
+        turns = [(USER, prompt_text(self.question)), (ASSISTANT, self.answer)]
+        for question, answer in self.more:
+            turns += [(USER, question), (ASSISTANT, answer)]
+        return turns
 
 
 def prompt_text(question: str) -> str:
@@ -239,13 +247,13 @@ def _draw_reasoning(rng: np.random.Generator) -> tuple[Image.Image, list[_Obj]]:
     return img, objs
 
 
-def _reasoning_example(rng: np.random.Generator) -> tuple[Image.Image, str, str, str]:
-    img, objs = _draw_reasoning(rng)
+def _reasoning_question(rng: np.random.Generator, objs: list[_Obj], i: int) -> tuple[str, str, str]:
+    del i  # any question about the scene
     kinds = list(REASONING_KINDS)
     for k in rng.permutation(len(kinds)):
         qa = REASONING_KINDS[kinds[k]](rng, objs)
         if qa is not None:
-            return img, kinds[k], qa[0], qa[1]
+            return kinds[k], qa[0], qa[1]
     raise AssertionError("unreachable: count questions always apply")
 
 
@@ -258,85 +266,85 @@ def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default_imagefont()  # fixed bitmap font: identical pixels everywhere
 
 
-def _glyphs(text: str, scale: int) -> Image.Image:
-    """An 'L' mask of `text` in the bitmap font, each pixel blown up to scale x scale (crisp, no smoothing)."""
-    mask = Image.new("L", (CHAR_W * len(text), CHAR_H), 0)
-    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=_font())
-    return mask if scale == 1 else mask.resize((mask.width * scale, mask.height * scale), Image.Resampling.NEAREST)
+def _glyph(char: str) -> Image.Image:
+    """An 'L' mask (CHAR_W x CHAR_H) of one character in the bitmap font (crisp, no smoothing)."""
+    mask = Image.new("L", (CHAR_W, CHAR_H), 0)
+    ImageDraw.Draw(mask).text((0, 0), char, fill=255, font=_font())
+    return mask
 
 
-def _ocr_example(rng: np.random.Generator, alphabet: str, length: int, scale: int
-                 ) -> tuple[Image.Image, str, str, str]:
-    # 1-4 strings in distinct quadrants: images with one string give an early learning signal, fuller ones need
-    # the question's quadrant to be found. The alphabet check guarantees enough distinct strings.
-    n = int(rng.integers(1, len(QUADRANTS) + 1))
-    quadrants = sorted(int(q) for q in rng.choice(len(QUADRANTS), n, replace=False))
-    strings: list[str] = []
-    while len(strings) < n:  # lengths 1..length: single characters are the easy start
-        s = "".join(rng.choice(list(alphabet), int(rng.integers(1, length + 1))))
-        if s not in strings:
-            strings.append(s)
+def _draw_ocr(rng: np.random.Generator, alphabet: str) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """2-5 distinct characters in distinct inks and slots; returns the image and [(ink, character)] in random
+    order."""
+    n = int(rng.integers(MIN_CHARS, MAX_CHARS + 1))
+    chars = [str(c) for c in rng.choice(list(alphabet), n, replace=False)]
+    inks = [list(INKS)[int(k)] for k in rng.choice(len(INKS), n, replace=False)]
+    cols = CANVAS // SLOT_W
+    slots = rng.choice(cols * (CANVAS // SLOT_H), n, replace=False)
     img = Image.new("RGB", (CANVAS, CANVAS), PAPER)
-    half = CANVAS // 2
-    for q, s in zip(quadrants, strings):
-        mask = _glyphs(s, scale)
-        # Strings sit on an OCR_STEP-px lattice inside their quadrant, so a character meets the tower's patch grid
-        # in only a few alignments, which a from-scratch tower has fewer patterns to learn from.
-        x = (q % 2) * half + 1 + OCR_STEP * int(rng.integers((half - 2 - mask.width) // OCR_STEP + 1))
-        y = (q // 2) * half + 1 + OCR_STEP * int(rng.integers((half - 2 - mask.height) // OCR_STEP + 1))
-        img.paste(INK, (x, y, x + mask.width, y + mask.height), mask)
-    k = int(rng.integers(n))
-    where, text = QUADRANTS[quadrants[k]], strings[k]
-    kinds = ("read", "where", "char") if len(text) > 1 else ("read", "where")  # 'char' of one character = 'read'
-    kind = kinds[int(rng.integers(len(kinds)))]
-    if kind == "read":
-        return img, kind, f"what is written in the {where}?", text
-    if kind == "char":
-        first = bool(rng.integers(2))
-        return img, kind, f"what is the {'first' if first else 'last'} character in the {where}?", text[
-            0 if first else -1]
-    return img, kind, f"where is {text} written?", where
+    for slot, ch, ink in zip(slots, chars, inks):
+        x = int(slot) % cols * SLOT_W + (SLOT_W - CHAR_W) // 2
+        y = int(slot) // cols * SLOT_H + (SLOT_H - CHAR_H) // 2
+        img.paste(INKS[ink], (x, y, x + CHAR_W, y + CHAR_H), _glyph(ch))
+    return img, list(zip(inks, chars))
+
+
+def _ocr_question(rng: np.random.Generator, written: list[tuple[str, str]], i: int) -> tuple[str, str, str]:
+    """Question i is about character i (they are in random order): follow-ups never give away an earlier answer."""
+    ink, char = written[i % len(written)]
+    if rng.integers(2):
+        return "read", f"what is written in {ink}?", char
+    return "ink", f"what color is {char} written in?", ink
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # public API
 
 
-def _check(split: str, family: str, alphabet: str, length: int, scale: int) -> None:
+def _check(split: str, family: str, alphabet: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
     if family not in FAMILIES:
         raise ValueError(f"synthetic family must be one of {FAMILIES}, got {family!r}")
     bad = sorted(set(alphabet) - set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
-    if bad or len(set(alphabet)) < 2:
-        raise ValueError(f"ocr_alphabet must hold >= 2 distinct digits/capitals, got {alphabet!r}")
-    if sum(len(set(alphabet)) ** k for k in range(1, length + 1)) < len(QUADRANTS):
-        raise ValueError(f"ocr_alphabet {alphabet!r} with ocr_length={length} cannot make {len(QUADRANTS)} distinct "
-                         f"strings (one per quadrant)")
-    if length < 1 or scale < 1 or CHAR_W * length * scale > CANVAS // 2 - 2 or CHAR_H * scale > CANVAS // 2 - 2:
-        raise ValueError(f"ocr_length={length} characters at ocr_scale={scale} ({CHAR_W * length * scale} x "
-                         f"{CHAR_H * scale} px) must fit a {CANVAS // 2} px quadrant with a margin")
+    if bad or len(set(alphabet)) < MAX_CHARS:
+        raise ValueError(f"ocr_alphabet must hold >= {MAX_CHARS} distinct digits/capitals (one per ink), "
+                         f"got {alphabet!r}")
 
 
 def make_example(split: str, family: str, index: int, *, seed: int = 0, image_size: int = CANVAS,
-                 ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1, ocr_scale: int = 2) -> Example:
-    """Item `index` of `family` in `split`: a pure function of its arguments."""
-    _check(split, family, ocr_alphabet, ocr_length, ocr_scale)
+                 ocr_alphabet: str = DEFAULT_ALPHABET, questions: int = 1) -> Example:
+    """Item `index` of `family` in `split`: a pure function of its arguments. `questions` > 1 adds follow-up
+    questions about the same image (distinct where the scene allows; the first is the same as with 1)."""
+    _check(split, family, ocr_alphabet)
+    if questions < 1:
+        raise ValueError(f"synthetic questions per image must be >= 1, got {questions}")
     rng = np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index])
     if family == "reasoning":
-        img, kind, question, answer = _reasoning_example(rng)
+        img, scene = _draw_reasoning(rng)
+        ask = _reasoning_question
     else:
-        img, kind, question, answer = _ocr_example(rng, ocr_alphabet, ocr_length, ocr_scale)
+        img, scene = _draw_ocr(rng, "".join(sorted(set(ocr_alphabet))))
+        ask = _ocr_question
+    kind, question, answer = ask(rng, scene, 0)
+    more: list[tuple[str, str]] = []
+    for i in range(1, 4 * questions):   # a few redraws to avoid asking the same question twice
+        if len(more) == questions - 1:
+            break
+        _, q, a = ask(rng, scene, i)
+        if q != question and all(q != m for m, _ in more):
+            more.append((q, a))
     if image_size != CANVAS:
         img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return Example(f"{split}-{family}-{index}", family, kind, np.asarray(img, np.uint8), question, answer)
+    return Example(f"{split}-{family}-{index}", family, kind, np.asarray(img, np.uint8), question, answer,
+                   tuple(more))
 
 
 def make_examples(split: str, family: str, n: int, *, seed: int = 0, image_size: int = CANVAS,
-                  ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1, ocr_scale: int = 2) -> list[Example]:
+                  ocr_alphabet: str = DEFAULT_ALPHABET) -> list[Example]:
     """Items 0..n-1 of `family` in `split`: the same examples the training/eval sources draw."""
-    return [make_example(split, family, j, seed=seed, image_size=image_size, ocr_alphabet=ocr_alphabet,
-                         ocr_length=ocr_length, ocr_scale=ocr_scale) for j in range(n)]
+    return [make_example(split, family, j, seed=seed, image_size=image_size, ocr_alphabet=ocr_alphabet)
+            for j in range(n)]
 
 
 def parse_families(families: str | Sequence[str]) -> tuple[str, ...]:
@@ -354,14 +362,14 @@ class SyntheticSource:
     """
 
     def __init__(self, split: str, num_examples: int, *, families: str | Sequence[str] = FAMILIES, seed: int = 0,
-                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1,
-                 ocr_scale: int = 2):
+                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, questions: int = 1):
         self.families = parse_families(families)
-        _check(split, self.families[0], ocr_alphabet, ocr_length, ocr_scale)
+        _check(split, self.families[0], ocr_alphabet)
         if num_examples < 1:
             raise ValueError(f"synthetic num_examples must be >= 1, got {num_examples}")
         self.split, self.num_examples, self.seed, self.image_size = split, int(num_examples), seed, image_size
-        self.ocr_alphabet, self.ocr_length, self.ocr_scale = ocr_alphabet, ocr_length, ocr_scale
+        self.ocr_alphabet = ocr_alphabet
+        self.questions = int(questions)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -372,13 +380,13 @@ class SyntheticSource:
             raise IndexError(f"synthetic index {i} out of range [0, {self.num_examples})")
         f = len(self.families)
         ex = make_example(self.split, self.families[i % f], i // f, seed=self.seed, image_size=self.image_size,
-                          ocr_alphabet=self.ocr_alphabet, ocr_length=self.ocr_length, ocr_scale=self.ocr_scale)
+                          ocr_alphabet=self.ocr_alphabet, questions=self.questions)
         return {"id": ex.id, "image": ex.image, "turns": ex.turns()}
 
     def __repr__(self) -> str:  # grain checks this against a restored iterator state
         return (f"SyntheticSource(split={self.split!r}, num_examples={self.num_examples}, families={self.families}, "
                 f"seed={self.seed}, image_size={self.image_size}, ocr_alphabet={self.ocr_alphabet!r}, "
-                f"ocr_length={self.ocr_length}, ocr_scale={self.ocr_scale})")
+                f"questions={self.questions})")
 
 
 def write_llava(out_dir: str | os.PathLike, examples: Sequence[Example], *, json_name: str = "data.json") -> str:

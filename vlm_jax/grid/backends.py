@@ -17,6 +17,7 @@ import sys
 import ml_collections
 
 BACKENDS: dict[str, type] = {}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # where launch/ lives
 
 
 def register(name: str):
@@ -51,7 +52,8 @@ class Job:
 
 @register("local")
 class LocalBackend:
-    """Runs the job here, as a child process with this interpreter (`python` in argv[0] becomes sys.executable)."""
+    """Runs the job here, as a child process with this interpreter (`python` in argv[0] becomes sys.executable),
+    from the repository root."""
 
     def __init__(self, cfg: ml_collections.ConfigDict | None = None):
         self.cfg = cfg
@@ -67,7 +69,8 @@ class LocalBackend:
         rc = 0
         for argv in self.commands(job):
             with open(log_path, "ab") as log:
-                rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+                rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=REPO_ROOT).returncode
             if rc:
                 break
         return rc

@@ -15,6 +15,7 @@ import time
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from vlm_jax import flops, train
 from vlm_jax.grid import results
@@ -23,17 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def read_spec(job_dir: str) -> dict:
-    with open(os.path.join(job_dir, "job.json")) as f:
-        return json.load(f)
+    return results.read_json(os.path.join(job_dir, "job.json"))
 
 
 def _finished_steps(run_dir: str) -> int:
     """The step of the stage's last logged metrics line (0 when it has not logged)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        lines = [json.loads(x) for x in f if x.strip()]
+    path = epath.Path(run_dir) / "metrics.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
     return int(lines[-1]["step"]) if lines else 0
 
 
@@ -86,8 +83,10 @@ def run_job(job_dir: str) -> dict:
     start = time.perf_counter()
     train_s = run_stages(spec)
     result = {"status": "ok", "spec_digest": results.spec_digest(spec), "train_s": round(train_s, 1)}
-    if spec["row"] is not None:
+    if spec["eval"]:
         tasks = evaluate_cell(spec)
+        result["accuracy"] = {task: t["accuracy"] for task, t in tasks.items()}
+    if spec["row"] is not None:
         model_cfg = ml_collections.ConfigDict(spec["stages"][-1]["config"]["model"])
         q = int(spec["eval"]["text_tokens"])
         infer = flops.inference_flops(model_cfg, text_tokens=q)

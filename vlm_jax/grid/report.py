@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 from vlm_jax import scaling
 from vlm_jax.grid import results
@@ -63,6 +65,12 @@ def plot_observed(table: dict, n_params: dict, path: str) -> str:
     return path
 
 
+def _upload(local: str, folder: str) -> None:
+    dst = epath.Path(folder) / os.path.basename(local)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(epath.Path(local).read_bytes())
+
+
 def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
     """Rebuild results.jsonl, fit every task, write summary.json, report.txt and plots/; returns the summary."""
     rows = results.write_table(os.path.join(grid_dir, "results.jsonl"), jobs)
@@ -78,7 +86,9 @@ def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
         text.write(line + "\n")
 
     both(format_error_table(table, n_params))
-    plot_dir = os.path.join(grid_dir, "plots")
+    # Figures are drawn into a local folder; a bucket grid gets copies (matplotlib writes local files).
+    plot_dir = tempfile.mkdtemp(prefix="grid-plots-") if results.is_remote(grid_dir) else os.path.join(grid_dir,
+                                                                                                       "plots")
     plots = [plot_observed(table, n_params, os.path.join(plot_dir, "observed_error.png"))]
     fits: dict = {}
     tables = scaling.tables_from_rows(rows, source=os.path.join(grid_dir, "results.jsonl"))
@@ -89,6 +99,12 @@ def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
             v_range=(1.0, float(max(r["visual_tokens"] for r in rows))))
     except ValueError as e:  # too few cells for a law (e.g. --only one cell): the table still stands
         both(f"no fit: {e}")
+    if results.is_remote(grid_dir):
+        remote = os.path.join(grid_dir, "plots")
+        for name in sorted(os.listdir(plot_dir)):
+            _upload(os.path.join(plot_dir, name), remote)
+        plots = [p.replace(plot_dir, remote) for p in plots]
+        fits = json.loads(json.dumps(fits).replace(plot_dir, remote))
     summary = {"cells": len({r['cell'] for r in rows}), "errors": table, "n_params": n_params, "fits": fits,
                "plots": plots + [p for forms in fits.values() for f in forms.values() for p in f["plots"]]}
     results.write_json_atomic(os.path.join(grid_dir, "summary.json"), summary)

@@ -2,7 +2,8 @@
 
 Every job writes `<job_dir>/result.json` ({status, rows, ...}) by write-then-rename; `results.jsonl` (one row per
 (cell, task): the columns `launch.fit` reads plus accuracies, FLOPs and times) is rebuilt from them the same way,
-in the grid's cell order, so a re-run after a kill produces the same table.
+in the grid's cell order, so a re-run after a kill produces the same table. Paths go through etils.epath, so a
+grid directory may be a bucket (gs://, where an object appears only once its upload completes: atomic as well).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import os
 import tempfile
 
+from etils import epath
+
 from vlm_jax.grid import spec as spec_lib
 
 
@@ -18,8 +21,16 @@ def spec_digest(spec: dict) -> str:
     return spec_lib.digest(spec)
 
 
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
 def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync, rename over `path` (atomic on POSIX)."""
+    """Write `text` to a temporary file beside `path`, fsync, rename over `path` (atomic on POSIX); on a bucket,
+    one object upload."""
+    if is_remote(path):
+        epath.Path(path).write_text(text)
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -41,11 +52,12 @@ def write_json_atomic(path: str, obj) -> None:
 
 def read_result(job_dir: str) -> dict | None:
     """The job's result.json, or None when it has none (never ran, or was killed before the end)."""
-    path = os.path.join(job_dir, "result.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    path = epath.Path(job_dir) / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_json(path: str) -> dict:
+    return json.loads(epath.Path(path).read_text())
 
 
 def status(job, result: dict | None) -> str:

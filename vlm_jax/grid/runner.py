@@ -80,13 +80,21 @@ def _summary_line(result: dict | None) -> str:
     return "  ".join(f"{r['task']} acc {r['accuracy']:.3f}" for r in result["rows"])
 
 
+def log_file(job: GridJob) -> str:
+    """Where the job's output goes: beside it, or (for a bucket, where files cannot be appended to) under
+    runs/grid-logs/ here."""
+    if results.is_remote(job.dir):
+        return os.path.join("runs", "grid-logs", os.path.basename(os.path.dirname(job.dir.rstrip("/"))),
+                            f"{job.name}.txt")
+    return os.path.join(job.dir, "log.txt")
+
+
 def run_one(job: GridJob, backend, progress: Progress) -> bool:
     """Run one job; on failure write result.json with the error and the log's tail (never raises)."""
     progress.started()
     start = time.perf_counter()
-    log_path = os.path.join(job.dir, "log.txt")
+    log_path = log_file(job)
     try:
-        os.makedirs(job.dir, exist_ok=True)
         results.write_json_atomic(os.path.join(job.dir, "job.json"), job.spec)
         rc = backend.run(job_command(job), log_path)
         result = results.read_result(job.dir)
@@ -120,7 +128,7 @@ def run_jobs(tower: GridJob | None, cells: Sequence[GridJob], backend, parallel:
     """The tower (if it is to run) alone, then the cells `parallel` at a time. If the tower fails, no cell runs."""
     progress = Progress((tower is not None) + len(cells), max(1, parallel), echo)
     if tower is not None and not run_one(tower, backend, progress):
-        echo(f"the tower job failed: no cell can run; see {os.path.join(tower.dir, 'log.txt')}")
+        echo(f"the tower job failed: no cell can run; see {log_file(tower)}")
         return progress
     with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
         list(pool.map(lambda job: run_one(job, backend, progress), cells))

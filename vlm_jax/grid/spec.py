@@ -72,7 +72,7 @@ def tower_job(grid: ml_collections.ConfigDict, llm_config: Callable) -> GridJob 
     job_dir = os.path.join(grid.dir, f"tower-{key}")
     cfg.run_dir = os.path.join(job_dir, "run")
     return GridJob(f"tower-{key}", job_dir, {"stages": [{"name": "tower", "config": cfg.to_dict()}],
-                                             "eval": None, "row": None})
+                                             "eval": grid.eval.to_dict(), "row": None})
 
 
 def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: Callable,

@@ -29,7 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
         runtime_version="v2-alpha-tpuv5-lite",   # must suit every accelerator type used (v5e here)
         spot=False, reserved=False,
         repo_url="", repo_ref="main",
-        setup="python3 -m pip install -q -r requirements.txt 'jax[tpu]'",   # one resolve: jax[tpu] within the pins
+        # one resolve: jax[tpu] within the pins; gcsfs lets etils.epath read and write gs:// run directories
+        setup="python3 -m pip install -q -r requirements.txt 'jax[tpu]' gcsfs",
         name_prefix="vlmjax",
         poll_seconds=60, provision_timeout_s=6 * 3600,
         keep=False,                     # leave the slice up after the job (debugging); it is billed until deleted

@@ -1,0 +1,136 @@
+"""The grid launcher: atomic results, a failing cell isolated, resume after a kill (real processes)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from configs import grid as grid_config
+from configs import models
+from vlm_jax import flops
+from vlm_jax.grid import backends, results, runner, spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _grid(tmp_path, tokens="1+4"):
+    """The smoke grid shrunk to tiny-xs x `tokens`, a few steps of batch 4, 8 eval questions per family."""
+    g = grid_config.get_config(f"smoke,llms=tiny-xs,tokens={tokens}")
+    with g.unlocked():
+        g.dir = str(tmp_path / "grid")
+        g.cell.train.batch_size = 4
+        g.cell.data.read_threads = 1
+        g.tower.overrides.train.steps = 2
+        g.stages.stage1.train.steps = 2
+        g.stages.stage2.train.steps = 3
+        g.eval.synthetic_per_family = 8
+        g.eval.batch_size = 8
+        g.parallel = 1
+        g.fit.bootstrap = 20
+    return g
+
+
+def _jobs(g):
+    tower = spec.tower_job(g, models.llm_config)
+    cells = spec.cell_jobs(g, models.llm_config, lambda m: flops.param_counts(m)["llm"], tower)
+    return tower, cells
+
+
+def test_a_killed_writer_never_leaves_a_broken_results_file(tmp_path):
+    path = tmp_path / "results.jsonl"
+    rows = [{"cell": f"c{i}", "error": i / 1000, "pad": "x" * 2000} for i in range(200)]   # ~400 KB per write
+    writer = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {ROOT!r})
+        from vlm_jax.grid import results
+        rows = {rows!r}
+        i = 0
+        while True:
+            i += 1
+            results.write_text_atomic({str(path)!r}, "".join(json.dumps(dict(r, gen=i)) + "\\n" for r in rows))
+    """)
+    seen = 0
+    for delay in (0.3, 0.45, 0.6, 0.8, 1.0):
+        proc = subprocess.Popen([sys.executable, "-c", writer])
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        if path.exists():
+            lines = path.read_text().splitlines()
+            parsed = [json.loads(x) for x in lines]               # every line whole
+            assert len(parsed) == len(rows) and len({r["gen"] for r in parsed}) == 1   # one complete generation
+            seen += 1
+    assert seen >= 3
+
+
+def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
+    g = _grid(tmp_path)
+    with g.unlocked():
+        g.tower.pretrain = False
+    _, cells = _jobs(g)
+    local = backends.LocalBackend()
+    broken = cells[0].name
+
+    class OneCellFails(backends.LocalBackend):
+        def commands(self, job):
+            if job.name == broken:   # this cell's process dies with a traceback, as a crashing cell would
+                return [[sys.executable, "-c", "raise RuntimeError('cell exploded')"]]
+            return local.commands(job)
+
+    lines = []
+    progress = runner.run_jobs(None, cells, OneCellFails(), parallel=1, echo=lines.append)
+    assert (progress.done, progress.failed) == (1, 1)
+    failed = results.read_result(cells[0].dir)
+    assert failed["status"] == "failed" and "cell exploded" in failed["log_tail"]
+    assert results.status(cells[1], results.read_result(cells[1].dir)) == "done"
+    table = results.write_table(str(tmp_path / "results.jsonl"), cells)
+    assert {r["cell"] for r in table} == {cells[1].name} and {r["task"] for r in table} == {"reasoning", "ocr"}
+    assert any(f"{broken}: FAILED" in x for x in lines) and any("1 failed" in x for x in lines)
+    # --retry_failed selects the failed cell only; a plain re-run skips the finished one.
+    assert [j.name for j in runner.select(cells, [], retry_failed=True)[0]] == [broken]
+    assert [j.name for j in runner.select(cells, [], retry_failed=False)[0]] == [broken]
+
+
+def _launch(g, *flags):
+    args = [f"--config.{k}={v}" for k, v in (
+        ("dir", g.dir), ("cell.train.batch_size", 4), ("cell.data.read_threads", 1),
+        ("tower.overrides.train.steps", 2), ("stages.stage1.train.steps", 2), ("stages.stage2.train.steps", 3),
+        ("eval.synthetic_per_family", 8), ("eval.batch_size", 8), ("parallel", 1), ("fit.bootstrap", 20))]
+    return [sys.executable, "-m", "launch.grid", "--config=configs/grid.py:smoke,llms=tiny-xs,tokens=1+4", *args, *flags]
+
+
+@pytest.mark.slow
+def test_kill_midway_then_rerun_runs_only_the_missing_cells(tmp_path):
+    g = _grid(tmp_path)
+    tower, cells = _jobs(g)
+    first = os.path.join(cells[0].dir, "result.json")
+    proc = subprocess.Popen(_launch(g), cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not os.path.exists(first) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert os.path.exists(first), proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)    # the launcher and the running cell, as a lost machine would
+    proc.wait()
+    assert not os.path.exists(os.path.join(cells[1].dir, "result.json"))
+    before = open(first).read()
+
+    out = subprocess.run(_launch(g), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"{tower.name}: done, skipped" in out.stdout and f"{cells[0].name}: done, skipped" in out.stdout
+    assert "1 to run" in out.stdout
+    assert open(first).read() == before
+    table = open(os.path.join(g.dir, "results.jsonl")).read()
+    assert [json.loads(x)["cell"] for x in table.splitlines()] == [cells[0].name] * 2 + [cells[1].name] * 2
+
+    # A third run has nothing to do and writes the same table.
+    again = subprocess.run(_launch(g), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert "0 to run" in again.stdout
+    assert open(os.path.join(g.dir, "results.jsonl")).read() == table
+    summary = json.load(open(os.path.join(g.dir, "summary.json")))
+    assert summary["cells"] == 2 and set(summary["errors"]) == {"reasoning", "ocr"}
