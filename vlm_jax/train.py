@@ -73,8 +73,7 @@ def chunked_cross_entropy(hidden, weights, targets, loss_mask, chunk: int, dtype
 
 def model_inputs(batch):
     """The batch entries the model consumes (targets and loss mask are for the loss)."""
-    keys = ("pixels", "tokens", "attention_mask", "image_positions", "question_tokens", "question_mask")
-    return {k: batch[k] for k in keys}
+    return {k: batch[k] for k in vlm.MODEL_INPUTS}
 
 
 def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk: int = 0):
@@ -311,7 +310,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     "step": step, "loss": float(losses[-1]), "loss_avg": float(losses.mean()),
                     "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(lr_at(step - 1)),
                     "tokens_per_s": window_tokens / elapsed if timed else None, "step_s": step_time,
-                    "mfu": step_flops / step_time / (peak * mesh.size) if timed else None,
+                    "mfu": flops.mfu(step_flops, step_time, peak * mesh.size) if timed else None,
                 }
                 last.update(pipeline_counters(data_iter))
                 if jax.process_index() == 0:
