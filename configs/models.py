@@ -72,6 +72,12 @@ def compressor_config(name: str = "avgpool", num_tokens: int = 64, **overrides) 
     return heads.compressor_config(name, num_tokens, **overrides)
 
 
+def llm_param_count(name: str) -> int:
+    """Parameters of LLM preset `name`, counted from its abstract parameter tree (nothing allocated)."""
+    from vlm_jax import flops  # pylint: disable=import-outside-toplevel  (flops builds the model code lazily)
+    return flops.param_counts(model_config("tiny", name, "avgpool", 1))["llm"]
+
+
 def model_config(vision: str, llm: str, compressor: str = "avgpool", num_tokens: int = 64,
                  dtype: str = "float32") -> ml_collections.ConfigDict:
     """The full `config.model`: vision tower -> compressor head -> projector -> LLM."""

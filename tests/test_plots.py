@@ -71,7 +71,7 @@ def test_fit_cli_demo_prints_laws_frontier_and_writes_plots(tmp_path, capsys):
 def test_fit_cli_reads_a_results_table(tmp_path, capsys):
     path = tmp_path / "results.jsonl"
     with open(path, "w") as f:
-        for row in scaling.report.demo_rows(seed=1):
+        for row in scaling.report.demo_rows({"a": 5e8, "b": 2e9, "c": 4e9, "d": 7e9}, seed=1):
             if row["task"] == "reasoning":
                 f.write(json.dumps(row) + "\n")
     assert run_fit_cli([f"--results={path}", "--bootstrap=0", "--noplots", "--text_tokens=32",
