@@ -87,5 +87,5 @@ def model_config(vision: str, llm: str, compressor: str = "avgpool", num_tokens:
         compressor=compressor_config(compressor, num_tokens),
         projector=ml_collections.ConfigDict(dict(name="mlp2x_gelu")),
         dtype=dtype,             # activation/compute dtype ("bfloat16" on accelerators)
-        param_dtype="float32",   # master weights stay f32
+        param_dtype="float32",   # storage of the parameters (and their optimizer state); f32 master weights
     ))

@@ -123,6 +123,11 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, vocab_siz
     if config.data.seq_len < 4:
         raise ValueError(f"data.seq_len={config.data.seq_len} (the text budget, added to the V image slots) "
                          f"is too short for any conversation")
+    positions = config.data.seq_len + m.compressor.num_tokens
+    if positions > m.llm.max_position_embeddings:
+        raise ValueError(f"data.seq_len={config.data.seq_len} + {m.compressor.num_tokens} visual tokens = "
+                         f"{positions} positions exceed model.llm.max_position_embeddings="
+                         f"{m.llm.max_position_embeddings}")
     if vocab_size is not None and vocab_size > m.llm.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but model.llm.vocab_size={m.llm.vocab_size}")
     t = config.train

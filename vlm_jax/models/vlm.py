@@ -91,13 +91,15 @@ def dummy_inputs(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 
 
 
 def init_fn(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 8, question_len: int = 4):
-    """`rng -> boxed params` (logical axis metadata kept) for jax.jit/eval_shape."""
+    """`rng -> boxed params` (logical axis metadata kept) for jax.jit/eval_shape, stored in `cfg.param_dtype`
+    (computation runs in `cfg.dtype` whatever the storage; bfloat16 storage halves the memory of frozen parts)."""
     model = VLM(cfg)
     inputs = dummy_inputs(cfg, batch, seq_len, question_len)
+    param_dtype = jnp.dtype(cfg.get("param_dtype", "float32"))
 
     def init(rng):
         zeros = {k: jnp.zeros(x.shape, x.dtype) for k, x in inputs.items()}
-        return model.init(rng, **zeros)["params"]
+        return jax.tree.map(lambda p: p.astype(param_dtype), model.init(rng, **zeros)["params"])
     return init
 
 
