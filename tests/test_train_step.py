@@ -74,3 +74,44 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(tmp_pa
     assert steps == [last_logged] and 3 <= last_logged < 100000   # saved where it stopped, not at a schedule
     _, params = train.load_params(str(run_dir))
     assert np.isfinite(np.asarray(params["llm"]["norm"]["weight"])).all()
+
+
+def test_eval_step_counts_answers_right_under_teacher_forcing_and_the_training_loss():
+    config = helpers.tiny_config(num_tokens=4, batch_size=4)
+    model = vlm.VLM(config.model)
+    batch = helpers.random_batch(config)
+    params = nn.meta.unbox(jax.jit(vlm.init_fn(config.model))(jax.random.key(0)))
+    logits = np.asarray(model.apply({"params": params}, **train.model_inputs(batch)))
+    # Targets: the model's own argmax at answer tokens (right by construction), anything else elsewhere (not
+    # scored); rows 2 and 3 get one answer token off.
+    vocab = config.model.llm.vocab_size
+    argmax = np.argmax(logits, -1).astype(np.int32)
+    targets = np.where(batch["loss_mask"] > 0, argmax, (argmax + 1) % vocab).astype(np.int32)
+    for row in (2, 3):
+        pos = np.flatnonzero(batch["loss_mask"][row])[-1]
+        targets[row, pos] = (targets[row, pos] + 1) % vocab
+    batch = dict(batch, targets=targets, valid=np.array([1, 1, 1, 0], np.float32))
+    batch["loss_mask"] = batch["loss_mask"] * batch["valid"][:, None]   # a filler row has no loss
+    sums = jax.jit(train.make_eval_step(model))(params, batch)
+    assert float(sums["exact"]) == 2 and float(sums["rows"]) == 3
+    loss, n = train.masked_cross_entropy(logits, targets, batch["loss_mask"])
+    assert float(sums["loss_sum"]) / float(sums["tokens"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(sums["tokens"]) == float(n)
+
+
+def test_training_logs_validation_metrics_every_eval_every_steps(tmp_path):
+    from configs import smoke
+    config = smoke.get_config("llm=tiny-s,tokens=4,res=32")
+    with config.unlocked():
+        config.run_dir = str(tmp_path)
+        config.data.seq_len = 24
+        config.train.update(steps=5, batch_size=4, log_every=5, checkpoint_every=5, eval_every=2, eval_batches=2)
+    last = train.run(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval/loss" in r}
+    assert sorted(evals) == [2, 4, 5]                  # every 2 steps, and at the end
+    assert "loss" not in evals[2] and "loss" in evals[5]   # off-log evals get their own line
+    for r in evals.values():
+        assert r["eval/examples"] == 8 and np.isfinite(r["eval/loss"]) and 0 <= r["eval/exact_match"] <= 1
+    assert last["eval/loss"] == evals[5]["eval/loss"]
+    assert evals[5]["eval/loss"] < evals[2]["eval/loss"]   # the same validation batches, after more training
