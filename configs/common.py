@@ -37,6 +37,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         grad_clip=1.0,
         loss_chunk=0,             # >0: output layer + loss over this many positions at a time (big vocabularies)
         log_every=10,
+        eval_every=0,             # validation loss (+ teacher-forced exact match) every this many steps; 0 = off
+        eval_batches=0,           # batches per evaluation; 0 = the whole validation split
         checkpoint_every=500,
         keep_checkpoints=2,
         peak_flops_per_device=0.0,  # MFU denominator; 0 = vendor table or a measured matmul peak

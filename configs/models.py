@@ -76,6 +76,12 @@ def compressor_config(name: str = "avgpool", num_tokens: int = 64, **overrides) 
     return heads.compressor_config(name, num_tokens, **overrides)
 
 
+def llm_param_count(name: str) -> int:
+    """Parameters of LLM preset `name`, counted from its abstract parameter tree (nothing allocated)."""
+    from vlm_jax import flops  # pylint: disable=import-outside-toplevel  (flops builds the model code lazily)
+    return flops.param_counts(model_config("tiny", name, "avgpool", 1))["llm"]
+
+
 def model_config(vision: str, llm: str, compressor: str = "avgpool", num_tokens: int = 64,
                  dtype: str = "float32") -> ml_collections.ConfigDict:
     """The full `config.model`: vision tower -> compressor head -> projector -> LLM."""
@@ -85,5 +91,5 @@ def model_config(vision: str, llm: str, compressor: str = "avgpool", num_tokens:
         compressor=compressor_config(compressor, num_tokens),
         projector=ml_collections.ConfigDict(dict(name="mlp2x_gelu")),
         dtype=dtype,             # activation/compute dtype ("bfloat16" on accelerators)
-        param_dtype="float32",   # master weights stay f32
+        param_dtype="float32",   # storage of the parameters (and their optimizer state); f32 master weights
     ))

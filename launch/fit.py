@@ -37,6 +37,7 @@ def _floats(name: str, values) -> list[float]:
 
 def main(argv) -> int:
     del argv
+    from configs import models
     from vlm_jax import scaling
 
     if FLAGS.demo == bool(FLAGS.results):
@@ -48,7 +49,8 @@ def main(argv) -> int:
     if FLAGS.demo:
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "demo_results.jsonl")
-        scaling.tables.write_rows(path, scaling.report.demo_rows(seed=FLAGS.seed))
+        scaling.tables.write_rows(path, scaling.report.demo_rows(
+            {llm: models.llm_param_count(llm) for llm in scaling.report.DEMO_LLMS}, seed=FLAGS.seed))
         print(f"demo: wrote a synthetic table from known laws to {path}")
     summary = scaling.report.fit_tables(
         scaling.load_tables(path), FLAGS.forms, text_tokens=_floats("text_tokens", FLAGS.text_tokens),

@@ -5,9 +5,8 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds   # a requirement: missing, this module must fail, not skip
 from PIL import Image
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 from vlm_jax.data import errors, images, pipeline
 

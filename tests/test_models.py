@@ -135,3 +135,16 @@ def test_vlm_logits_depend_on_the_image():
     b = model.apply({"params": params}, **dict(inputs, pixels=inputs["pixels"] + 1.0))
     assert a.shape == (2, config.data.seq_len, config.model.llm.vocab_size)
     assert np.max(np.abs(a - b)) > 1e-4
+
+
+def test_param_dtype_is_the_storage_of_every_parameter_and_compute_stays_in_dtype():
+    config = helpers.tiny_config(compressor="quecc", num_tokens=4, batch_size=2)
+    config.model.param_dtype = "bfloat16"
+    leaves = jax.tree.leaves(vlm.abstract_params(config.model))
+    assert leaves and {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
+    params = jax.tree.map(jnp.asarray, jax.jit(vlm.init_fn(config.model))(jax.random.key(0)))
+    batch = helpers.random_batch(config, batch_size=2)
+    logits = vlm.VLM(config.model).apply({"params": params}, **{k: batch[k] for k in vlm.MODEL_INPUTS})
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+    config.model.param_dtype = "float32"
+    assert {x.dtype for x in jax.tree.leaves(vlm.abstract_params(config.model))} == {jnp.dtype(jnp.float32)}

@@ -5,11 +5,13 @@ model cards show. Qwen1.5-0.5B ties its LM head to the embedding, but its checkp
 the published 619,570,176 = our (tied, counted once) tree + one vocab x hidden copy.
 """
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import models
 from vlm_jax import flops
-from vlm_jax.models import vlm
+from vlm_jax.models import vision, vlm
 
 PUBLISHED_LLM = {
     "qwen1.5-0.5b": 619_570_176,
@@ -41,8 +43,14 @@ def test_clip_preset_parameter_count_matches_published(name):
 
 
 def test_clip_l14_336_has_a_24x24_patch_grid():
+    # The built tower's output (shapes only, nothing computed): class token + 24 x 24 patch tokens.
     v = models.vision_config("clip-vit-l14-336")
-    assert (v.image_size // v.patch_size) ** 2 == 576
+    tower = vision.VisionTower(v)
+    pixels = jax.ShapeDtypeStruct((1, 336, 336, 3), jnp.float32)
+    params = jax.eval_shape(lambda rng, x: tower.init(rng, x, (0,)), jax.random.key(0), pixels)
+    hidden = jax.eval_shape(lambda p, x: tower.apply(p, x, (0,)), params, pixels)[0]
+    patches = jax.eval_shape(vision.patch_tokens, hidden)
+    assert hidden.shape == (1, 1 + 24 * 24, 1024) and patches.shape == (1, 576, 1024)
 
 
 def test_projector_parameter_count_is_mlp2x_gelu():

@@ -1,5 +1,5 @@
 """One train step, and greedy generation, on 1 device and on 8 fake CPU devices (data=2, fsdp=2, tensor=2) give
-the same result.
+the same result; stage 1 on 8 devices keeps its (sharded) frozen parameters bit-identical.
 
 JAX fixes its device count when the backend starts, so the 8-device run happens in a subprocess.
 """
@@ -71,6 +71,41 @@ def _greedy_tokens(mesh_cfg, devices):
             [list(kernel.shape), list(kernel.addressable_shards[0].data.shape)])
 
 
+def _stage1_steps(mesh_cfg, devices, steps=2):
+    """Stage 1 (train.stage='projector', frozen tower): frozen parameters before/after `steps` steps, and how
+    the frozen ones are laid out over the mesh."""
+    import flax.linen as nn
+    import jax
+    from flax import traverse_util
+
+    from tests import helpers
+    from vlm_jax import sharding, train
+    from vlm_jax.models import vlm
+
+    config = helpers.tiny_config(compressor="avgpool", num_tokens=4, batch_size=8, stage="projector")
+    config.train.train_vision = False
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+    state, shardings, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
+    step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)))
+
+    def host(tree):
+        return {k: np.asarray(jax.device_get(v)) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+    frozen0, trained0 = host(state.frozen), host(state.params)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        for i in range(steps):
+            state, _ = step(state, sharding.put_batch(helpers.random_batch(config, seed=i), mesh))
+    frozen1, trained1 = host(state.frozen), host(state.params)
+    split = {k: [list(v.shape), list(v.addressable_shards[0].data.shape)]
+             for k, v in traverse_util.flatten_dict(state.frozen, sep="/").items()}
+    return dict(frozen_changed=[k for k in frozen0 if not np.array_equal(frozen0[k], frozen1[k])],
+                trained=sorted(trained0), trained_changed=[k for k in trained0
+                                                           if not np.array_equal(trained0[k], trained1[k])],
+                frozen_split=split)
+
+
 def worker(out_path):
     import jax
     jax.config.update("jax_threefry_partitionable", True)
@@ -99,7 +134,8 @@ def worker(out_path):
     with open(out_path, "w") as f:
         json.dump(dict(loss1=loss1, loss8=loss8, diff=diff, scale=scale, split=split8, batch_error=batch_error,
                        gen1=gen1, gen8=gen8, gen8_cached=gen8_cached, gen8_split=gen8_split,
-                       eval_batch_error=eval_batch_error), f)
+                       eval_batch_error=eval_batch_error,
+                       stage1=_stage1_steps(dict(data=2, fsdp=2, tensor=2), jax.devices())), f)
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +161,30 @@ def test_updated_params_match_on_1_and_8_devices(result):
     assert result["diff"][worst] <= 1e-5 * max(1.0, result["scale"][worst]), (worst, result["diff"][worst])
 
 
+# Matrices the rules split over fsdp (embed axis) and tensor (mlp / heads / vocab axis): 1/4 per device each.
+LARGE = ("llm/layers/gate_proj/kernel", "llm/layers/up_proj/kernel", "llm/layers/down_proj/kernel",
+         "llm/layers/self_attn/q_proj/kernel", "llm/layers/self_attn/o_proj/kernel", "llm/embed_tokens/embedding",
+         "vision/layers_0/fc1/kernel")
+
+
+def _assert_quartered(split, names):
+    missing = [n for n in names if n not in split]
+    assert not missing, f"no such parameters {missing}; have {sorted(split)}"
+    for name in names:
+        full, shard = split[name][:2]
+        assert np.prod(shard) * 4 == np.prod(full), (name, full, shard)
+
+
 def test_large_matrices_are_split_across_devices(result):
-    split = result["split"]
-    # (full shape, per-device shard shape): the MLP is split over fsdp (embed) and tensor (mlp) -> 1/4 each.
-    for name in ("llm/layers/mlp_gate", "llm/layers/gate_proj/kernel", "llm/layers/down_proj/kernel",
-                 "llm/layers/self_attn/q_proj/kernel", "llm/embed_tokens/embedding"):
-        if name not in split:
-            continue
-        full, shard, spec = split[name]
-        assert np.prod(shard) * 4 == np.prod(full), (name, full, shard, spec)
-    assert "llm/layers/gate_proj/kernel" in split
-    full, shard, _ = split["vision/layers_0/fc1/kernel"]
-    assert np.prod(shard) * 4 == np.prod(full)
+    _assert_quartered(result["split"], LARGE)
+
+
+def test_stage1_keeps_frozen_parameters_bit_identical_and_sharded(result):
+    stage1 = result["stage1"]
+    assert stage1["trained"] and set(stage1["trained_changed"]) == set(stage1["trained"])   # steps did happen
+    assert all(k.startswith(("llm/", "vision/")) for k in stage1["frozen_split"])
+    assert stage1["frozen_changed"] == []
+    _assert_quartered(stage1["frozen_split"], LARGE)
 
 
 def test_batch_not_divisible_by_the_data_axes_fails_at_start(result):

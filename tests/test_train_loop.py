@@ -107,6 +107,8 @@ def test_params_only_restore_equals_the_full_restore_and_checks_shapes(full_run,
     (lambda c: setattr(c.model.llm, "num_kv_heads", 3), "num_kv_heads=3"),
     (lambda c: setattr(c.model.vision, "image_size", 36), "image_size=36"),
     (lambda c: setattr(c.train, "loss_chunk", -1), "train.loss_chunk=-1"),
+    (lambda c: setattr(c.model.llm, "max_position_embeddings", 27),
+     "4 visual tokens = 28 positions exceed model.llm.max_position_embeddings=27"),
 ])
 def test_impossible_configs_fail_at_start_naming_the_key(tmp_path, change, message):
     config = small_config(tmp_path)

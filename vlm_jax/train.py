@@ -6,6 +6,7 @@ Read top to bottom: set-up and checks -> mesh -> input pipeline -> model and sha
 parameters train, and how).
 """
 
+import itertools
 import json
 import logging
 import os
@@ -73,8 +74,7 @@ def chunked_cross_entropy(hidden, weights, targets, loss_mask, chunk: int, dtype
 
 def model_inputs(batch):
     """The batch entries the model consumes (targets and loss mask are for the loss)."""
-    keys = ("pixels", "tokens", "attention_mask", "image_positions", "question_tokens", "question_mask")
-    return {k: batch[k] for k in keys}
+    return {k: batch[k] for k in vlm.MODEL_INPUTS}
 
 
 def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk: int = 0):
@@ -103,6 +103,44 @@ def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk
     return train_step
 
 
+def make_eval_step(model: vlm.VLM, loss_chunk: int = 0):
+    """`(params, batch) -> sums` over an eval batch: answer-token loss and token count, and (unless the loss is
+    chunked, when full logits would not fit) answers whose every token is the argmax under teacher forcing, which is
+    what greedy decoding would produce, so it equals exact match without running generation."""
+
+    def eval_step(params, batch):
+        mask = batch["loss_mask"]   # filler rows of the last batch have none
+        sums = {"rows": jnp.sum(batch["valid"])}
+        if loss_chunk:
+            hidden = model.apply({"params": params}, **model_inputs(batch), method=vlm.VLM.hidden_states)
+            loss, n = chunked_cross_entropy(hidden, llm_lib.output_weights(params["llm"], model.cfg.llm),
+                                            batch["targets"], mask, loss_chunk, jnp.dtype(model.cfg.dtype))
+            return dict(sums, loss_sum=loss * n, tokens=n)
+        logits = model.apply({"params": params}, **model_inputs(batch))
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        right = (jnp.argmax(logits, -1) == batch["targets"]) | (mask == 0)
+        exact = jnp.all(right, axis=1) & (jnp.sum(mask, axis=1) > 0)
+        return dict(sums, loss_sum=jnp.sum(per_token * mask), tokens=jnp.sum(mask),
+                    exact=jnp.sum(exact * batch["valid"]))
+
+    return eval_step
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict:
+    """Validation metrics over `batches` (eval-layout host batches): {'eval/loss', 'eval/examples'} and, when
+    the step reports it, 'eval/exact_match'."""
+    totals = {}
+    for host_batch in batches:
+        out = jax.device_get(eval_step(params, sharding.put_batch(host_batch, mesh)))
+        totals = {k: totals.get(k, 0.0) + float(v) for k, v in out.items()}
+    if not totals.get("rows"):
+        raise ValueError("validation split gave no examples")
+    metrics = {"eval/loss": totals["loss_sum"] / max(totals["tokens"], 1.0), "eval/examples": int(totals["rows"])}
+    if "exact" in totals:
+        metrics["eval/exact_match"] = totals["exact"] / totals["rows"]
+    return metrics
+
+
 def validate_config(config: ml_collections.ConfigDict, n_devices: int, vocab_size: int | None = None) -> None:
     """Fail at start, naming the key, for configurations that cannot run."""
     m = config.model
@@ -124,11 +162,19 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, vocab_siz
     if config.data.seq_len < 4:
         raise ValueError(f"data.seq_len={config.data.seq_len} (the text budget, added to the V image slots) "
                          f"is too short for any conversation")
+    positions = config.data.seq_len + m.compressor.num_tokens
+    if positions > m.llm.max_position_embeddings:
+        raise ValueError(f"data.seq_len={config.data.seq_len} + {m.compressor.num_tokens} visual tokens = "
+                         f"{positions} positions exceed model.llm.max_position_embeddings="
+                         f"{m.llm.max_position_embeddings}")
     if vocab_size is not None and vocab_size > m.llm.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but model.llm.vocab_size={m.llm.vocab_size}")
     t = config.train
     if t.steps < 1:
         raise ValueError(f"train.steps must be >= 1, got {t.steps}")
+    for key in ("eval_every", "eval_batches"):
+        if t.get(key, 0) < 0:
+            raise ValueError(f"train.{key}={t[key]} must be >= 0 (0 = off / the whole validation split)")
     if not 0 <= t.warmup_ratio <= 1:
         raise ValueError(f"train.warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:n_devices] if n_devices else None)
@@ -278,6 +324,19 @@ def run(config: ml_collections.ConfigDict) -> dict:
     logging.info("MFU denominator: %.3g FLOP/s per device (%s); %.3g FLOPs per step", peak, peak_source,
                  step_flops)
     lr_at = optim.schedule(t)
+    eval_every = t.get("eval_every", 0)
+    if eval_every:
+        eval_step = jax.jit(make_eval_step(model, config.train.loss_chunk),
+                            in_shardings=(optim.merge(state_shardings.params, state_shardings.frozen), batch_sh),
+                            out_shardings=sharding.replicated(mesh))
+
+    def eval_batches():
+        """A fresh ordered pass over the validation split, at most train.eval_batches batches (0 = all)."""
+        it = pipeline.make_eval_iterator(
+            config.data, tokenizer=tokenizer, num_visual_tokens=m.compressor.num_tokens,
+            image_size=m.vision.image_size, batch_size=t.batch_size, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        return itertools.islice(it, t.get("eval_batches", 0) or None)
 
     # --- loop -----------------------------------------------------------------------------------
     stop = _StopFlag()
@@ -300,6 +359,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 first_step, timed, window_tokens, window_start = False, 0, 0, time.perf_counter()
             else:
                 timed += 1
+            evaluated = {}
+            if eval_every and (step % eval_every == 0 or step == t.steps):
+                eval_start = time.perf_counter()
+                evaluated = evaluate(eval_step, optim.merge(state.params, state.frozen), eval_batches(), mesh)
+                logging.info("step %d | eval %s", step, " | ".join(f"{k} {v:.4g}" for k, v in evaluated.items()))
+                window_start += time.perf_counter() - eval_start   # keep evaluation out of the throughput figures
             if step % t.log_every == 0 or step == t.steps or stop.requested:
                 fetched = jax.device_get(window)
                 elapsed = time.perf_counter() - window_start
@@ -311,9 +376,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     "step": step, "loss": float(losses[-1]), "loss_avg": float(losses.mean()),
                     "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(lr_at(step - 1)),
                     "tokens_per_s": window_tokens / elapsed if timed else None, "step_s": step_time,
-                    "mfu": step_flops / step_time / (peak * mesh.size) if timed else None,
+                    "mfu": flops.mfu(step_flops, step_time, peak * mesh.size) if timed else None,
                 }
                 last.update(pipeline_counters(data_iter))
+                last.update(evaluated)
                 if jax.process_index() == 0:
                     data_iter.bad_input.write(os.path.join(run_dir, "bad_input.json"))
                 logging.info("step %d | loss %.4f (avg %.4f) | lr %.2e | %s tok/s | MFU %s", step, last["loss"],
@@ -323,6 +389,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
                 window, window_tokens, window_start, timed = [], 0, time.perf_counter(), 0
+            elif evaluated and jax.process_index() == 0:   # an eval between log steps gets its own line
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, **evaluated}) + "\n")
             if step % t.checkpoint_every == 0 or step == t.steps or stop.requested:
                 checkpoints.save(ckpt, step, state, data_iter.get_state(), {"step": step}, force=True)
             if stop.requested:

@@ -34,7 +34,7 @@ import numpy as np
 from vlm_jax.models import llm as llm_lib
 from vlm_jax.models import vlm as vlm_lib
 
-PROMPT_KEYS = ("pixels", "tokens", "attention_mask", "image_positions", "question_tokens", "question_mask")
+PROMPT_KEYS = vlm_lib.MODEL_INPUTS   # a prompt batch is a model-input batch without answers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,10 +61,6 @@ class VisionTower(nn.Module):
     cfg: ml_collections.ConfigDict
     dtype: jnp.dtype = jnp.float32
 
-    @property
-    def grid(self) -> int:
-        return self.cfg.image_size // self.cfg.patch_size
-
     @nn.compact
     def __call__(self, pixels, layer_indices: Sequence[int]):
         cfg = self.cfg

@@ -29,6 +29,9 @@ class Projector(nn.Module):
 
 PROJECTORS = {"mlp2x_gelu": Projector}
 
+# The arguments of `VLM.__call__`, the batch keys training and generation feed the model.
+MODEL_INPUTS = ("pixels", "tokens", "attention_mask", "image_positions", "question_tokens", "question_mask")
+
 
 class VLM(nn.Module):
     cfg: ml_collections.ConfigDict
@@ -81,25 +84,22 @@ class VLM(nn.Module):
 def dummy_inputs(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 8, question_len: int = 4):
     """Abstract inputs (ShapeDtypeStructs) of the shapes `VLM.__call__` takes, for init and shape analysis."""
     s, v = cfg.vision.image_size, cfg.compressor.num_tokens
-    sds = jax.ShapeDtypeStruct
-    return dict(
-        pixels=sds((batch, s, s, 3), jnp.float32),
-        tokens=sds((batch, seq_len), jnp.int32),
-        attention_mask=sds((batch, seq_len), jnp.int32),
-        image_positions=sds((batch, v), jnp.int32),
-        question_tokens=sds((batch, question_len), jnp.int32),
-        question_mask=sds((batch, question_len), jnp.int32),
-    )
+    shapes = dict(pixels=(batch, s, s, 3), tokens=(batch, seq_len), attention_mask=(batch, seq_len),
+                  image_positions=(batch, v), question_tokens=(batch, question_len),
+                  question_mask=(batch, question_len))
+    return {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32 if k == "pixels" else jnp.int32) for k in MODEL_INPUTS}
 
 
 def init_fn(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 8, question_len: int = 4):
-    """`rng -> boxed params` (logical axis metadata kept) for jax.jit/eval_shape."""
+    """`rng -> boxed params` (logical axis metadata kept) for jax.jit/eval_shape, stored in `cfg.param_dtype`
+    (computation runs in `cfg.dtype` whatever the storage; bfloat16 storage halves the memory of frozen parts)."""
     model = VLM(cfg)
     inputs = dummy_inputs(cfg, batch, seq_len, question_len)
+    param_dtype = jnp.dtype(cfg.get("param_dtype", "float32"))
 
     def init(rng):
         zeros = {k: jnp.zeros(x.shape, x.dtype) for k, x in inputs.items()}
-        return model.init(rng, **zeros)["params"]
+        return jax.tree.map(lambda p: p.astype(param_dtype), model.init(rng, **zeros)["params"])
     return init
 
 

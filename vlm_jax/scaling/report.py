@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -11,9 +11,9 @@ from vlm_jax.scaling.laws import FitResult
 from vlm_jax.scaling.tables import PARAMS_PER_UNIT
 
 # The demo's known laws: one family where LLM size matters far more than visual tokens (reasoning-like) and one
-# where tokens matter more (fine detail, e.g. reading small text). Sizes are the Qwen1.5 trees' parameter counts.
-DEMO_LLMS = {"qwen1.5-0.5b": 463_987_712, "qwen1.5-1.8b": 1_836_828_672, "qwen1.5-4b": 3_950_369_280,
-             "qwen1.5-7b": 7_721_324_544}
+# where tokens matter more (fine detail, e.g. reading small text). The LLMs are named presets; their sizes are
+# counted from the parameter trees by the caller (configs.models.llm_param_count), not typed here.
+DEMO_LLMS = ("qwen1.5-0.5b", "qwen1.5-1.8b", "qwen1.5-4b", "qwen1.5-7b")
 DEMO_V = (1, 4, 16, 36, 64, 144, 576)
 DEMO_LAWS = {
     "reasoning": ("multiplicative", (0.35, 0.45, 0.06, 0.12)),
@@ -21,13 +21,14 @@ DEMO_LAWS = {
 }
 
 
-def demo_rows(noise: float = 0.02, seed: int = 0) -> list[dict]:
-    """Result rows (llm, n_params, visual_tokens, task, error) drawn from DEMO_LAWS with lognormal noise."""
+def demo_rows(llm_sizes: Mapping[str, int], noise: float = 0.02, seed: int = 0) -> list[dict]:
+    """Result rows (llm, n_params, visual_tokens, task, error) drawn from DEMO_LAWS with lognormal noise, for the
+    LLMs of `llm_sizes` ({name: parameter count}, e.g. of DEMO_LLMS)."""
     rng = np.random.default_rng(seed)
     rows = []
     for task, (form, theta) in DEMO_LAWS.items():
         form = laws.get_form(form)
-        for llm, n_params in DEMO_LLMS.items():
+        for llm, n_params in llm_sizes.items():
             for v in DEMO_V:
                 err = form.predict(np.asarray(theta), np.array([n_params / PARAMS_PER_UNIT]), np.array([v]))[0]
                 err = float(np.clip(err * np.exp(noise * rng.standard_normal()), 1e-6, 1.0))
