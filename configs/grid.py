@@ -20,6 +20,7 @@ import ml_collections
 
 from configs import common, llava, models
 from vlm_jax.data import pipeline
+from vlm_jax.grid import tpu
 
 # The paper's evaluation groups (Li et al. 2024, Fig. 1/3): visual reasoning / understanding, and text-heavy OCR.
 PAPER_TASKS = {
@@ -29,12 +30,12 @@ PAPER_TASKS = {
 # name -> (scorer, question file, answer file, image folder); paths relative to config.eval.data_root.
 PAPER_BENCHMARKS = {
     "gqa": ("gqa", "gqa/llava_gqa_testdev_balanced.jsonl", "gqa/testdev_balanced_answers.jsonl", "gqa/images"),
-    "mmb": ("multiple_choice", "mmbench/mmbench_dev.jsonl", "", "mmbench/images"),
+    "mmb": ("mmbench", "mmbench/mmbench_dev.jsonl", "", "mmbench/images"),
     "mme": ("mme", "mme/llava_mme.jsonl", "mme/answers.jsonl", "mme/images"),
     "pope": ("pope", "pope/llava_pope_test.jsonl", "pope/answers.jsonl", "pope/val2014"),
-    "sqa": ("multiple_choice", "scienceqa/llava_test_CQM-A.jsonl", "", "scienceqa/images"),
-    "seed": ("seed", "seed_bench/llava-seed-bench-img.jsonl", "", "seed_bench/images"),
-    "textvqa": ("vqa", "textvqa/llava_textvqa_val_v051_ocr.jsonl", "textvqa/answers.jsonl", "textvqa/train_images"),
+    "sqa": ("scienceqa_img", "scienceqa/llava_test_CQM-A.jsonl", "", "scienceqa/images"),
+    "seed": ("seed_bench", "seed_bench/llava-seed-bench-img.jsonl", "", "seed_bench/images"),
+    "textvqa": ("textvqa", "textvqa/llava_textvqa_val_v051_ocr.jsonl", "textvqa/answers.jsonl", "textvqa/train_images"),
     "ocrbench": ("ocrbench", "ocrbench/ocrbench.jsonl", "", "ocrbench/images"),
     "docvqa": ("anls", "docvqa/val.jsonl", "", "docvqa/images"),
     "chartqa": ("relaxed_accuracy", "chartqa/test.jsonl", "", "chartqa/images"),
@@ -51,6 +52,7 @@ def smoke(arg) -> ml_collections.ConfigDict:
     config.llms = _axis(arg.llms) or ("tiny-xs", "tiny-s", "tiny-m")
     config.tokens = _axis(arg.tokens, int) or (1, 4, 16, 64)
     config.seeds = (0,)
+    config.weights_dir = ""   # tiny LLMs start from scratch; the tower is pretrained by the grid (config.tower)
 
     cell = ml_collections.ConfigDict()
     cell.seed = 0
@@ -78,6 +80,7 @@ def smoke(arg) -> ml_collections.ConfigDict:
     config.eval = eval_config(synthetic_per_family=300, max_new_tokens=5, tasks=dict(reasoning="synthetic/reasoning",
                                                                  ocr="synthetic/ocr"))
     config.backend = "local"
+    config.tpu = tpu.default_config()   # for --config.backend=tpu (see README: Cloud TPU)
     config.parallel = 2
     config.fit = fit_config(bootstrap=300)
     return config
@@ -92,29 +95,40 @@ def paper(arg) -> ml_collections.ConfigDict:
     stage1, stage2 = llava.get_config("stage=1,compressor=quecc"), llava.get_config("stage=2,compressor=quecc")
     cell = ml_collections.ConfigDict(stage1.to_dict())
     cell.run_dir = ""
-    # Pretrained weights (local or gs:// directories): CLIP tower and the Qwen LLM of each cell.
     cell.init = ()
+    # Pretrained weights as this project's checkpoints: WEIGHTS/clip-vit-l14-336 and WEIGHTS/<each LLM preset>.
+    config.weights_dir = "gs://YOUR_BUCKET/vlm-jax/weights"
     config.cell = cell
+    # Data on every worker's disk (or a bucket mounted there): DATA/llava/... as LLaVA-1.5 ships it, DATA/eval/...
+    data = "/data"
+    llava_data = lambda json_name: dict(llava=dict(json_path=f"{data}/llava/{json_name}",  # noqa: E731
+                                                   image_dir=f"{data}/llava/images"))
+    cell.data.tokenizer.path = f"{data}/tokenizers/qwen1.5/tokenizer.json"
     config.stages = ml_collections.ConfigDict(dict(
-        stage1=dict(train=dict(stage2.train.to_dict() | stage1.train.to_dict())),
-        stage2=dict(train=stage2.train.to_dict()),
+        stage1=dict(train=dict(stage2.train.to_dict() | stage1.train.to_dict()),
+                    data=llava_data("blip_laion_cc_sbu_558k.json")),
+        stage2=dict(train=stage2.train.to_dict(), data=llava_data("llava_v1_5_mix665k.json")),
     ))
     config.tower = ml_collections.ConfigDict(dict(pretrain=False, llm="", tokens=0, overrides={}))
     config.eval = eval_config(synthetic_per_family=0, batch_size=16, max_new_tokens=128, seq_len=2048,
-                              text_tokens=64, tasks=PAPER_TASKS,
+                              text_tokens=64, tasks=PAPER_TASKS, data_root=f"{data}/eval",
                               benchmarks={k: v for k, v in PAPER_BENCHMARKS.items()})
     config.backend = "tpu"
+    config.tpu = tpu.default_config()   # set project, zone, repo_url (and accelerator_types per LLM size)
+    config.tpu.accelerator_types = "qwen1.5-7b_*=v5litepod-32,qwen1.5-4b_*=v5litepod-32"
     config.parallel = 4
     config.fit = fit_config(bootstrap=1000)
     return config
 
 
 def eval_config(*, synthetic_per_family: int, tasks: dict, benchmarks: dict | None = None, batch_size: int = 50,
-                max_new_tokens: int = 4, seq_len: int = 0, text_tokens: int = 16) -> ml_collections.ConfigDict:
+                max_new_tokens: int = 4, seq_len: int = 0, text_tokens: int = 16,
+                data_root: str = "") -> ml_collections.ConfigDict:
     """How each cell is evaluated: tasks (name -> comma-separated benchmarks, averaged into the task's error),
-    synthetic validation questions per family, LLaVA-format benchmarks, and Q for the inference-FLOPs column."""
+    synthetic validation questions per family, LLaVA-format benchmarks (paths relative to `data_root`), and Q for
+    the inference-FLOPs column."""
     return ml_collections.ConfigDict(dict(
-        synthetic_per_family=synthetic_per_family, tasks=tasks, benchmarks=benchmarks or {},
+        synthetic_per_family=synthetic_per_family, tasks=tasks, benchmarks=benchmarks or {}, data_root=data_root,
         batch_size=batch_size, max_new_tokens=max_new_tokens, seq_len=seq_len, text_tokens=text_tokens))
 
 

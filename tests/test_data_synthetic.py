@@ -65,37 +65,81 @@ def test_shapes_sit_inside_their_own_cells_on_a_plain_background():
     assert checked > 10
 
 
-def test_ocr_read_answers_are_drawn_in_the_asked_quadrant():
+def _ink_pixels(image: np.ndarray, ink: str) -> np.ndarray:
+    return np.all(image == np.array(synthetic.INKS[ink], np.uint8), axis=-1)
+
+
+def _crop(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def test_ocr_answers_are_the_characters_drawn_in_the_asked_ink():
     font = ImageFont.load_default_imagefont()
-    checked = 0
-    for ex in synthetic.make_examples("validation", "ocr", 150):
-        if ex.kind != "read":
-            continue
-        glyph = Image.new("L", (40, 12), 0)
-        ImageDraw.Draw(glyph).text((0, 0), ex.answer, fill=255, font=font)
-        g = np.kron(np.asarray(glyph) > 0, np.ones((2, 2), bool))  # default ocr_scale=2: each font pixel is 2x2
-        rows, cols = np.flatnonzero(g.any(1)), np.flatnonzero(g.any(0))
-        g = g[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-        q = synthetic.QUADRANTS.index(ex.question.removeprefix("what is written in the ").removesuffix("?"))
-        ink = ex.image.max(-1) < 128
-        quad = ink[(q // 2) * 32:(q // 2) * 32 + 32, (q % 2) * 32:(q % 2) * 32 + 32]
-        h, w = g.shape
-        found = any(np.array_equal(quad[y:y + h, x:x + w], g) for y in range(33 - h) for x in range(33 - w))
-        assert found, (ex.id, ex.answer)
-        checked += 1
-    assert checked > 20
+    glyphs = {}
+    for ch in synthetic.DEFAULT_ALPHABET:   # each digit as the font draws it, independently of the module
+        img = Image.new("L", (12, 12), 0)
+        ImageDraw.Draw(img).text((0, 0), ch, fill=255, font=font)
+        glyphs[ch] = _crop(np.asarray(img) > 0)
+    checked = collections.Counter()
+    for ex in synthetic.make_examples("validation", "ocr", 200):
+        if ex.kind == "read":
+            ink = ex.question.removeprefix("what is written in ").removesuffix("?")
+            drawn = _crop(_ink_pixels(ex.image, ink))
+            assert [ch for ch, g in glyphs.items() if g.shape == drawn.shape and np.array_equal(g, drawn)] == [
+                ex.answer], ex.id
+        else:
+            ch = ex.question.removeprefix("what color is ").removesuffix(" written in?")
+            drawn = _crop(_ink_pixels(ex.image, ex.answer))
+            assert drawn.shape == glyphs[ch].shape and np.array_equal(drawn, glyphs[ch]), ex.id
+        checked[ex.kind] += 1
+    assert checked["read"] > 50 and checked["ink"] > 50
+
+
+def test_ocr_characters_sit_in_their_own_slots():
+    # One character per 8 x 16 slot: a pooled token of one slot column (V=64) never holds two inks.
+    for ex in synthetic.make_examples("train", "ocr", 100):
+        inked = ~np.all(ex.image == np.array(synthetic.PAPER, np.uint8), axis=-1)
+        slots = inked.reshape(64 // synthetic.SLOT_H, synthetic.SLOT_H, 64 // synthetic.SLOT_W, synthetic.SLOT_W)
+        colours_per_slot = [len({tuple(c) for c in ex.image[r * 16:(r + 1) * 16, c * 8:(c + 1) * 8][
+            inked[r * 16:(r + 1) * 16, c * 8:(c + 1) * 8]]}) for r in range(4) for c in range(8)]
+        assert max(colours_per_slot) == 1
+        assert 2 <= sum(slots.any((1, 3)).ravel()) <= len(synthetic.INKS)
 
 
 def test_all_question_kinds_occur_with_short_balanced_answers():
     exs = [e for f in synthetic.FAMILIES for e in synthetic.make_examples("train", f, 600)]
     kinds = collections.Counter(e.kind for e in exs)
-    assert set(kinds) == set(synthetic.REASONING_KINDS) | {"read", "where"}  # single characters by default
-    longer = synthetic.make_examples("train", "ocr", 300, ocr_length=2)
-    assert {e.kind for e in longer} == {"read", "where", "char"}
-    assert max(len(e.answer) for e in longer if e.kind == "read") == 2
+    assert set(kinds) == set(synthetic.REASONING_KINDS) | {"read", "ink"}
     yes_no = collections.Counter(e.answer for e in exs if e.answer in ("yes", "no"))
     assert abs(yes_no["yes"] - yes_no["no"]) < 0.15 * sum(yes_no.values())
     assert max(len(e.answer.split()) for e in exs) <= 2
+
+
+def test_reasoning_kinds_select_the_questions():
+    exs = synthetic.make_examples("train", "reasoning", 200, reasoning_kinds="count_all,compare")
+    assert {e.kind for e in exs} == {"count_all", "compare"}
+    same = synthetic.make_examples("train", "reasoning", 50, reasoning_kinds="")
+    assert [e.question for e in same] == [e.question for e in synthetic.make_examples("train", "reasoning", 50)]
+
+
+def test_follow_up_questions_are_about_the_same_image_and_give_nothing_away():
+    for family in synthetic.FAMILIES:
+        for j in range(40):
+            one = synthetic.make_example("train", family, j)
+            three = synthetic.make_example("train", family, j, questions=3)
+            np.testing.assert_array_equal(one.image, three.image)
+            assert (three.question, three.answer) == (one.question, one.answer)   # the first is the same
+            questions = [one.question] + [q for q, _ in three.more]
+            assert len(set(questions)) == len(questions)
+            turns = three.turns()
+            assert [r for r, _ in turns] == ["user", "assistant"] * (1 + len(three.more))
+            if family == "ocr":   # each follow-up is about another character: no answer is in an earlier turn
+                said = " ".join(t for _, t in turns[:2]).replace("?", "").split()
+                for q, a in three.more:
+                    subject = q.split()[3] if q.startswith("what color") else q.rstrip("?").split()[-1]
+                    assert a not in said and subject not in said, (j, turns)
+                    said += q.replace("?", "").split() + [a]
 
 
 def test_bad_names_raise_clear_errors():
@@ -105,10 +149,14 @@ def test_bad_names_raise_clear_errors():
         synthetic.make_example("test", "ocr", 0)
     with pytest.raises(ValueError, match="ocr_alphabet"):
         synthetic.make_example("train", "ocr", 0, ocr_alphabet="ab")
-    with pytest.raises(ValueError, match="distinct strings"):
-        synthetic.make_example("train", "ocr", 0, ocr_alphabet="AB", ocr_length=1)
-    with pytest.raises(ValueError, match="must fit a 32 px quadrant"):
-        synthetic.make_example("train", "ocr", 0, ocr_length=3, ocr_scale=2)
+    with pytest.raises(ValueError, match="one per ink"):
+        synthetic.make_example("train", "ocr", 0, ocr_alphabet="ABCD")
+    with pytest.raises(ValueError, match="reasoning_kinds"):
+        synthetic.make_example("train", "reasoning", 0, reasoning_kinds="count_all,astrology")
+    with pytest.raises(ValueError, match="may fit no scene"):
+        synthetic.make_example("train", "reasoning", 0, reasoning_kinds="color_of")
+    with pytest.raises(ValueError, match="questions"):
+        synthetic.make_example("train", "reasoning", 0, questions=0)
     with pytest.raises(ValueError, match="families"):
         synthetic.parse_families("reasoning,reasoning")
 

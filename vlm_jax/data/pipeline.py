@@ -63,6 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.synthetic.validation_size = 2_000
     c.synthetic.seed = 0  # content seed; train and validation draw from disjoint streams of it
     c.synthetic.ocr_alphabet = synthetic.DEFAULT_ALPHABET
+    c.synthetic.reasoning_kinds = ""  # comma-separated question kinds of the reasoning family ('' = all)
+    c.synthetic.max_items = 0  # at most this many objects / characters per image (0 = the family's own range)
     c.synthetic.train_questions = 1  # questions per training image (one chat); evaluation asks one at a time
 
     c.llava = ml_collections.ConfigDict()
@@ -125,7 +127,8 @@ def _synthetic_source(data_cfg, split, image_size):
     if size is None:
         raise ValueError(f"synthetic split must be 'train' or 'validation', got {split!r}")
     return synthetic.SyntheticSource(split, size, families=s.families, seed=s.seed, image_size=image_size,
-                                     ocr_alphabet=s.ocr_alphabet, questions=s.train_questions if split == "train" else 1), []
+                                     ocr_alphabet=s.ocr_alphabet, reasoning_kinds=s.reasoning_kinds,
+                                     max_items=s.max_items, questions=s.train_questions if split == "train" else 1), []
 
 
 @register_source("llava")

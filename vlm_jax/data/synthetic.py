@@ -181,6 +181,8 @@ def _holds(rel: str, x: _Obj, y: _Obj) -> bool:
 
 
 def _relation(rng, objs):
+    if len(objs) < 2:
+        return None
     facts: dict[bool, list[tuple[_Obj, str, _Obj]]] = {True: [], False: []}
     for x in objs:
         for y in objs:
@@ -223,8 +225,15 @@ REASONING_KINDS = {
 }
 
 
-def _draw_reasoning(rng: np.random.Generator) -> tuple[Image.Image, list[_Obj]]:
-    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+def _count(rng: np.random.Generator, low: int, high: int, max_items: int) -> int:
+    """How many objects/characters: uniform in [low, high], or in [1, max_items] under a cap (0 = none)."""
+    if max_items:
+        low, high = min(low, max_items), min(high, max_items)
+    return int(rng.integers(low, high + 1))
+
+
+def _draw_reasoning(rng: np.random.Generator, max_items: int = 0) -> tuple[Image.Image, list[_Obj]]:
+    n = _count(rng, MIN_OBJECTS, MAX_OBJECTS, max_items)
     cells = rng.choice(GRID * GRID, n, replace=False)
     pairs = rng.choice(len(COLORS) * len(SHAPES), n, replace=False)
     colors = list(COLORS)
@@ -247,9 +256,24 @@ def _draw_reasoning(rng: np.random.Generator) -> tuple[Image.Image, list[_Obj]]:
     return img, objs
 
 
-def _reasoning_question(rng: np.random.Generator, objs: list[_Obj], i: int) -> tuple[str, str, str]:
-    del i  # any question about the scene
-    kinds = list(REASONING_KINDS)
+ALWAYS_APPLY = ("count_all", "count_color", "count_shape", "exists", "compare", "relation")
+
+
+def parse_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
+    """'count_all,compare' or a sequence -> checked reasoning kinds; '' = all of them."""
+    names = tuple(k.strip() for k in (kinds.split(",") if isinstance(kinds, str) else kinds) if k.strip())
+    if not names:
+        return tuple(REASONING_KINDS)
+    unknown = sorted(set(names) - set(REASONING_KINDS))
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"reasoning_kinds must be distinct names from {sorted(REASONING_KINDS)}, got {kinds!r}")
+    if not set(names) & set(ALWAYS_APPLY):
+        raise ValueError(f"reasoning_kinds {kinds!r} may fit no scene: include one of {ALWAYS_APPLY}")
+    return names
+
+
+def _reasoning_question(rng: np.random.Generator, objs: list[_Obj], kinds: tuple[str, ...]
+                        ) -> tuple[str, str, str]:
     for k in rng.permutation(len(kinds)):
         qa = REASONING_KINDS[kinds[k]](rng, objs)
         if qa is not None:
@@ -273,10 +297,11 @@ def _glyph(char: str) -> Image.Image:
     return mask
 
 
-def _draw_ocr(rng: np.random.Generator, alphabet: str) -> tuple[Image.Image, list[tuple[str, str]]]:
+def _draw_ocr(rng: np.random.Generator, alphabet: str, max_items: int = 0
+              ) -> tuple[Image.Image, list[tuple[str, str]]]:
     """2-5 distinct characters in distinct inks and slots; returns the image and [(ink, character)] in random
     order."""
-    n = int(rng.integers(MIN_CHARS, MAX_CHARS + 1))
+    n = _count(rng, MIN_CHARS, MAX_CHARS, max_items)
     chars = [str(c) for c in rng.choice(list(alphabet), n, replace=False)]
     inks = [list(INKS)[int(k)] for k in rng.choice(len(INKS), n, replace=False)]
     cols = CANVAS // SLOT_W
@@ -289,9 +314,12 @@ def _draw_ocr(rng: np.random.Generator, alphabet: str) -> tuple[Image.Image, lis
     return img, list(zip(inks, chars))
 
 
-def _ocr_question(rng: np.random.Generator, written: list[tuple[str, str]], i: int) -> tuple[str, str, str]:
-    """Question i is about character i (they are in random order): follow-ups never give away an earlier answer."""
-    ink, char = written[i % len(written)]
+def _ocr_question(rng: np.random.Generator, written: list[tuple[str, str]], i: int) -> tuple[str, str, str] | None:
+    """Question i is about character i (they are in random order), so a follow-up never gives away an earlier
+    answer; None once every character was asked about."""
+    if i >= len(written):
+        return None
+    ink, char = written[i]
     if rng.integers(2):
         return "read", f"what is written in {ink}?", char
     return "ink", f"what color is {char} written in?", ink
@@ -313,25 +341,31 @@ def _check(split: str, family: str, alphabet: str) -> None:
 
 
 def make_example(split: str, family: str, index: int, *, seed: int = 0, image_size: int = CANVAS,
-                 ocr_alphabet: str = DEFAULT_ALPHABET, questions: int = 1) -> Example:
+                 ocr_alphabet: str = DEFAULT_ALPHABET, reasoning_kinds: str = "", max_items: int = 0,
+                 questions: int = 1) -> Example:
     """Item `index` of `family` in `split`: a pure function of its arguments. `questions` > 1 adds follow-up
-    questions about the same image (distinct where the scene allows; the first is the same as with 1)."""
+    questions about the same image (distinct where the scene allows, one per character for ocr; the first is the
+    same as with 1)."""
     _check(split, family, ocr_alphabet)
     if questions < 1:
         raise ValueError(f"synthetic questions per image must be >= 1, got {questions}")
     rng = np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index])
     if family == "reasoning":
-        img, scene = _draw_reasoning(rng)
-        ask = _reasoning_question
+        img, scene = _draw_reasoning(rng, max_items)
+        kinds = parse_kinds(reasoning_kinds)
+        ask = lambda rng, objs, i: _reasoning_question(rng, objs, kinds)  # noqa: E731  (any question, any order)
     else:
-        img, scene = _draw_ocr(rng, "".join(sorted(set(ocr_alphabet))))
+        img, scene = _draw_ocr(rng, "".join(sorted(set(ocr_alphabet))), max_items)
         ask = _ocr_question
     kind, question, answer = ask(rng, scene, 0)
     more: list[tuple[str, str]] = []
     for i in range(1, 4 * questions):   # a few redraws to avoid asking the same question twice
         if len(more) == questions - 1:
             break
-        _, q, a = ask(rng, scene, i)
+        asked = ask(rng, scene, i)
+        if asked is None:
+            break
+        _, q, a = asked
         if q != question and all(q != m for m, _ in more):
             more.append((q, a))
     if image_size != CANVAS:
@@ -341,10 +375,11 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
 
 
 def make_examples(split: str, family: str, n: int, *, seed: int = 0, image_size: int = CANVAS,
-                  ocr_alphabet: str = DEFAULT_ALPHABET) -> list[Example]:
+                  ocr_alphabet: str = DEFAULT_ALPHABET, reasoning_kinds: str = "", max_items: int = 0
+                  ) -> list[Example]:
     """Items 0..n-1 of `family` in `split`: the same examples the training/eval sources draw."""
-    return [make_example(split, family, j, seed=seed, image_size=image_size, ocr_alphabet=ocr_alphabet)
-            for j in range(n)]
+    return [make_example(split, family, j, seed=seed, image_size=image_size, ocr_alphabet=ocr_alphabet,
+                         reasoning_kinds=reasoning_kinds, max_items=max_items) for j in range(n)]
 
 
 def parse_families(families: str | Sequence[str]) -> tuple[str, ...]:
@@ -362,14 +397,15 @@ class SyntheticSource:
     """
 
     def __init__(self, split: str, num_examples: int, *, families: str | Sequence[str] = FAMILIES, seed: int = 0,
-                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, questions: int = 1):
+                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, reasoning_kinds: str = "",
+                 max_items: int = 0, questions: int = 1):
         self.families = parse_families(families)
         _check(split, self.families[0], ocr_alphabet)
         if num_examples < 1:
             raise ValueError(f"synthetic num_examples must be >= 1, got {num_examples}")
         self.split, self.num_examples, self.seed, self.image_size = split, int(num_examples), seed, image_size
-        self.ocr_alphabet = ocr_alphabet
-        self.questions = int(questions)
+        self.ocr_alphabet, self.reasoning_kinds = ocr_alphabet, ",".join(parse_kinds(reasoning_kinds))
+        self.questions, self.max_items = int(questions), int(max_items)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -380,13 +416,14 @@ class SyntheticSource:
             raise IndexError(f"synthetic index {i} out of range [0, {self.num_examples})")
         f = len(self.families)
         ex = make_example(self.split, self.families[i % f], i // f, seed=self.seed, image_size=self.image_size,
-                          ocr_alphabet=self.ocr_alphabet, questions=self.questions)
+                          ocr_alphabet=self.ocr_alphabet, reasoning_kinds=self.reasoning_kinds,
+                          max_items=self.max_items, questions=self.questions)
         return {"id": ex.id, "image": ex.image, "turns": ex.turns()}
 
     def __repr__(self) -> str:  # grain checks this against a restored iterator state
         return (f"SyntheticSource(split={self.split!r}, num_examples={self.num_examples}, families={self.families}, "
                 f"seed={self.seed}, image_size={self.image_size}, ocr_alphabet={self.ocr_alphabet!r}, "
-                f"questions={self.questions})")
+                f"reasoning_kinds={self.reasoning_kinds!r}, max_items={self.max_items}, questions={self.questions})")
 
 
 def write_llava(out_dir: str | os.PathLike, examples: Sequence[Example], *, json_name: str = "data.json") -> str:

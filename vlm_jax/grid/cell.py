@@ -60,8 +60,9 @@ def evaluate_cell(spec: dict) -> dict:
     benchmarks = []
     if e["synthetic_per_family"]:
         benchmarks += synthetic_benchmarks(config.data, config.model.vision.image_size, e["synthetic_per_family"])
+    root = lambda path: os.path.join(e["data_root"], path) if path else None  # noqa: E731
     for name, (scorer, questions, answers, image_dir) in sorted(e["benchmarks"].items()):
-        benchmarks.append(llava_benchmark(name, questions, answers or None, image_dir, scorer))
+        benchmarks.append(llava_benchmark(name, root(questions), root(answers), root(image_dir) or "", scorer))
     answerer = Answerer(config, params, pipeline.make_tokenizer(config.data), batch_size=e["batch_size"],
                         max_new_tokens=e["max_new_tokens"], seq_len=e["seq_len"])
     summary = evaluate(answerer, benchmarks, os.path.join(os.path.dirname(run_dir), "eval"))

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import ml_collections
 
 TOWER_PARAMS = "vision/.*"   # what the cells take from the pretrained tower
+LLM_PARAMS = "llm/.*"        # ... and from a pretrained LLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,19 @@ def tower_job(grid: ml_collections.ConfigDict, llm_config: Callable) -> GridJob 
                                              "eval": grid.eval.to_dict(), "row": None})
 
 
+def pretrained(grid: ml_collections.ConfigDict, llm: str, tower: GridJob | None) -> list[tuple[str, str]]:
+    """config.init sources of a cell's first stage: the tower (pretrained by the grid, or converted weights under
+    `weights_dir/<vision preset>`) and the LLM (`weights_dir/<LLM preset>`) when `weights_dir` is set."""
+    sources = []
+    if tower is not None:
+        sources.append((tower.spec["stages"][0]["config"]["run_dir"], TOWER_PARAMS))
+    if grid.weights_dir:
+        if tower is None:
+            sources.append((os.path.join(grid.weights_dir, grid.cell.model.vision.name), TOWER_PARAMS))
+        sources.append((os.path.join(grid.weights_dir, llm), LLM_PARAMS))
+    return sources
+
+
 def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: Callable,
               tower: GridJob | None) -> list[GridJob]:
     """Every (LLM, V, seed) cell: stage 1 (from the tower / config init sources), stage 2 (from stage 1),
@@ -93,9 +107,7 @@ def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: C
                     cfg.seed = seed
                     cfg.run_dir = os.path.join(job_dir, stage_name)
                     if previous is None:   # the first stage starts from the pretrained parts
-                        init = list(cfg.init)
-                        if tower is not None:
-                            init.append((tower.spec["stages"][0]["config"]["run_dir"], TOWER_PARAMS))
+                        init = list(cfg.init) + pretrained(grid, llm, tower)
                     else:                  # later stages start from the previous stage's weights
                         init = [(previous, ".*")]
                     cfg.init = tuple(tuple(x) if not isinstance(x, str) else x for x in init)
