@@ -31,6 +31,7 @@ def get_config(arg=None):
     examples = arg.examples or recipe["examples"]
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.init = ()   # (checkpoint or run directory, regex of parameter names) sources, or 'DIR=REGEX' strings
     config.run_dir = f"runs/llava-{arg.llm}-{arg.compressor}-v{arg.tokens}-stage{arg.stage}"
     config.model = models.model_config("clip-vit-l14-336", arg.llm, arg.compressor, arg.tokens, dtype="bfloat16")
     config.model.llm.remat = "full"

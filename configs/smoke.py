@@ -21,6 +21,7 @@ def get_config(arg=None):
     arg = common.parse_arg(arg, llm="tiny", compressor="avgpool", tokens=16, steps=2000, res=64)
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.init = ()   # (checkpoint or run directory, regex of parameter names) sources, or 'DIR=REGEX' strings
     config.run_dir = f"runs/smoke-{arg.llm}-{arg.compressor}-v{arg.tokens}"
     config.model = models.model_config("tiny", arg.llm, arg.compressor, arg.tokens)
     config.model.vision.image_size = arg.res

@@ -9,7 +9,7 @@ Re-running resumes: finished cells are skipped, interrupted ones continue. Write
 summary.json, report.txt and plots/ (see vlm_jax/grid/).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "configs/grid.py", "Grid config, e.g. configs/grid.py:paper.",
@@ -23,6 +23,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)   # the launcher prints its own progress; cells log to their log.txt
     from configs import models
     from vlm_jax import flops
     from vlm_jax.grid import backends, report, runner, spec

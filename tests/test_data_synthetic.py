@@ -65,60 +65,77 @@ def test_shapes_sit_inside_their_own_cells_on_a_plain_background():
     assert checked > 10
 
 
-def _ink_pixels(image: np.ndarray, ink: str) -> np.ndarray:
-    return np.all(image == np.array(synthetic.INKS[ink], np.uint8), axis=-1)
-
-
-def _crop(mask: np.ndarray) -> np.ndarray:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-
-
-def test_ocr_answers_are_the_characters_drawn_in_the_asked_ink():
+def test_ocr_read_answers_are_drawn_in_the_asked_quadrant():
     font = ImageFont.load_default_imagefont()
-    glyphs = {}
-    for ch in synthetic.DEFAULT_ALPHABET:   # each digit as the font draws it, independently of the module
-        img = Image.new("L", (12, 12), 0)
-        ImageDraw.Draw(img).text((0, 0), ch, fill=255, font=font)
-        glyphs[ch] = _crop(np.asarray(img) > 0)
-    checked = collections.Counter()
-    for ex in synthetic.make_examples("validation", "ocr", 200):
-        if ex.kind == "read":
-            ink = ex.question.removeprefix("what is written in ").removesuffix("?")
-            drawn = _crop(_ink_pixels(ex.image, ink))
-            assert [ch for ch, g in glyphs.items() if g.shape == drawn.shape and np.array_equal(g, drawn)] == [
-                ex.answer], ex.id
-        else:
-            ch = ex.question.removeprefix("what color is ").removesuffix(" written in?")
-            drawn = _crop(_ink_pixels(ex.image, ex.answer))
-            assert drawn.shape == glyphs[ch].shape and np.array_equal(drawn, glyphs[ch]), ex.id
-        checked[ex.kind] += 1
-    assert checked["read"] > 50 and checked["ink"] > 50
+    checked = 0
+    for ex in synthetic.make_examples("validation", "ocr", 150):
+        if ex.kind != "read":
+            continue
+        glyph = Image.new("L", (40, 12), 0)
+        ImageDraw.Draw(glyph).text((0, 0), ex.answer, fill=255, font=font)
+        g = np.kron(np.asarray(glyph) > 0, np.ones((2, 2), bool))  # default ocr_scale=2: each font pixel is 2x2
+        rows, cols = np.flatnonzero(g.any(1)), np.flatnonzero(g.any(0))
+        g = g[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        q = synthetic.QUADRANTS.index(ex.question.removeprefix("what is written in the ").removesuffix("?"))
+        ink = ex.image.max(-1) < 128
+        quad = ink[(q // 2) * 32:(q // 2) * 32 + 32, (q % 2) * 32:(q % 2) * 32 + 32]
+        h, w = g.shape
+        found = any(np.array_equal(quad[y:y + h, x:x + w], g) for y in range(33 - h) for x in range(33 - w))
+        assert found, (ex.id, ex.answer)
+        checked += 1
+    assert checked > 20
 
 
-def test_ocr_characters_sit_in_their_own_slots():
-    # One character per 8 x 16 slot: a pooled token of one slot column (V=64) never holds two inks.
-    for ex in synthetic.make_examples("train", "ocr", 100):
-        inked = ~np.all(ex.image == np.array(synthetic.PAPER, np.uint8), axis=-1)
-        slots = inked.reshape(64 // synthetic.SLOT_H, synthetic.SLOT_H, 64 // synthetic.SLOT_W, synthetic.SLOT_W)
-        colours_per_slot = [len({tuple(c) for c in ex.image[r * 16:(r + 1) * 16, c * 8:(c + 1) * 8][
-            inked[r * 16:(r + 1) * 16, c * 8:(c + 1) * 8]]}) for r in range(4) for c in range(8)]
-        assert max(colours_per_slot) == 1
-        assert 2 <= sum(slots.any((1, 3)).ravel()) <= len(synthetic.INKS)
+def test_detail_answers_are_the_colour_inside_the_asked_marker():
+    checked = 0
+    for ex in synthetic.make_examples("validation", "detail", 100):
+        outer = ex.question.removeprefix("what color is inside the ").removesuffix(" one?")
+        coloured = np.all(ex.image == np.array(synthetic.COLORS[outer], np.uint8), axis=-1)
+        parts, n = ndimage.label(coloured)
+        # Exactly one ring of that colour (8x8 minus its 4x4 centre; another marker's centre may share the colour).
+        rings = [k for k in range(1, n + 1) if (parts == k).sum() == 64 - 16]
+        assert len(rings) == 1, ex.id
+        rows, cols = np.flatnonzero((parts == rings[0]).any(1)), np.flatnonzero((parts == rings[0]).any(0))
+        assert rows[-1] - rows[0] == cols[-1] - cols[0] == 7 and rows[0] % 8 == 0 == cols[0] % 8, ex.id   # one patch
+        centre = ex.image[rows[0] + 2:rows[0] + 6, cols[0] + 2:cols[0] + 6].reshape(-1, 3)
+        assert {tuple(c) for c in centre} == {synthetic.COLORS[ex.answer]}, ex.id
+        checked += 1
+    assert checked == 100
 
 
 def test_all_question_kinds_occur_with_short_balanced_answers():
     exs = [e for f in synthetic.FAMILIES for e in synthetic.make_examples("train", f, 600)]
     kinds = collections.Counter(e.kind for e in exs)
-    assert set(kinds) == set(synthetic.REASONING_KINDS) | {"read", "ink"}
-    yes_no = collections.Counter(e.answer for e in exs if e.answer in ("yes", "no"))
+    assert set(kinds) == set(synthetic.REASONING_KINDS) | {"read", "where", "inside"}   # single characters by default
+    longer = synthetic.make_examples("train", "ocr", 300, ocr_length=2)
+    assert {e.kind for e in longer} == {"read", "where", "char"}
+    assert max(len(e.answer) for e in longer if e.kind == "read") == 2
+    # compare_color is left out: a scene of 5 objects in 5 colours allows only "no".
+    yes_no = collections.Counter(e.answer for e in exs if e.answer in ("yes", "no") and e.kind != "compare_color")
     assert abs(yes_no["yes"] - yes_no["no"]) < 0.15 * sum(yes_no.values())
     assert max(len(e.answer.split()) for e in exs) <= 2
+
+
+def test_a_coarser_reasoning_grid_draws_bigger_objects_whose_colours_answer_has_color():
+    for ex in synthetic.make_examples("validation", "reasoning", 60, reasoning_grid=2,
+                                      reasoning_kinds="count_all,has_color"):
+        painted = np.any(ex.image != np.array(synthetic.BACKGROUND, np.uint8), axis=-1)
+        parts, n = ndimage.label(painted)
+        sizes = [int((parts == k).sum()) for k in range(1, n + 1)]
+        assert 2 <= n <= 4 and min(sizes) > 400, ex.id   # 2-4 objects of a 32-px cell each (16-px cells: < 200 px)
+        if ex.kind == "count_all":
+            assert ex.answer == str(n), ex.id
+        else:
+            colour = ex.question.split()[3]
+            present = np.all(ex.image == np.array(synthetic.COLORS[colour], np.uint8), axis=-1).any()
+            assert ex.answer == ("yes" if present else "no"), ex.id
 
 
 def test_reasoning_kinds_select_the_questions():
     exs = synthetic.make_examples("train", "reasoning", 200, reasoning_kinds="count_all,compare")
     assert {e.kind for e in exs} == {"count_all", "compare"}
+    colours_only = synthetic.make_examples("train", "reasoning", 100, reasoning_kinds="compare_color")
+    assert all(e.question.endswith(" shapes?") and e.question.count("shapes") == 2 for e in colours_only)
     same = synthetic.make_examples("train", "reasoning", 50, reasoning_kinds="")
     assert [e.question for e in same] == [e.question for e in synthetic.make_examples("train", "reasoning", 50)]
 
@@ -134,12 +151,14 @@ def test_follow_up_questions_are_about_the_same_image_and_give_nothing_away():
             assert len(set(questions)) == len(questions)
             turns = three.turns()
             assert [r for r, _ in turns] == ["user", "assistant"] * (1 + len(three.more))
-            if family == "ocr":   # each follow-up is about another character: no answer is in an earlier turn
-                said = " ".join(t for _, t in turns[:2]).replace("?", "").split()
-                for q, a in three.more:
-                    subject = q.split()[3] if q.startswith("what color") else q.rstrip("?").split()[-1]
-                    assert a not in said and subject not in said, (j, turns)
-                    said += q.replace("?", "").split() + [a]
+            if family == "detail":   # each follow-up is about another marker
+                outers = [q.split()[-2] for q in questions]
+                assert len(set(outers)) == len(outers)
+            if family == "ocr":   # each follow-up is about another quadrant's string
+                answers = [one.answer] + [a for _, a in three.more]
+                quadrants = [a if q.startswith("where") else q.removesuffix("?").split("the ")[-1]
+                             for q, a in zip(questions, answers)]
+                assert len(set(quadrants)) == len(quadrants) and set(quadrants) <= set(synthetic.QUADRANTS)
 
 
 def test_bad_names_raise_clear_errors():
@@ -149,12 +168,16 @@ def test_bad_names_raise_clear_errors():
         synthetic.make_example("test", "ocr", 0)
     with pytest.raises(ValueError, match="ocr_alphabet"):
         synthetic.make_example("train", "ocr", 0, ocr_alphabet="ab")
-    with pytest.raises(ValueError, match="one per ink"):
-        synthetic.make_example("train", "ocr", 0, ocr_alphabet="ABCD")
+    with pytest.raises(ValueError, match="distinct strings"):
+        synthetic.make_example("train", "ocr", 0, ocr_alphabet="AB", ocr_length=1)
+    with pytest.raises(ValueError, match="must fit a 32 px quadrant"):
+        synthetic.make_example("train", "ocr", 0, ocr_length=3, ocr_scale=2)
     with pytest.raises(ValueError, match="reasoning_kinds"):
         synthetic.make_example("train", "reasoning", 0, reasoning_kinds="count_all,astrology")
     with pytest.raises(ValueError, match="may fit no scene"):
         synthetic.make_example("train", "reasoning", 0, reasoning_kinds="color_of")
+    with pytest.raises(ValueError, match="reasoning_grid"):
+        synthetic.make_example("train", "reasoning", 0, reasoning_grid=3)
     with pytest.raises(ValueError, match="questions"):
         synthetic.make_example("train", "reasoning", 0, questions=0)
     with pytest.raises(ValueError, match="families"):

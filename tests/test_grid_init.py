@@ -79,16 +79,31 @@ def _fresh_state(run_cfg: dict):
 
 def test_init_takes_matching_params_and_leaves_the_rest_fresh(chain):
     params, dirs, job = chain
-    run_cfg = dict(job.spec["stages"][0]["config"], seed=7)   # another seed: fresh values differ from the source's
-    _, _, state, abstract = _fresh_state(run_cfg)
-    fresh = _flat(optim.merge(state.params, state.frozen))
-    out = train.init_from_sources(state, abstract, [(dirs["stage1"], "projector/.*")])
-    got = _flat(optim.merge(out.params, out.frozen))
+    cfg = ml_collections.ConfigDict(job.spec["stages"][0]["config"])
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    rng = jax.random.key(7)   # another seed than the source's: fresh values differ from the source's
+    fresh, _, _ = train.create_state(cfg.model, cfg.train, mesh, rng)
+    out, _, _ = train.create_state(cfg.model, cfg.train, mesh, rng, sources=[(dirs["stage1"], "projector/.*")])
+    fresh, got = _flat(optim.merge(fresh.params, fresh.frozen)), _flat(optim.merge(out.params, out.frozen))
     for k, v in got.items():
         want = params["stage1"][k] if k.startswith("projector/") else fresh[k]
         np.testing.assert_array_equal(v, want, err_msg=k)
-        if not k.startswith("projector/"):
-            assert not np.array_equal(v, params["stage1"][k]) or v.std() == 0, k   # really not from the source
+    assert sum(not np.array_equal(got[k], params["stage1"][k]) for k in got) > len(got) // 2   # the rest not taken
+    moments = [x for x in jax.tree.leaves(out.opt_state) if np.ndim(x) > 0]
+    assert moments and not any(np.asarray(x).any() for x in moments)   # the optimizer starts fresh: zero moments
+
+
+def test_all_params_from_sources_needs_no_fresh_init(chain):
+    params, dirs, job = chain
+    cfg = ml_collections.ConfigDict(job.spec["stages"][1]["config"])   # stage 2: everything from stage 1
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    state, shardings, _ = train.create_state(cfg.model, cfg.train, mesh, jax.random.key(0),
+                                             sources=[(dirs["stage1"], ".*")])
+    got = _flat(optim.merge(state.params, state.frozen))
+    assert sorted(got) == sorted(params["stage1"]) and int(state.step) == 0
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, params["stage1"][k], err_msg=k)
+    assert jax.tree.map(lambda x: x.sharding, state) == shardings
 
 
 def _abstract_params(llm: str, head: str) -> dict:

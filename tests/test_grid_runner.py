@@ -89,7 +89,7 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch)
     assert failed["status"] == "failed" and "cell exploded" in failed["log_tail"]
     assert results.status(cells[1], results.read_result(cells[1].dir)) == "done"
     table = results.write_table(str(tmp_path / "results.jsonl"), cells)
-    assert {r["cell"] for r in table} == {cells[1].name} and {r["task"] for r in table} == {"reasoning", "ocr"}
+    assert {r["cell"] for r in table} == {cells[1].name} and {r["task"] for r in table} == {"reasoning", "detail"}
     assert any(f"{broken}: FAILED" in x for x in lines) and any("1 failed" in x for x in lines)
     # --retry_failed selects the failed cell only; a plain re-run skips the finished one.
     assert [j.name for j in runner.select(cells, [], retry_failed=True)[0]] == [broken]
@@ -133,4 +133,4 @@ def test_kill_midway_then_rerun_runs_only_the_missing_cells(tmp_path):
     assert "0 to run" in again.stdout
     assert open(os.path.join(g.dir, "results.jsonl")).read() == table
     summary = json.load(open(os.path.join(g.dir, "summary.json")))
-    assert summary["cells"] == 2 and set(summary["errors"]) == {"reasoning", "ocr"}
+    assert summary["cells"] == 2 and set(summary["errors"]) == {"reasoning", "detail"}

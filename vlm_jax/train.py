@@ -216,12 +216,36 @@ def shardings_of(abstract_state):
     return jax.tree.map(lambda x: x.sharding, abstract_state)
 
 
-def create_state(model_cfg, train_cfg, mesh, rng):
-    """Sharded TrainState created by a jitted init (never materialised on one device), its shardings, optimizer."""
-    init_state, abstract, tx = state_layout(model_cfg, train_cfg, mesh)
+def create_state(model_cfg, train_cfg, mesh, rng, sources=(), layout=None):
+    """The starting TrainState (sharded, created by jitted functions: never materialised on one device), its
+    shardings and the optimizer. Parameters that the (checkpoint, regex) `sources` select are read from there
+    straight onto their shardings (later sources win); the rest are initialised fresh. When the sources give every
+    parameter, nothing is initialised (no init to compile, as in a stage that starts from the previous one).
+    `layout`: state_layout's result, when the caller has it."""
+    init_state, abstract, tx = layout or state_layout(model_cfg, train_cfg, mesh)
     shardings = shardings_of(abstract)
+    wanted = traverse_util.flatten_dict(optim.merge(abstract.params, abstract.frozen), sep="/")
+    taken = {}
+    for source, regex in sources:
+        taken.update(checkpoints.restore_matching(source, regex, wanted))
+    if sources:
+        logging.info("config.init: %d of %d parameters taken from %d source(s), the rest fresh", len(taken),
+                     len(wanted), len(sources))
+
+    def pick(part):
+        flat = traverse_util.flatten_dict(part, sep="/")
+        return traverse_util.unflatten_dict({k: taken.get(k, v) for k, v in flat.items()}, sep="/") if flat else part
+
     with jax.set_mesh(mesh):
-        state = jax.jit(init_state, out_shardings=shardings)(rng)
+        if len(taken) == len(wanted):
+            def from_params(train, frozen):
+                return TrainState(step=jnp.zeros((), jnp.int32), params=train, frozen=frozen,
+                                  opt_state=tx.init(train))
+            state = jax.jit(from_params, out_shardings=shardings)(pick(abstract.params), pick(abstract.frozen))
+        else:
+            state = jax.jit(init_state, out_shardings=shardings)(rng)
+            if taken:
+                state = state.replace(params=pick(state.params), frozen=pick(state.frozen))
     return state, shardings, tx
 
 
@@ -238,23 +262,6 @@ def load_params(run_dir: str, mesh=None):
         raise FileNotFoundError(f"no checkpoint under {run_dir}/checkpoints")
     _, parts = restored
     return config, optim.merge(parts["params"], parts["frozen"])
-
-
-def init_from_sources(state: TrainState, abstract_state: TrainState, sources) -> TrainState:
-    """`state` with the parameters that each (checkpoint, regex) source selects replaced by the saved values (read
-    directly onto their shardings; later sources win); everything else, the optimizer state included, stays fresh."""
-    wanted = traverse_util.flatten_dict(optim.merge(abstract_state.params, abstract_state.frozen), sep="/")
-    taken = {}
-    for source, regex in sources:
-        taken.update(checkpoints.restore_matching(source, regex, wanted))
-
-    def replace(part):
-        flat = traverse_util.flatten_dict(part, sep="/")
-        return traverse_util.unflatten_dict({k: taken.get(k, v) for k, v in flat.items()}, sep="/")
-
-    logging.info("config.init: %d of %d parameters taken from %d source(s), the rest fresh", len(taken), len(wanted),
-                 len(sources))
-    return state.replace(params=replace(state.params), frozen=replace(state.frozen))
 
 
 class _StopFlag:
@@ -294,22 +301,23 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     # --- model and sharded state ----------------------------------------------------------------
     model = vlm.VLM(m)
-    state, state_shardings, tx = create_state(m, t, mesh, jax.random.key(config.seed))
-    n_train, n_frozen = flops.count_params(state.params), flops.count_params(state.frozen)
+    layout = state_layout(m, t, mesh)
+    _, abstract_state, tx = layout
+    state_shardings = shardings_of(abstract_state)
+    n_train, n_frozen = flops.count_params(abstract_state.params), flops.count_params(abstract_state.frozen)
     logging.info("parameters: %s trainable, %s frozen", f"{n_train:,}", f"{n_frozen:,}")
 
-    # --- checkpoint restore, or parameters from other checkpoints (config.init) --------------------
+    # --- resume from this run's checkpoint, or start (fresh, or from other checkpoints: config.init) ---------
     ckpt = checkpoints.manager(checkpoints.directory(run_dir), t.keep_checkpoints)
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  state, state_shardings)
     restored = checkpoints.restore_latest(ckpt, abstract_state)
     if restored is not None:
         step0, state, data_state, _ = restored
         if data_state is not None:
             data_iter.set_state(data_state)
         logging.info("resumed from step %d", step0)
-    elif config.get("init"):
-        state = init_from_sources(state, abstract_state, checkpoints.init_sources(config.init))
+    else:
+        state, _, _ = create_state(m, t, mesh, jax.random.key(config.seed),
+                                   checkpoints.init_sources(config.get("init")), layout)
 
     # --- update step ----------------------------------------------------------------------------
     batch_sh = sharding.batch_sharding(mesh)

@@ -58,12 +58,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.tokenizer.image_token = "<image>"  # image-slot id if in the vocabulary, else the pad id is used
 
     c.synthetic = ml_collections.ConfigDict()
-    c.synthetic.families = "reasoning,ocr"  # comma-separated, interleaved item by item
+    c.synthetic.families = "reasoning,ocr"  # comma-separated, interleaved item by item ('detail': see synthetic.py)
     c.synthetic.train_size = 200_000  # items per epoch (drawn on the fly, nothing stored)
     c.synthetic.validation_size = 2_000
     c.synthetic.seed = 0  # content seed; train and validation draw from disjoint streams of it
     c.synthetic.ocr_alphabet = synthetic.DEFAULT_ALPHABET
+    c.synthetic.ocr_length = 1  # most characters per string (each has 1..ocr_length); 2+ is much slower to learn
+    c.synthetic.ocr_scale = 2  # each font pixel drawn scale x scale; 1 = the raw 6x11 font (harder to learn)
     c.synthetic.reasoning_kinds = ""  # comma-separated question kinds of the reasoning family ('' = all)
+    c.synthetic.reasoning_grid = 4  # reasoning objects sit in a grid x grid layout (2: 32-px objects, up to 4)
     c.synthetic.max_items = 0  # at most this many objects / characters per image (0 = the family's own range)
     c.synthetic.train_questions = 1  # questions per training image (one chat); evaluation asks one at a time
 
@@ -127,7 +130,9 @@ def _synthetic_source(data_cfg, split, image_size):
     if size is None:
         raise ValueError(f"synthetic split must be 'train' or 'validation', got {split!r}")
     return synthetic.SyntheticSource(split, size, families=s.families, seed=s.seed, image_size=image_size,
-                                     ocr_alphabet=s.ocr_alphabet, reasoning_kinds=s.reasoning_kinds,
+                                     ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length,
+                                     ocr_scale=s.ocr_scale, reasoning_kinds=s.reasoning_kinds,
+                                     reasoning_grid=s.reasoning_grid,
                                      max_items=s.max_items, questions=s.train_questions if split == "train" else 1), []
 
 

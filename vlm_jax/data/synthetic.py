@@ -8,14 +8,19 @@
   2x2 patches and a 16-token grid holds one object per token: perception is cheap, and the answers need several
   facts combined, which is LLM work. (Random sizes, offsets and background shades in 3x3 cells left a
   from-scratch tower at the answer prior of the shape questions for thousands of steps.)
-- `ocr`: fine print. 2-5 characters of the 6x11 bitmap font (digits by default), each in its own ink colour, in
-  distinct slots of an 8 x 4 lattice of 8 x 16-px slots (one character covers one column of two patches of the tiny
-  tower). Questions: what is written in a colour, or in which colour a character is written. Reading is trivial for
-  the LLM; the detail is not: a visual token that pools a region holding two characters loses which colour goes
-  with which character. 64 tokens keep every character apart, 16 tokens (16 x 16 px) mix a slot with its neighbour,
-  4 tokens a quadrant, 1 token everything: accuracy must fall as V falls, as OCR does in the paper. (Position-named
-  questions, "what is written in row 2 column 3", were not learnt in a CPU-sized budget; colour is found by
-  content, which attention does first. One string per image quadrant was read as well from 4 tokens as from 64.)
+- `ocr`: one to four short strings of 1..ocr_length small characters (Pillow's 6x11 bitmap font, each font pixel
+  drawn ocr_scale x ocr_scale), in distinct quadrants of the image, on an 8-px lattice. Questions ask what is
+  written in a quadrant, its first/last character, or where a given string is written. The reasoning is trivial; at
+  the default scale 2 a digit is ~10 x 14 px of ink, about one 8-px patch of the tiny tower, so reading it needs
+  many visual tokens. Defaults (single digits) come from learning probes: 2-character strings stayed at chance for
+  a tiny from-scratch tower within ~800 steps, single characters did not.
+
+- `detail`: 4-5 markers, each an 8-px square of one colour with a 4-px centre of another, in distinct cells of an
+  8 x 8 lattice (one marker = one patch of the tiny tower); outer colours are distinct. "what color is inside the
+  red one?" needs the two colours of one marker bound together, which a visual token that pools several markers
+  loses: 64 tokens keep every marker apart, 16 tokens (16 x 16 px) rarely mix two, 4 tokens often, 1 token always.
+  The fine-detail stand-in for the paper's OCR group, learnable by tiny models in a CPU-sized budget (colours are
+  found by content; reading glyphs and naming positions took thousands of steps).
 
 Answers are 1-3 tokens, scored by exact match. Item j of family f in a split is drawn from
 `np.random.default_rng([seed, split, f, j])`, so train and validation come from disjoint seed streams and any item
@@ -40,7 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 from vlm_jax.data.tokenize import ASSISTANT, IMAGE_PLACEHOLDER, USER
 
 CANVAS = 64
-FAMILIES = ("reasoning", "ocr")
+FAMILIES = ("reasoning", "ocr", "detail")
 SPLITS = ("train", "validation")
 
 COLORS = {
@@ -66,16 +71,16 @@ RELATIONS: dict[str, Callable[[tuple[int, int], tuple[int, int]], bool]] = {
 DEFAULT_ALPHABET = "0123456789"
 CHAR_W, CHAR_H = 6, 11  # cell of Pillow's built-in bitmap font
 PAPER, INK = (235, 235, 235), (20, 20, 20)  # fixed, like BACKGROUND: nuisance colours only slow a small tower
-INKS = {"red": (200, 30, 30), "green": (20, 140, 40), "blue": (30, 60, 220), "purple": (130, 40, 180),
-        "black": (20, 20, 20)}   # OCR ink colours: dark enough on PAPER
-SLOT_W, SLOT_H = 8, 16   # OCR lattice: CANVAS // SLOT_W columns x CANVAS // SLOT_H rows of slots, one character each
-MIN_CHARS, MAX_CHARS = 2, len(INKS)
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+OCR_STEP = 8  # lattice of string positions, in canvas pixels (= the tiny tower's patch size at 64 px)
+DETAIL_CELL = 8   # detail markers fill one cell of an 8-px lattice (one patch of the tiny tower)
+MIN_MARKERS = 4   # at least four: the bag of colours one pooled token keeps rarely tells the answer
 
 # Every word a synthetic question or answer uses (digits and the OCR alphabet are spelled as characters).
 VOCAB_WORDS = tuple(sorted(set(
     ["how", "many", "shapes", "are", "there", "is", "a", "the", "what", "color", "shape", "one", "more", "than",
-     "of", "written", "in", "character", "first", "last", "yes", "no"]
-    + " ".join(RELATIONS).split() + list(COLORS) + list(INKS)
+     "of", "written", "in", "character", "first", "last", "where", "yes", "no", "inside"]
+    + " ".join(RELATIONS).split() + " ".join(QUADRANTS).split() + list(COLORS)
     + [s for shape in SHAPES for s in (shape, shape + "s")])))
 
 
@@ -151,6 +156,14 @@ def _count_shape(rng, objs):
     return f"how many {shape}s are there?", str(sum(o.shape == shape for o in objs))
 
 
+def _has_color(rng, objs):
+    """'is there a red shape?', yes and no equally likely (where the scene allows both)."""
+    present = sorted({o.color for o in objs})
+    want = bool(rng.integers(2)) or len(present) == len(COLORS)
+    pool = present if want else sorted(set(COLORS) - set(present))
+    return f"is there a {pool[rng.integers(len(pool))]} shape?", "yes" if want else "no"
+
+
 def _exists(rng, objs):
     present = {(o.color, o.shape) for o in objs}
     want = bool(rng.integers(2))
@@ -159,10 +172,12 @@ def _exists(rng, objs):
     return f"is there a {color} {shape}?", "yes" if want else "no"
 
 
-def _compare(rng, objs):
+def _compare(rng, objs, attrs=("color", "shape")):
     """'are there more A than B?' with yes and no equally likely (where the scene allows both)."""
     options: dict[bool, list[str]] = {True: [], False: []}
     for names, attr, phrase in ((list(COLORS), "color", "{} shapes"), (SHAPES, "shape", "{}s")):
+        if attr not in attrs:
+            continue
         counts = {n: sum(getattr(o, attr) == n for o in objs) for n in names}
         for a in names:
             for b in names:
@@ -219,7 +234,9 @@ REASONING_KINDS = {
     "count_color": _count_color,
     "count_shape": _count_shape,
     "exists": _exists,
+    "has_color": _has_color,
     "compare": _compare,
+    "compare_color": functools.partial(_compare, attrs=("color",)),
     "relation": _relation,
     "query_color": _query_color,
 }
@@ -232,16 +249,17 @@ def _count(rng: np.random.Generator, low: int, high: int, max_items: int) -> int
     return int(rng.integers(low, high + 1))
 
 
-def _draw_reasoning(rng: np.random.Generator, max_items: int = 0) -> tuple[Image.Image, list[_Obj]]:
-    n = _count(rng, MIN_OBJECTS, MAX_OBJECTS, max_items)
-    cells = rng.choice(GRID * GRID, n, replace=False)
+def _draw_reasoning(rng: np.random.Generator, max_items: int = 0, grid: int = GRID
+                    ) -> tuple[Image.Image, list[_Obj]]:
+    n = _count(rng, MIN_OBJECTS, min(MAX_OBJECTS, grid * grid), max_items)
+    cells = rng.choice(grid * grid, n, replace=False)
     pairs = rng.choice(len(COLORS) * len(SHAPES), n, replace=False)
     colors = list(COLORS)
-    objs = [_Obj(colors[p // len(SHAPES)], SHAPES[p % len(SHAPES)], (int(c) // GRID, int(c) % GRID))
+    objs = [_Obj(colors[p // len(SHAPES)], SHAPES[p % len(SHAPES)], (int(c) // grid, int(c) % grid))
             for c, p in zip(cells, pairs)]
     img = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    cell = CANVAS // GRID
+    cell = CANVAS // grid
     for o in objs:
         r = cell / 2 - 1.5
         cx = (o.cell[1] + 0.5) * cell - 0.5
@@ -256,7 +274,7 @@ def _draw_reasoning(rng: np.random.Generator, max_items: int = 0) -> tuple[Image
     return img, objs
 
 
-ALWAYS_APPLY = ("count_all", "count_color", "count_shape", "exists", "compare", "relation")
+ALWAYS_APPLY = ("count_all", "count_color", "count_shape", "exists", "has_color", "compare", "compare_color")
 
 
 def parse_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
@@ -290,73 +308,129 @@ def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default_imagefont()  # fixed bitmap font: identical pixels everywhere
 
 
-def _glyph(char: str) -> Image.Image:
-    """An 'L' mask (CHAR_W x CHAR_H) of one character in the bitmap font (crisp, no smoothing)."""
-    mask = Image.new("L", (CHAR_W, CHAR_H), 0)
-    ImageDraw.Draw(mask).text((0, 0), char, fill=255, font=_font())
-    return mask
+def _glyphs(text: str, scale: int) -> Image.Image:
+    """An 'L' mask of `text` in the bitmap font, each pixel blown up to scale x scale (crisp, no smoothing)."""
+    mask = Image.new("L", (CHAR_W * len(text), CHAR_H), 0)
+    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=_font())
+    return mask if scale == 1 else mask.resize((mask.width * scale, mask.height * scale), Image.Resampling.NEAREST)
 
 
-def _draw_ocr(rng: np.random.Generator, alphabet: str, max_items: int = 0
+def _draw_ocr(rng: np.random.Generator, alphabet: str, length: int, scale: int, max_items: int = 0
               ) -> tuple[Image.Image, list[tuple[str, str]]]:
-    """2-5 distinct characters in distinct inks and slots; returns the image and [(ink, character)] in random
-    order."""
-    n = _count(rng, MIN_CHARS, MAX_CHARS, max_items)
-    chars = [str(c) for c in rng.choice(list(alphabet), n, replace=False)]
-    inks = [list(INKS)[int(k)] for k in rng.choice(len(INKS), n, replace=False)]
-    cols = CANVAS // SLOT_W
-    slots = rng.choice(cols * (CANVAS // SLOT_H), n, replace=False)
+    """1-4 strings in distinct quadrants: images with one string give an early learning signal, fuller ones need
+    the question's quadrant to be found. Returns the image and [(quadrant, string)] in random order."""
+    n = _count(rng, 1, len(QUADRANTS), max_items)
+    quadrants = sorted(int(q) for q in rng.choice(len(QUADRANTS), n, replace=False))
+    strings: list[str] = []
+    while len(strings) < n:  # lengths 1..length: single characters are the easy start
+        s = "".join(rng.choice(list(alphabet), int(rng.integers(1, length + 1))))
+        if s not in strings:
+            strings.append(s)
     img = Image.new("RGB", (CANVAS, CANVAS), PAPER)
-    for slot, ch, ink in zip(slots, chars, inks):
-        x = int(slot) % cols * SLOT_W + (SLOT_W - CHAR_W) // 2
-        y = int(slot) // cols * SLOT_H + (SLOT_H - CHAR_H) // 2
-        img.paste(INKS[ink], (x, y, x + CHAR_W, y + CHAR_H), _glyph(ch))
-    return img, list(zip(inks, chars))
+    half = CANVAS // 2
+    for q, s in zip(quadrants, strings):
+        mask = _glyphs(s, scale)
+        # Strings sit on an OCR_STEP-px lattice inside their quadrant, so a character meets the tower's patch grid
+        # in only a few alignments, which a from-scratch tower has fewer patterns to learn from.
+        x = (q % 2) * half + 1 + OCR_STEP * int(rng.integers((half - 2 - mask.width) // OCR_STEP + 1))
+        y = (q // 2) * half + 1 + OCR_STEP * int(rng.integers((half - 2 - mask.height) // OCR_STEP + 1))
+        img.paste(INK, (x, y, x + mask.width, y + mask.height), mask)
+    written = [(QUADRANTS[q], s) for q, s in zip(quadrants, strings)]
+    return img, [written[int(k)] for k in rng.permutation(n)]
 
 
 def _ocr_question(rng: np.random.Generator, written: list[tuple[str, str]], i: int) -> tuple[str, str, str] | None:
-    """Question i is about character i (they are in random order), so a follow-up never gives away an earlier
-    answer; None once every character was asked about."""
+    """Question i is about string i (they are in random order), so a follow-up never gives away an earlier answer;
+    None once every string was asked about."""
     if i >= len(written):
         return None
-    ink, char = written[i]
-    if rng.integers(2):
-        return "read", f"what is written in {ink}?", char
-    return "ink", f"what color is {char} written in?", ink
+    where, text = written[i]
+    kinds = ("read", "where", "char") if len(text) > 1 else ("read", "where")  # 'char' of one character = 'read'
+    kind = kinds[int(rng.integers(len(kinds)))]
+    if kind == "read":
+        return kind, f"what is written in the {where}?", text
+    if kind == "char":
+        first = bool(rng.integers(2))
+        return kind, f"what is the {'first' if first else 'last'} character in the {where}?", text[0 if first else -1]
+    return kind, f"where is {text} written?", where
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# detail family
+
+
+def _draw_detail(rng: np.random.Generator, max_items: int = 0) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """4-5 markers, each an 8-px square of one colour with a 4-px centre of another, in distinct cells of the
+    8 x 8 lattice of 8-px cells (one patch of the tiny tower each). Outer colours are distinct. Returns the image
+    and [(outer, inner)] in random order."""
+    n = _count(rng, MIN_MARKERS, len(COLORS), max_items)
+    names = list(COLORS)
+    outers = [names[int(k)] for k in rng.choice(len(names), n, replace=False)]
+    inners = [[c for c in names if c != o][int(rng.integers(len(names) - 1))] for o in outers]
+    cells = rng.choice((CANVAS // DETAIL_CELL) ** 2, n, replace=False)
+    img = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    per_row = CANVAS // DETAIL_CELL
+    for cell, outer, inner in zip(cells, outers, inners):
+        x, y = int(cell) % per_row * DETAIL_CELL, int(cell) // per_row * DETAIL_CELL
+        draw.rectangle((x, y, x + DETAIL_CELL - 1, y + DETAIL_CELL - 1), fill=COLORS[outer])
+        draw.rectangle((x + 2, y + 2, x + DETAIL_CELL - 3, y + DETAIL_CELL - 3), fill=COLORS[inner])
+    return img, list(zip(outers, inners))
+
+
+def _detail_question(rng: np.random.Generator, markers: list[tuple[str, str]], i: int
+                     ) -> tuple[str, str, str] | None:
+    """Question i is about marker i: 'what color is inside the red one?'."""
+    del rng
+    if i >= len(markers):
+        return None
+    outer, inner = markers[i]
+    return "inside", f"what color is inside the {outer} one?", inner
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # public API
 
 
-def _check(split: str, family: str, alphabet: str) -> None:
+def _check(split: str, family: str, alphabet: str, length: int, scale: int, grid: int = GRID) -> None:
+    if grid not in (1, 2, 4, 8) or grid * grid < MIN_OBJECTS:
+        raise ValueError(f"reasoning_grid must be 2, 4 or 8 (cells per side of the 64-px canvas), got {grid}")
     if split not in SPLITS:
         raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
     if family not in FAMILIES:
         raise ValueError(f"synthetic family must be one of {FAMILIES}, got {family!r}")
     bad = sorted(set(alphabet) - set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
-    if bad or len(set(alphabet)) < MAX_CHARS:
-        raise ValueError(f"ocr_alphabet must hold >= {MAX_CHARS} distinct digits/capitals (one per ink), "
-                         f"got {alphabet!r}")
+    if bad or len(set(alphabet)) < 2:
+        raise ValueError(f"ocr_alphabet must hold >= 2 distinct digits/capitals, got {alphabet!r}")
+    if sum(len(set(alphabet)) ** k for k in range(1, length + 1)) < len(QUADRANTS):
+        raise ValueError(f"ocr_alphabet {alphabet!r} with ocr_length={length} cannot make {len(QUADRANTS)} distinct "
+                         f"strings (one per quadrant)")
+    if length < 1 or scale < 1 or CHAR_W * length * scale > CANVAS // 2 - 2 or CHAR_H * scale > CANVAS // 2 - 2:
+        raise ValueError(f"ocr_length={length} characters at ocr_scale={scale} ({CHAR_W * length * scale} x "
+                         f"{CHAR_H * scale} px) must fit a {CANVAS // 2} px quadrant with a margin")
 
 
 def make_example(split: str, family: str, index: int, *, seed: int = 0, image_size: int = CANVAS,
-                 ocr_alphabet: str = DEFAULT_ALPHABET, reasoning_kinds: str = "", max_items: int = 0,
+                 ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1, ocr_scale: int = 2,
+                 reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
                  questions: int = 1) -> Example:
     """Item `index` of `family` in `split`: a pure function of its arguments. `questions` > 1 adds follow-up
-    questions about the same image (distinct where the scene allows, one per character for ocr; the first is the
+    questions about the same image (distinct where the scene allows; for ocr and detail one per string or marker; the first is the
     same as with 1)."""
-    _check(split, family, ocr_alphabet)
+    _check(split, family, ocr_alphabet, ocr_length, ocr_scale, reasoning_grid)
     if questions < 1:
         raise ValueError(f"synthetic questions per image must be >= 1, got {questions}")
     rng = np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index])
     if family == "reasoning":
-        img, scene = _draw_reasoning(rng, max_items)
+        img, scene = _draw_reasoning(rng, max_items, reasoning_grid)
         kinds = parse_kinds(reasoning_kinds)
         ask = lambda rng, objs, i: _reasoning_question(rng, objs, kinds)  # noqa: E731  (any question, any order)
-    else:
-        img, scene = _draw_ocr(rng, "".join(sorted(set(ocr_alphabet))), max_items)
+    elif family == "ocr":
+        img, scene = _draw_ocr(rng, ocr_alphabet, ocr_length, ocr_scale, max_items)
         ask = _ocr_question
+    else:
+        img, scene = _draw_detail(rng, max_items)
+        ask = _detail_question
     kind, question, answer = ask(rng, scene, 0)
     more: list[tuple[str, str]] = []
     for i in range(1, 4 * questions):   # a few redraws to avoid asking the same question twice
@@ -375,11 +449,12 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
 
 
 def make_examples(split: str, family: str, n: int, *, seed: int = 0, image_size: int = CANVAS,
-                  ocr_alphabet: str = DEFAULT_ALPHABET, reasoning_kinds: str = "", max_items: int = 0
-                  ) -> list[Example]:
+                  ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1, ocr_scale: int = 2,
+                  reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0) -> list[Example]:
     """Items 0..n-1 of `family` in `split`: the same examples the training/eval sources draw."""
     return [make_example(split, family, j, seed=seed, image_size=image_size, ocr_alphabet=ocr_alphabet,
-                         reasoning_kinds=reasoning_kinds, max_items=max_items) for j in range(n)]
+                         ocr_length=ocr_length, ocr_scale=ocr_scale, reasoning_kinds=reasoning_kinds,
+                         reasoning_grid=reasoning_grid, max_items=max_items) for j in range(n)]
 
 
 def parse_families(families: str | Sequence[str]) -> tuple[str, ...]:
@@ -397,14 +472,16 @@ class SyntheticSource:
     """
 
     def __init__(self, split: str, num_examples: int, *, families: str | Sequence[str] = FAMILIES, seed: int = 0,
-                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, reasoning_kinds: str = "",
-                 max_items: int = 0, questions: int = 1):
+                 image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1,
+                 ocr_scale: int = 2, reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
+                 questions: int = 1):
         self.families = parse_families(families)
-        _check(split, self.families[0], ocr_alphabet)
+        _check(split, self.families[0], ocr_alphabet, ocr_length, ocr_scale)
         if num_examples < 1:
             raise ValueError(f"synthetic num_examples must be >= 1, got {num_examples}")
         self.split, self.num_examples, self.seed, self.image_size = split, int(num_examples), seed, image_size
-        self.ocr_alphabet, self.reasoning_kinds = ocr_alphabet, ",".join(parse_kinds(reasoning_kinds))
+        self.ocr_alphabet, self.ocr_length, self.ocr_scale = ocr_alphabet, ocr_length, ocr_scale
+        self.reasoning_kinds, self.reasoning_grid = ",".join(parse_kinds(reasoning_kinds)), int(reasoning_grid)
         self.questions, self.max_items = int(questions), int(max_items)
 
     def __len__(self) -> int:
@@ -416,14 +493,17 @@ class SyntheticSource:
             raise IndexError(f"synthetic index {i} out of range [0, {self.num_examples})")
         f = len(self.families)
         ex = make_example(self.split, self.families[i % f], i // f, seed=self.seed, image_size=self.image_size,
-                          ocr_alphabet=self.ocr_alphabet, reasoning_kinds=self.reasoning_kinds,
+                          ocr_alphabet=self.ocr_alphabet, ocr_length=self.ocr_length, ocr_scale=self.ocr_scale,
+                          reasoning_kinds=self.reasoning_kinds, reasoning_grid=self.reasoning_grid,
                           max_items=self.max_items, questions=self.questions)
         return {"id": ex.id, "image": ex.image, "turns": ex.turns()}
 
     def __repr__(self) -> str:  # grain checks this against a restored iterator state
         return (f"SyntheticSource(split={self.split!r}, num_examples={self.num_examples}, families={self.families}, "
                 f"seed={self.seed}, image_size={self.image_size}, ocr_alphabet={self.ocr_alphabet!r}, "
-                f"reasoning_kinds={self.reasoning_kinds!r}, max_items={self.max_items}, questions={self.questions})")
+                f"ocr_length={self.ocr_length}, ocr_scale={self.ocr_scale}, reasoning_kinds={self.reasoning_kinds!r}, "
+                f"reasoning_grid={self.reasoning_grid}, "
+                f"max_items={self.max_items}, questions={self.questions})")
 
 
 def write_llava(out_dir: str | os.PathLike, examples: Sequence[Example], *, json_name: str = "data.json") -> str:
