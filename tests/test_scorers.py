@@ -204,6 +204,88 @@ def test_seed_bench_letter_accuracy_overall_and_per_type():
     assert score.metrics["scene/accuracy"] == 1.0 and score.metrics["count/accuracy"] == 0.5
 
 
+# ----------------------------------------------------------------------------------------- DocVQA, ChartQA, OCRBench
+
+
+def test_levenshtein_by_hand():
+    assert scorers.levenshtein("kitten", "sitting") == 3      # k->s, e->i, +g
+    assert scorers.levenshtein("", "abc") == 3
+    assert scorers.levenshtein("flaw", "lawn") == 2
+    assert scorers.levenshtein("same", "same") == 0
+
+
+def test_anls_takes_the_closest_reference_and_zeroes_distant_answers():
+    refs = _refs(["sitting", "standing"],     # kitten/sitting: NL 3/7, similarity 4/7
+                 ["abcd"],                    # wxyz: NL 1, similarity 0
+                 ["abcdef"],                  # abcxyz: NL 3/6 = 0.5, similarity 0.5 kept (official code)
+                 ["abcdefg"],                 # abcwxyz: NL 4/7 > 0.5, similarity 3/7 -> 0
+                 [{"answer": "Total  Amount", "answer_id": 0}])   # case and inner spaces normalised
+    score = scorers.get("anls")(["kitten", "wxyz", "abcxyz", "abcwxyz", " total amount "], refs)
+    assert score.per_item == pytest.approx([4 / 7, 0.0, 0.5, 0.0, 1.0])
+    assert score.score == pytest.approx((4 / 7 + 0.5 + 1.0) / 5)
+    assert score.metrics["anls"] == score.score
+
+
+@pytest.mark.parametrize("prediction, target, correct", [
+    ("104", "100", True),          # 4% off
+    ("95", "100", True),           # 5% off: the bound is inclusive
+    ("106", "100", False),         # 6% off
+    ("-104", "-100", True),        # relative to |target|
+    ("12%", "0.12", True),         # '%' divides by 100, as Pix2Struct's code does
+    ("12%", "12", False),          # ... so it does not match the bare number
+    ("12%", "12.5%", True),        # 0.12 vs 0.125: 4% off
+    ("0.01", "0", False),          # zero target: exact match only,
+    ("0.0", "0", False),           # even between equal numbers
+    ("0", "0", True),
+    (" Yes ", "yes", True),        # text: stripped, case-insensitive
+    ("Blue", "Dark Blue", False),
+    ("1,000", "1000", False),      # no comma parsing: text comparison
+])
+def test_relaxed_correctness(prediction, target, correct):
+    assert scorers.relaxed_correct(prediction, target) is correct
+
+
+def test_relaxed_accuracy_is_right_for_any_reference_and_averages():
+    refs = [{"question_id": 1, "answer": "100"}, {"question_id": 2, "answer": "100"},
+            {"question_id": 3, "answers": ["Germany", "50"]}]
+    score = scorers.get("relaxed_accuracy")(["104", "106", "51"], refs)
+    assert score.per_item == [1.0, 0.0, 1.0]
+    assert score.score == pytest.approx(2 / 3)
+
+
+def test_ocrbench_substring_rule_and_math_expression_whitespace():
+    hme = "Handwritten Mathematical Expression Recognition"
+    refs = [{"question_id": 0, "type": "Regular Text Recognition", "answers": ["STOP"]},
+            {"question_id": 1, "type": "Regular Text Recognition", "answers": ["exit", "way out"]},
+            {"question_id": 2, "type": "Doc-oriented VQA", "answers": "$12.50"},     # a lone string answer
+            {"question_id": 3, "type": "Doc-oriented VQA", "answers": ["12.50"]},
+            {"question_id": 4, "type": hme, "answers": ["x ^ { 2 } + 1"]},
+            {"question_id": 5, "type": hme, "answers": ["\\frac { a } { b }"]},
+            {"question_id": 6, "category": hme, "dataset_name": "HME100k", "answers": ["X"]}]
+    preds = ["The sign says stop.",      # substring, case-folded
+             "It reads: Way\nOut",       # a newline counts as a space
+             "12.50",                    # '$12.50' is not in it
+             "The total is $12.50",
+             "x^{2}+1",                  # whitespace removed on both sides
+             "\\frac{a}{b}",
+             "x"]                        # case kept for expressions, as in OCRBench's code
+    score = scorers.get("ocrbench")(preds, refs)
+    assert score.per_item == [1, 1, 0, 1, 1, 1, 0]
+    assert score.metrics["correct"] == 5.0
+    assert score.score == pytest.approx(5 / 7)
+    assert score.metrics["Regular Text Recognition/accuracy"] == 1.0
+    assert score.metrics["Doc-oriented VQA/accuracy"] == 0.5
+    assert score.metrics[f"{hme}/accuracy"] == pytest.approx(2 / 3)
+    # Without the expression rule the spaced reference is not found.
+    assert not scorers.ocrbench_correct("x^{2}+1", ["x ^ { 2 } + 1"])
+
+
+@pytest.mark.parametrize("name, scorer", [
+    ("anls", scorers.anls), ("relaxed_accuracy", scorers.relaxed_accuracy), ("ocrbench", scorers.ocrbench)])
+def test_ocr_scorers_are_registered_under_the_grid_names(name, scorer):
+    assert scorers.get(name) is scorer
+
+
 def test_a_registered_scorer_is_found_by_name(monkeypatch):
     monkeypatch.setattr(scorers, "SCORERS", dict(scorers.SCORERS))
 

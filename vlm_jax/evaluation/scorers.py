@@ -29,6 +29,18 @@ references the ground-truth records (dicts, one per prediction, in the same orde
   (the question loader refuses duplicates), so LLaVA's per-image ids need a suffix per question.
 - SEED-Bench (`seed_bench`): multiple choice among A-D (the letter read as for multiple choice; option texts are
   optional), accuracy overall (the headline) and per question type (`category`). Reference: `answer` (letter).
+- DocVQA (`anls`): ANLS (Biten et al. 2019) as the official evaluation computes it: both answers lower-cased,
+  stripped and their inner whitespace collapsed; NL = Levenshtein distance / the longer length; credit
+  1 - min over references of NL, set to 0 when below 0.5 (NL = 0.5 keeps 0.5, as in the evaluation code; the
+  paper's formula zeroes it). References: `answers` (list), else `answer`.
+- ChartQA (`relaxed_accuracy`): Pix2Struct's relaxed correctness, any reference: when both parse as numbers and
+  the reference is not 0, within 5% of it; otherwise case-insensitive exact match (both stripped). A trailing '%'
+  divides by 100, as in that code, so '12%' matches '0.12', not '12'. References: `answers` or `answer`.
+- OCRBench (`ocrbench`): right if any reference (lower case, stripped, newlines as spaces) is a substring of the
+  prediction treated alike; for handwritten mathematical expressions (`type`/`category` 'Handwritten Mathematical
+  Expression Recognition', or `dataset_name` 'HME100k') all whitespace is removed instead and case kept, as in
+  OCRBench's code. Headline: accuracy; `correct` is OCRBench's score (out of its 1000 questions); accuracy per
+  type (`category`, else `type`). References: `answers` (list or one string), else `answer`.
 - `exact_match` (the synthetic tasks): normalised exact match (whitespace, case, trailing '.').
 
 A scorer is added with `@register("name")`; `get(name)` is the only lookup.
@@ -178,6 +190,8 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], always_normalize_refer
 def _answer_list(ref: Mapping[str, Any]) -> list[str]:
     if "answers" in ref:
         answers = ref["answers"]
+        if isinstance(answers, str):                    # OCRBench stores a lone answer as a string
+            return [answers]
         # The VQA annotation format: [{"answer": ..., "answer_confidence": ..., "answer_id": ...}, ...].
         return [a["answer"] if isinstance(a, Mapping) else str(a) for a in answers]
     if "answer" in ref:
@@ -439,5 +453,104 @@ def seed_bench(predictions: Sequence[str], references: Sequence[Mapping]) -> Sco
     for credit, r in zip(per_item, references):
         if "category" in r:
             by_type[str(r["category"])].append(credit)
+    metrics.update({f"{t}/accuracy": float(np.mean(c)) for t, c in sorted(by_type.items())})
+    return Score(metrics["accuracy"], metrics, per_item)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DocVQA, ChartQA and OCRBench.
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions of one character each), two rows at a time."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def anls_similarity(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
+    """One question's ANLS credit: 1 - the smallest normalised distance to a reference, 0 below `threshold`."""
+    if not answers:
+        raise ValueError("ANLS needs at least one reference answer")
+    pred = " ".join(prediction.strip().lower().split())
+    distances = []
+    for answer in answers:
+        ref = " ".join(answer.strip().lower().split())
+        longest = max(len(pred), len(ref))
+        distances.append(levenshtein(pred, ref) / longest if longest else 0.0)
+    similarity = 1.0 - min(distances)
+    return similarity if similarity >= threshold else 0.0
+
+
+@register("anls")
+def anls(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
+    """DocVQA's ANLS: mean over questions of the thresholded similarity to the closest reference."""
+    _check_lengths(predictions, references)
+    per_item = [anls_similarity(p, _answer_list(r)) for p, r in zip(predictions, references)]
+    value = float(np.mean(per_item))
+    return Score(value, {"anls": value}, per_item)
+
+
+def _relaxed_float(text: str) -> float | None:
+    """A number as Pix2Struct reads it ('12%' -> 0.12), or None."""
+    try:
+        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_correct(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
+    """ChartQA's rule: numbers within 5% of a nonzero target, anything else case-insensitive exact match."""
+    prediction, target = prediction.strip(), target.strip()
+    pred_value, target_value = _relaxed_float(prediction), _relaxed_float(target)
+    if pred_value is not None and target_value:        # a zero target divides by zero: exact match instead
+        return abs(pred_value - target_value) <= max_relative_change * abs(target_value)
+    return prediction.lower() == target.lower()
+
+
+@register("relaxed_accuracy")
+def relaxed_accuracy(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
+    """ChartQA's relaxed accuracy: a question is right if the prediction is relaxed-correct for any reference."""
+    _check_lengths(predictions, references)
+    per_item = [float(any(relaxed_correct(p, a) for a in _answer_list(r))) for p, r in zip(predictions, references)]
+    acc = float(np.mean(per_item))
+    return Score(acc, {"accuracy": acc}, per_item)
+
+
+HME_CATEGORY = "Handwritten Mathematical Expression Recognition"
+
+
+def _ocrbench_category(ref: Mapping[str, Any]) -> str:
+    return str(ref.get("category", ref.get("type", "all")))
+
+
+def ocrbench_correct(prediction: str, answers: Sequence[str], math_expression: bool = False) -> bool:
+    """OCRBench's rule: some reference occurs in the prediction (case-folded, or whitespace-free for HME)."""
+    def prepare(text: str) -> str:
+        text = text.strip().replace("\n", " ")
+        return "".join(text.split()) if math_expression else text.lower()
+    pred = prepare(prediction)
+    return any(prepare(a) in pred for a in answers)
+
+
+@register("ocrbench")
+def ocrbench(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
+    """OCRBench: questions right (its score out of 1000), accuracy (the headline) and accuracy per type."""
+    _check_lengths(predictions, references)
+    per_item = []
+    for p, r in zip(predictions, references):
+        math_expression = (_ocrbench_category(r) == HME_CATEGORY or r.get("type") == HME_CATEGORY
+                           or r.get("dataset_name") == "HME100k")
+        per_item.append(float(ocrbench_correct(p, _answer_list(r), math_expression)))
+    metrics = {"accuracy": float(np.mean(per_item)), "correct": float(sum(per_item))}
+    by_type: dict[str, list[float]] = collections.defaultdict(list)
+    for credit, r in zip(per_item, references):
+        by_type[_ocrbench_category(r)].append(credit)
     metrics.update({f"{t}/accuracy": float(np.mean(c)) for t, c in sorted(by_type.items())})
     return Score(metrics["accuracy"], metrics, per_item)
