@@ -43,27 +43,27 @@ def _jobs(g):
 
 def test_a_killed_writer_never_leaves_a_broken_results_file(tmp_path):
     path = tmp_path / "results.jsonl"
-    rows = [{"cell": f"c{i}", "error": i / 1000, "pad": "x" * 2000} for i in range(200)]   # ~400 KB per write
-    writer = textwrap.dedent(f"""
+    rows = 200   # ~400 KB per write, so a kill often lands mid-write
+    writer = tmp_path / "writer.py"
+    writer.write_text(textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {ROOT!r})
         from vlm_jax.grid import results
-        rows = {rows!r}
         i = 0
         while True:
             i += 1
-            results.write_text_atomic({str(path)!r}, "".join(json.dumps(dict(r, gen=i)) + "\\n" for r in rows))
-    """)
+            lines = (json.dumps({{"cell": f"c{{j}}", "gen": i, "pad": "x" * 2000}}) + "\\n" for j in range({rows}))
+            results.write_text_atomic({str(path)!r}, "".join(lines))
+    """))
     seen = 0
-    for delay in (0.3, 0.45, 0.6, 0.8, 1.0):
-        proc = subprocess.Popen([sys.executable, "-c", writer])
+    for delay in (0.4, 0.55, 0.7, 0.9, 1.1, 1.3):
+        proc = subprocess.Popen([sys.executable, str(writer)])
         time.sleep(delay)
         proc.kill()
         proc.wait()
         if path.exists():
-            lines = path.read_text().splitlines()
-            parsed = [json.loads(x) for x in lines]               # every line whole
-            assert len(parsed) == len(rows) and len({r["gen"] for r in parsed}) == 1   # one complete generation
+            parsed = [json.loads(x) for x in path.read_text().splitlines()]     # every line whole
+            assert len(parsed) == rows and len({r["gen"] for r in parsed}) == 1   # one complete generation
             seen += 1
     assert seen >= 3
 

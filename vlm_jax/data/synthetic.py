@@ -46,6 +46,7 @@ from vlm_jax.data.tokenize import ASSISTANT, IMAGE_PLACEHOLDER, USER
 
 CANVAS = 64
 FAMILIES = ("reasoning", "ocr", "detail")
+DEFAULT_FAMILIES = ("reasoning", "ocr")   # what a source draws unless told (data.synthetic.families)
 SPLITS = ("train", "validation")
 
 COLORS = {
@@ -471,7 +472,8 @@ class SyntheticSource:
     Returns {'id': str, 'image': uint8[S, S, 3], 'turns': [(role, text)]}.
     """
 
-    def __init__(self, split: str, num_examples: int, *, families: str | Sequence[str] = FAMILIES, seed: int = 0,
+    def __init__(self, split: str, num_examples: int, *, families: str | Sequence[str] = DEFAULT_FAMILIES,
+                 seed: int = 0,
                  image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1,
                  ocr_scale: int = 2, reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
                  questions: int = 1):
