@@ -7,8 +7,6 @@ with --distributed). Re-running it resumes: finished stages are skipped, an inte
 last checkpoint.
 """
 
-import logging as pylogging
-
 from absl import app, flags, logging
 
 flags.DEFINE_string("job_dir", None, "Directory holding job.json.")
@@ -19,15 +17,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    import jax
-
+    from launch import runtime
     from vlm_jax.grid import cell
 
-    if FLAGS.distributed:
-        jax.distributed.initialize()
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname
-                                         or record.levelno >= pylogging.WARNING)
+    runtime.start(FLAGS.distributed)
     result = cell.run_job(FLAGS.job_dir)
     logging.info("job done: %s", {k: v for k, v in result.items() if k != "rows"})
 

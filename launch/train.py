@@ -6,8 +6,6 @@ Overrides of keys that do not exist fail at start (the config is locked); on a m
 the same command and `jax.distributed.initialize()` finds the others.
 """
 
-import logging as pylogging
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -20,19 +18,14 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    import jax
+    from launch import runtime
     from vlm_jax import train
 
-    if FLAGS.distributed:
-        jax.distributed.initialize()
+    runtime.start(FLAGS.distributed)
     config = FLAGS.config
     if FLAGS.run_dir:
         with config.unlocked():
             config.run_dir = FLAGS.run_dir
-    logging.set_verbosity(logging.INFO)
-    # Checkpoint I/O logs every file operation at INFO; keep the console to the training log.
-    logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname
-                                         or record.levelno >= pylogging.WARNING)
     final = train.run(config)
     logging.info("done: %s", final)
 

@@ -44,3 +44,34 @@ def random_batch(config, seed=0, batch_size=None):
         question_tokens=(rng.integers(3, vocab, (b, Lq)) * question_mask).astype(np.int32),
         question_mask=question_mask,
     )
+
+
+def tiny_grid(tmp_path, tokens="1+4", **stage2_train):
+    """The smoke grid config shrunk to tiny-xs x `tokens`: a few steps of batch 4, 8 eval questions per family
+    (stage-2 train keys overridable)."""
+    from configs import grid as grid_config
+
+    g = grid_config.get_config(f"smoke,llms=tiny-xs,tokens={tokens}")
+    with g.unlocked():
+        g.dir = str(tmp_path / "grid")
+        g.cell.train.batch_size = 4
+        g.cell.data.read_threads = 1
+        g.tower.overrides.train.steps = 2
+        g.tower.overrides.train.batch_size = 4
+        g.stages.stage1.train.steps = 2
+        g.stages.stage2.train.steps = 3
+        g.stages.stage2.train.update(stage2_train)
+        g.eval.synthetic_per_family = 8
+        g.eval.batch_size = 8
+        g.parallel = 1
+        g.fit.bootstrap = 20
+    return g
+
+
+def grid_jobs(g):
+    """(tower job or None, cell jobs) of a grid config, as launch.grid builds them."""
+    from vlm_jax import flops
+    from vlm_jax.grid import spec
+
+    tower = spec.tower_job(g, models.llm_config)
+    return tower, spec.cell_jobs(g, models.llm_config, lambda m: flops.param_counts(m)["llm"], tower)

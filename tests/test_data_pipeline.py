@@ -139,7 +139,7 @@ def test_bad_sharding_arguments_raise(kwargs, match):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("source", "webdataset", r"data.source 'webdataset'; known: \['llava', 'synthetic', 'tfds'\]"),
+    ("source", "webdataset", r"data source 'webdataset' \(data.source\); known: \['llava', 'synthetic', 'tfds'\]"),
     ("bad_input", "ignore", "data.bad_input"),
 ])
 def test_bad_config_values_raise(field, value, match):

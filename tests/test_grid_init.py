@@ -6,31 +6,19 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import common
-from configs import grid as grid_config
-from configs import models
-from vlm_jax import checkpoints, flops, optim, sharding, train
-from vlm_jax.grid import cell, spec
+from configs import common, models
+from tests import helpers
+from vlm_jax import checkpoints, optim, sharding, train
+from vlm_jax.grid import cell
 
 
 def _flat(params) -> dict:
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
-def _tiny_grid(tmp_path, **stage_overrides):
-    """The smoke grid shrunk to one cell (tiny-xs, V=4) and a few steps of batch 4."""
-    g = grid_config.get_config("smoke,llms=tiny-xs,tokens=4")
-    with g.unlocked():
-        g.dir = str(tmp_path / "grid")
-        g.cell.train.batch_size = 4
-        g.cell.data.read_threads = 1
-        g.tower.overrides.train.steps = 2
-        g.stages.stage1.train.steps = 2
-        g.stages.stage2.train.steps = 2
-        for key, value in stage_overrides.items():
-            g.stages.stage2.train[key] = value
-    tower = spec.tower_job(g, models.llm_config)
-    (job,) = spec.cell_jobs(g, models.llm_config, lambda m: flops.param_counts(m)["llm"], tower)
+def _tiny_grid(tmp_path, **stage2_train):
+    """One cell (tiny-xs, V=4) of the shrunk smoke grid, and its tower job."""
+    tower, (job,) = helpers.grid_jobs(helpers.tiny_grid(tmp_path, tokens="4", **stage2_train))
     return tower, job
 
 

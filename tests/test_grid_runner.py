@@ -10,35 +10,18 @@ import time
 
 import pytest
 
-from configs import grid as grid_config
-from configs import models
-from vlm_jax import flops
-from vlm_jax.grid import backends, results, runner, spec
+from tests import helpers
+from vlm_jax.grid import backends, results, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _grid(tmp_path, tokens="1+4"):
-    """The smoke grid shrunk to tiny-xs x `tokens`, a few steps of batch 4, 8 eval questions per family."""
-    g = grid_config.get_config(f"smoke,llms=tiny-xs,tokens={tokens}")
-    with g.unlocked():
-        g.dir = str(tmp_path / "grid")
-        g.cell.train.batch_size = 4
-        g.cell.data.read_threads = 1
-        g.tower.overrides.train.steps = 2
-        g.stages.stage1.train.steps = 2
-        g.stages.stage2.train.steps = 3
-        g.eval.synthetic_per_family = 8
-        g.eval.batch_size = 8
-        g.parallel = 1
-        g.fit.bootstrap = 20
-    return g
+def _grid(tmp_path):
+    return helpers.tiny_grid(tmp_path)
 
 
 def _jobs(g):
-    tower = spec.tower_job(g, models.llm_config)
-    cells = spec.cell_jobs(g, models.llm_config, lambda m: flops.param_counts(m)["llm"], tower)
-    return tower, cells
+    return helpers.grid_jobs(g)
 
 
 def test_a_killed_writer_never_leaves_a_broken_results_file(tmp_path):
@@ -97,11 +80,13 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch)
 
 
 def _launch(g, *flags):
-    args = [f"--config.{k}={v}" for k, v in (
-        ("dir", g.dir), ("cell.train.batch_size", 4), ("cell.data.read_threads", 1),
-        ("tower.overrides.train.steps", 2), ("stages.stage1.train.steps", 2), ("stages.stage2.train.steps", 3),
-        ("eval.synthetic_per_family", 8), ("eval.batch_size", 8), ("parallel", 1), ("fit.bootstrap", 20))]
-    return [sys.executable, "-m", "launch.grid", "--config=configs/grid.py:smoke,llms=tiny-xs,tokens=1+4", *args, *flags]
+    """`python -m launch.grid` on the grid `helpers.tiny_grid` builds (same overrides, so the same job names)."""
+    overrides = {"dir": g.dir, "cell.train.batch_size": 4, "cell.data.read_threads": 1,
+                 "tower.overrides.train.steps": 2, "tower.overrides.train.batch_size": 4,
+                 "stages.stage1.train.steps": 2, "stages.stage2.train.steps": 3, "eval.synthetic_per_family": 8,
+                 "eval.batch_size": 8, "parallel": 1, "fit.bootstrap": 20}
+    return [sys.executable, "-m", "launch.grid", "--config=configs/grid.py:smoke,llms=tiny-xs,tokens=1+4",
+            *[f"--config.{k}={v}" for k, v in overrides.items()], *flags]
 
 
 @pytest.mark.slow

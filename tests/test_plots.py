@@ -68,7 +68,10 @@ def test_frontier_curve_lies_below_every_fitted_llm_curve(fit):
 def run_fit_cli(args):
     """`python -m launch.fit ARGS` in this process (absl flags parsed afresh)."""
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["launch.fit", *args])
+    # Other test modules import launchers whose required flags (launch.evaluate's --run_dir) share the global
+    # FlagValues; give them a value so that parsing launch.fit's flags validates.
+    others = [f"--{name}=unused" for name in ("run_dir", "job_dir") if name in flags.FLAGS]
+    flags.FLAGS(["launch.fit", *args, *others])
     return fit_cli.main([])
 
 

@@ -109,7 +109,7 @@ def test_bootstrap_is_seeded_and_noise_free_resamples_all_recover_the_law():
 
 def test_bootstrap_weights_are_multinomial_draws_that_identify_the_law():
     table = scaling.synthetic_table("multiplicative", TRUE["multiplicative"], N, V)
-    w = scaling.bootstrap_weights(table, 4, 500, seed=0)
+    w = scaling.laws.bootstrap_weights(table, 4, 500, seed=0)
     assert w.shape == (500, len(table))
     np.testing.assert_array_equal(w.sum(1), len(table))
     assert np.all(w == np.round(w))

@@ -286,16 +286,17 @@ def test_ocr_scorers_are_registered_under_the_grid_names(name, scorer):
     assert scorers.get(name) is scorer
 
 
-def test_a_registered_scorer_is_found_by_name(monkeypatch):
-    monkeypatch.setattr(scorers, "SCORERS", dict(scorers.SCORERS))
-
+def test_a_registered_scorer_is_found_by_name():
     @scorers.register("always_right")
     def always_right(predictions, references):
         return scorers.Score(1.0, {}, [1.0] * len(predictions))
 
-    assert scorers.get("always_right") is always_right
-    with pytest.raises(ValueError, match="registered twice"):
-        scorers.register("always_right")(always_right)
+    try:
+        assert scorers.get("always_right") is always_right
+        with pytest.raises(ValueError, match="registered twice"):
+            scorers.register("always_right")(always_right)
+    finally:
+        scorers.SCORERS.pop("always_right")
 
 
 # ---------------------------------------------------------------------------------------------------------- errors

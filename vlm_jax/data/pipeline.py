@@ -17,7 +17,7 @@ shuffles within the shard with a per-epoch seed); epochs repeat forever.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain.python as grain
@@ -33,6 +33,7 @@ from vlm_jax.data.tokenize import (
     WordTokenizer,
 )
 from vlm_jax.data.transforms import EncodeExample, ExampleSource, Step
+from vlm_jax.registry import Registry
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -102,25 +103,14 @@ def make_layout(data_cfg: ml_collections.ConfigDict, num_visual_tokens: int) -> 
 
 
 # data.source name -> fn(data_cfg, split, image_size) -> (random-access source, steps that turn items into records).
-SOURCES: dict[str, Callable[..., tuple[Any, list[Step]]]] = {}
-
-
-def register_source(name: str):
-    """Decorator adding a data source under `name` (the value of data.source)."""
-    def wrap(fn):
-        if name in SOURCES:
-            raise ValueError(f"data source {name!r} registered twice")
-        SOURCES[name] = fn
-        return fn
-    return wrap
+SOURCES = Registry("data source", "data.source")
+register_source = SOURCES.register
 
 
 def make_source(data_cfg: ml_collections.ConfigDict, split: str, image_size: int
                 ) -> tuple[Any, list[Step]]:
     """The raw random-access source of `split` and the steps that turn its items into records (transforms.py)."""
-    if data_cfg.source not in SOURCES:
-        raise ValueError(f"unknown data.source {data_cfg.source!r}; known: {sorted(SOURCES)}")
-    return SOURCES[data_cfg.source](data_cfg, split, image_size)
+    return SOURCES.lookup(data_cfg.source)(data_cfg, split, image_size)
 
 
 @register_source("synthetic")

@@ -416,8 +416,8 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
                  reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
                  questions: int = 1) -> Example:
     """Item `index` of `family` in `split`: a pure function of its arguments. `questions` > 1 adds follow-up
-    questions about the same image (distinct where the scene allows; for ocr and detail one per string or marker; the first is the
-    same as with 1)."""
+    questions about the same image (distinct where the scene allows; for ocr and detail one per string or
+    marker; the first is the same as with 1)."""
     _check(split, family, ocr_alphabet, ocr_length, ocr_scale, reasoning_grid)
     if questions < 1:
         raise ValueError(f"synthetic questions per image must be >= 1, got {questions}")

@@ -57,26 +57,16 @@ from typing import Any
 
 import numpy as np
 
+from vlm_jax.registry import Registry
+
 
 Scorer = Callable[[Sequence[str], Sequence[Mapping]], "Score"]
-SCORERS: dict[str, Scorer] = {}
-
-
-def register(*names: str):
-    """Decorator adding a scorer under each of `names` (a benchmark's `scorer` field)."""
-    def wrap(fn):
-        for name in names:
-            if name in SCORERS:
-                raise ValueError(f"benchmark scorer {name!r} registered twice")
-            SCORERS[name] = fn
-        return fn
-    return wrap
+SCORERS = Registry("benchmark scorer")   # a benchmark's `scorer` field -> Scorer
+register = SCORERS.register
 
 
 def get(name: str) -> Scorer:
-    if name not in SCORERS:
-        raise ValueError(f"unknown benchmark scorer {name!r}; known: {sorted(SCORERS)}")
-    return SCORERS[name]
+    return SCORERS.lookup(name)
 
 
 @dataclasses.dataclass

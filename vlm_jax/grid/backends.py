@@ -16,17 +16,11 @@ import sys
 
 import ml_collections
 
-BACKENDS: dict[str, type] = {}
+from vlm_jax.registry import Registry
+
+BACKENDS = Registry("grid backend", "config.backend")
+register = BACKENDS.register
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # where launch/ lives
-
-
-def register(name: str):
-    def add(cls):
-        if name in BACKENDS:
-            raise ValueError(f"backend {name!r} is registered twice")
-        BACKENDS[name] = cls
-        return cls
-    return add
 
 
 def make(name: str, cfg: ml_collections.ConfigDict):
@@ -36,9 +30,7 @@ def make(name: str, cfg: ml_collections.ConfigDict):
     except ImportError:
         pass
 
-    if name not in BACKENDS:
-        raise ValueError(f"unknown grid backend {name!r}; known: {sorted(BACKENDS)}")
-    return BACKENDS[name](cfg)
+    return BACKENDS.lookup(name)(cfg)
 
 
 @dataclasses.dataclass(frozen=True)

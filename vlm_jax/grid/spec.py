@@ -42,7 +42,8 @@ def merge(base: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDi
         for key, value in upd.items():
             if key not in node:
                 raise ValueError(f"grid override {prefix}{key} names no key of the run config")
-            if isinstance(value, (dict, ml_collections.ConfigDict)) and isinstance(node[key], ml_collections.ConfigDict):
+            nested = isinstance(node[key], ml_collections.ConfigDict)
+            if nested and isinstance(value, (dict, ml_collections.ConfigDict)):
                 apply(node[key], value, f"{prefix}{key}.")
             else:
                 node[key] = value

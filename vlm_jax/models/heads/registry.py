@@ -29,23 +29,14 @@ import ml_collections
 from vlm_jax.models import vision
 from vlm_jax.models.heads import quecc, resampler, tokenpacker
 from vlm_jax.models.heads.base import Head, grid_side, option
+from vlm_jax.registry import Registry
 
-REGISTRY: dict[str, type] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        if name in REGISTRY:
-            raise ValueError(f"compressor head {name!r} registered twice")
-        REGISTRY[name] = cls
-        return cls
-    return wrap
+REGISTRY = Registry("compressor head", "model.compressor.name")
+register = REGISTRY.register
 
 
 def get(name: str) -> type:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown compressor head {name!r} (model.compressor.name); known: {sorted(REGISTRY)}")
-    return REGISTRY[name]
+    return REGISTRY.lookup(name)
 
 
 def validate(cfg: ml_collections.ConfigDict, vision_cfg: ml_collections.ConfigDict) -> None:
