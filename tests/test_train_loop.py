@@ -132,3 +132,30 @@ def test_cli_rejects_unknown_override_keys():
                            "--config.train.stepz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "stepz" in proc.stderr
+
+
+def test_metrics_lines_append_locally_and_rewrite_on_an_object_store(tmp_path, monkeypatch):
+    local = tmp_path / "metrics.jsonl"
+    train.append_line(str(local), '{"step": 1}')
+    train.append_line(str(local), '{"step": 2}')
+    assert local.read_text() == '{"step": 1}\n{"step": 2}\n'
+    # An object store has no append: the whole file is read and written back (an in-memory stand-in for gs://).
+    store = {}
+
+    class FakeGcsPath:
+        def __init__(self, path):
+            self.path = path
+
+        def exists(self):
+            return self.path in store
+
+        def read_text(self):
+            return store[self.path]
+
+        def write_text(self, text):
+            store[self.path] = text
+
+    monkeypatch.setattr(train.epath, "Path", FakeGcsPath)
+    train.append_line("gs://bucket/run/metrics.jsonl", "a")
+    train.append_line("gs://bucket/run/metrics.jsonl", "b")
+    assert store == {"gs://bucket/run/metrics.jsonl": "a\nb\n"}

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import traverse_util
 
 from vlm_jax import checkpoints, flops, hardware, optim, sharding
@@ -252,8 +253,7 @@ def create_state(model_cfg, train_cfg, mesh, rng, sources=(), layout=None):
 def load_params(run_dir: str, mesh=None):
     """(config, merged params) of the latest checkpoint in `run_dir`, for evaluation and generation (the optimizer
     state is not read)."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.loads((epath.Path(run_dir) / "config.json").read_text()))
     mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
     _, abstract, _ = state_layout(config.model, config.train, mesh)
     restored = checkpoints.restore_latest_parts(checkpoints.directory(run_dir),
@@ -262,6 +262,16 @@ def load_params(run_dir: str, mesh=None):
         raise FileNotFoundError(f"no checkpoint under {run_dir}/checkpoints")
     _, parts = restored
     return config, optim.merge(parts["params"], parts["frozen"])
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line to a local file; an object store (gs://) cannot append, so there the file is rewritten."""
+    if "://" not in str(path):
+        with open(path, "a") as f:
+            f.write(line + "\n")
+        return
+    p = epath.Path(path)
+    p.write_text((p.read_text() if p.exists() else "") + line + "\n")
 
 
 class _StopFlag:
@@ -281,12 +291,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
     # --- set-up and safety rails -----------------------------------------------------------------
     jax.config.update("jax_threefry_partitionable", True)
     run_dir = config.run_dir
-    os.makedirs(run_dir, exist_ok=True)
+    epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
     tokenizer = pipeline.make_tokenizer(config.data)
     validate_config(config, 0, tokenizer.vocab_size)
     if jax.process_index() == 0:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        (epath.Path(run_dir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     # --- mesh -----------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
@@ -394,12 +403,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
                              last["loss_avg"], last["lr"], f"{last['tokens_per_s']:.0f}" if timed else "-",
                              f"{100 * last['mfu']:.2f}%" if timed else "-")
                 if jax.process_index() == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
+                    append_line(metrics_path, json.dumps(last))
                 window, window_tokens, window_start, timed = [], 0, time.perf_counter(), 0
             elif evaluated and jax.process_index() == 0:   # an eval between log steps gets its own line
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step, **evaluated}) + "\n")
+                append_line(metrics_path, json.dumps({"step": step, **evaluated}))
             if step % t.checkpoint_every == 0 or step == t.steps or stop.requested:
                 checkpoints.save(ckpt, step, state, data_iter.get_state(), {"step": step}, force=True)
             if stop.requested:
