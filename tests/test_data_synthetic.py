@@ -208,3 +208,19 @@ def test_written_out_as_llava_it_reads_back_into_identical_batches(tmp_path):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert via_llava.bad_input.total == 0
+
+
+def test_family_weights_repeat_a_family_in_the_cycle_and_every_item_is_drawn_once():
+    source = synthetic.SyntheticSource("train", 40, families="reasoning,detail", family_weights="1,3")
+    ids = [source[i]["id"] for i in range(40)]
+    # cycle of 4: one reasoning item, then three detail items; each family's items counted 0, 1, 2, ... in order
+    assert ids[:8] == ["train-reasoning-0", "train-detail-0", "train-detail-1", "train-detail-2",
+                       "train-reasoning-1", "train-detail-3", "train-detail-4", "train-detail-5"]
+    per_family = collections.Counter(i.split("-")[1] for i in ids)
+    assert per_family == {"reasoning": 10, "detail": 30}
+    assert len(set(ids)) == 40
+    # the item is the family's own item of that number, whatever the cycle
+    assert source[7]["turns"] == synthetic.SyntheticSource("train", 40, families="detail")[5]["turns"]
+    for bad in ("1", "1,0", "1,x", "1,2,3"):
+        with pytest.raises(ValueError, match="family_weights"):
+            synthetic.SyntheticSource("train", 40, families="reasoning,detail", family_weights=bad)

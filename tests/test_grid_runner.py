@@ -119,3 +119,27 @@ def test_kill_midway_then_rerun_runs_only_the_missing_cells(tmp_path):
     assert open(os.path.join(g.dir, "results.jsonl")).read() == table
     summary = json.load(open(os.path.join(g.dir, "summary.json")))
     assert summary["cells"] == 2 and set(summary["errors"]) == {"reasoning", "detail"}
+
+
+@pytest.mark.parametrize("variant", ["smoke", "detail", "paper"])
+def test_every_variant_builds_jobs_whose_synthetic_data_is_valid(variant):
+    """Each grid variant's jobs are well-formed: every stage's synthetic source can be built from its config (a
+    weight per family, known families), stage 2 starts from stage 1, and the tower is evaluated on what it learnt."""
+    import ml_collections
+
+    from configs import grid as grid_config
+    from vlm_jax.data import pipeline
+
+    tower, cells = helpers.grid_jobs(grid_config.get_config(variant))
+    assert cells
+    for job in ([tower] if tower else []) + cells:
+        for stage in job.spec["stages"]:
+            data = ml_collections.ConfigDict(stage["config"]["data"])
+            if data.source == "synthetic":
+                pipeline.make_source(data, "train", 64)
+        if job.is_cell:
+            (_, s2) = job.spec["stages"]
+            assert [src for src, _ in s2["config"]["init"]] == [job.spec["stages"][0]["config"]["run_dir"]]
+    if tower:
+        families = ml_collections.ConfigDict(tower.spec["stages"][0]["config"]["data"]).synthetic.families
+        assert set(tower.spec["eval"]["tasks"]) == set(families.split(","))

@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from configs import smoke
-from vlm_jax import checkpoints, sharding, train
+from vlm_jax import checkpoints, optim, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,3 +159,21 @@ def test_metrics_lines_append_locally_and_rewrite_on_an_object_store(tmp_path, m
     train.append_line("gs://bucket/run/metrics.jsonl", "a")
     train.append_line("gs://bucket/run/metrics.jsonl", "b")
     assert store == {"gs://bucket/run/metrics.jsonl": "a\nb\n"}
+
+
+def test_fresh_state_equals_the_model_init_compiled_with_default_optimisations():
+    """create_state compiles the one-off init without backend optimisations on the CPU: same numbers."""
+    import jax
+    from flax import linen as nn
+
+    from vlm_jax.models import vlm
+
+    config = smoke.get_config()
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    state, _, _ = train.create_state(config.model, config.train, mesh, jax.random.key(3))
+    reference = nn.meta.unbox(jax.jit(vlm.init_fn(config.model))(jax.random.key(3)))
+    got = traverse_util.flatten_dict(optim.merge(state.params, state.frozen), sep="/")
+    want = traverse_util.flatten_dict(reference, sep="/")
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-7, err_msg=k)

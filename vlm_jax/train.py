@@ -217,6 +217,11 @@ def shardings_of(abstract_state):
     return jax.tree.map(lambda x: x.sharding, abstract_state)
 
 
+# Initialisation runs once: on the CPU, XLA's backend optimisations cost more than they save (tiny-m: compile 7.0 s ->
+# 2.3 s, run 0.01 s -> 0.05 s). Other backends keep their defaults.
+_INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
+
+
 def create_state(model_cfg, train_cfg, mesh, rng, sources=(), layout=None):
     """The starting TrainState (sharded, created by jitted functions: never materialised on one device), its
     shardings and the optimizer. Parameters that the (checkpoint, regex) `sources` select are read from there
@@ -244,7 +249,8 @@ def create_state(model_cfg, train_cfg, mesh, rng, sources=(), layout=None):
                                   opt_state=tx.init(train))
             state = jax.jit(from_params, out_shardings=shardings)(pick(abstract.params), pick(abstract.frozen))
         else:
-            state = jax.jit(init_state, out_shardings=shardings)(rng)
+            state = jax.jit(init_state, out_shardings=shardings).lower(rng).compile(_INIT_COMPILER_OPTIONS.get(
+                jax.default_backend()))(rng)
             if taken:
                 state = state.replace(params=pick(state.params), frozen=pick(state.frozen))
     return state, shardings, tx

@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.synthetic = ml_collections.ConfigDict()
     c.synthetic.families = "reasoning,ocr"  # comma-separated, interleaved item by item ('detail': see synthetic.py)
+    c.synthetic.family_weights = ""  # training items of each family per cycle, e.g. '1,3' ('' = equal)
     c.synthetic.train_size = 200_000  # items per epoch (drawn on the fly, nothing stored)
     c.synthetic.validation_size = 2_000
     c.synthetic.seed = 0  # content seed; train and validation draw from disjoint streams of it
@@ -123,7 +124,8 @@ def _synthetic_source(data_cfg, split, image_size):
                                      ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length,
                                      ocr_scale=s.ocr_scale, reasoning_kinds=s.reasoning_kinds,
                                      reasoning_grid=s.reasoning_grid,
-                                     max_items=s.max_items, questions=s.train_questions if split == "train" else 1), []
+                                     max_items=s.max_items, questions=s.train_questions if split == "train" else 1,
+                                     family_weights=s.family_weights if split == "train" else ""), []
 
 
 @register_source("llava")

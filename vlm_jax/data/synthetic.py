@@ -466,8 +466,24 @@ def parse_families(families: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def parse_weights(weights: str | Sequence[int], n_families: int) -> tuple[int, ...]:
+    """'1,3' or a sequence -> one positive integer weight per family ('' = all 1)."""
+    parts = [w for w in (weights.split(",") if isinstance(weights, str) else weights) if str(w).strip()]
+    if not parts:
+        return (1,) * n_families
+    try:
+        out = tuple(int(w) for w in parts)
+    except ValueError:
+        out = ()
+    if len(out) != n_families or min(out) < 1:
+        raise ValueError(f"synthetic family_weights must be {n_families} positive integers (one per family), "
+                         f"got {weights!r}")
+    return out
+
+
 class SyntheticSource:
-    """grain RandomAccessDataSource: item i is item i // F of family families[i % F] (F families interleaved).
+    """grain RandomAccessDataSource: families interleaved item by item in a fixed cycle where family f appears
+    weights[f] times (weights 1,3: r d d d r d d d ...); the k-th appearance of f is item k of f.
 
     Returns {'id': str, 'image': uint8[S, S, 3], 'turns': [(role, text)]}.
     """
@@ -476,8 +492,11 @@ class SyntheticSource:
                  seed: int = 0,
                  image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1,
                  ocr_scale: int = 2, reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
-                 questions: int = 1):
+                 questions: int = 1, family_weights: str | Sequence[int] = ""):
         self.families = parse_families(families)
+        self.weights = parse_weights(family_weights, len(self.families))
+        # cycle position -> (family, its rank among that family's positions in the cycle)
+        self._cycle = [(f, r) for f, w in enumerate(self.weights) for r in range(w)]
         _check(split, self.families[0], ocr_alphabet, ocr_length, ocr_scale)
         if num_examples < 1:
             raise ValueError(f"synthetic num_examples must be >= 1, got {num_examples}")
@@ -493,8 +512,9 @@ class SyntheticSource:
         i = int(i)
         if not 0 <= i < self.num_examples:
             raise IndexError(f"synthetic index {i} out of range [0, {self.num_examples})")
-        f = len(self.families)
-        ex = make_example(self.split, self.families[i % f], i // f, seed=self.seed, image_size=self.image_size,
+        f, rank = self._cycle[i % len(self._cycle)]
+        index = i // len(self._cycle) * self.weights[f] + rank
+        ex = make_example(self.split, self.families[f], index, seed=self.seed, image_size=self.image_size,
                           ocr_alphabet=self.ocr_alphabet, ocr_length=self.ocr_length, ocr_scale=self.ocr_scale,
                           reasoning_kinds=self.reasoning_kinds, reasoning_grid=self.reasoning_grid,
                           max_items=self.max_items, questions=self.questions)
@@ -505,7 +525,7 @@ class SyntheticSource:
                 f"seed={self.seed}, image_size={self.image_size}, ocr_alphabet={self.ocr_alphabet!r}, "
                 f"ocr_length={self.ocr_length}, ocr_scale={self.ocr_scale}, reasoning_kinds={self.reasoning_kinds!r}, "
                 f"reasoning_grid={self.reasoning_grid}, "
-                f"max_items={self.max_items}, questions={self.questions})")
+                f"max_items={self.max_items}, questions={self.questions}, weights={self.weights})")
 
 
 def write_llava(out_dir: str | os.PathLike, examples: Sequence[Example], *, json_name: str = "data.json") -> str:

@@ -73,8 +73,11 @@ def tower_job(grid: ml_collections.ConfigDict, llm_config: Callable) -> GridJob 
                   "seed": cfg.seed})
     job_dir = os.path.join(grid.dir, f"tower-{key}")
     cfg.run_dir = os.path.join(job_dir, "run")
+    # Evaluated on its own objective (its synthetic families, one object per image), as a check that it learnt.
+    families = [f.strip() for f in cfg.data.synthetic.families.split(",") if f.strip()]
+    evaluation = dict(grid.eval.to_dict(), tasks={f: f"synthetic/{f}" for f in families}, benchmarks={})
     return GridJob(f"tower-{key}", job_dir, {"stages": [{"name": "tower", "config": cfg.to_dict()}],
-                                             "eval": grid.eval.to_dict(), "row": None})
+                                             "eval": evaluation, "row": None})
 
 
 def pretrained(grid: ml_collections.ConfigDict, llm: str, tower: GridJob | None) -> list[tuple[str, str]]:
