@@ -30,6 +30,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         batch_size=256,           # global batch
         lr=1e-3,
         warmup_ratio=0.03,
+        end_lr_ratio=0.0,         # cosine decays to this fraction of lr (0: to zero, the paper's recipe)
         weight_decay=0.0,
         b1=0.9,
         b2=0.999,
@@ -47,6 +48,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(cfg)
 
 
-def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
-    """`config.mesh`: sizes of the ('data', 'fsdp', 'tensor') axes; -1 takes the remaining devices."""
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, strict: bool = False) -> ml_collections.ConfigDict:
+    """`config.mesh`: sizes of the ('data', 'fsdp', 'tensor') axes; -1 takes the remaining devices. A parameter
+    dimension the mesh does not divide is replicated with a warning naming it and its cost, or, with `strict`,
+    refused at start."""
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, strict=strict))

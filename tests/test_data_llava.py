@@ -53,6 +53,14 @@ def make_bad(kind, tmp_path):
     if kind == "invalid_utf8":
         return rec(conversations=conv("<image>\nwhat color is the circle?", "ANSWER")).replace(
             b"ANSWER", b"r\xffd"), errors.INVALID_UTF8
+    # Paths out of the image folder, each to a real image: only the containment check refuses them.
+    if kind in ("path_escape", "absolute_path", "symlink_escape"):
+        outside = tmp_path.parent / f"{tmp_path.name}_outside.png"
+        png(outside, 99)
+        if kind == "symlink_escape":
+            (tmp_path / "link.png").symlink_to(outside)
+        name = {"path_escape": f"../{outside.name}", "absolute_path": str(outside), "symlink_escape": "link.png"}
+        return rec(image=name[kind]), errors.BAD_PATH
     if kind == "malformed_json":
         return b'{"id": "bad", "image": "good0.png", "conversations": [', errors.MALFORMED_JSON
     raise AssertionError(kind)
@@ -60,7 +68,7 @@ def make_bad(kind, tmp_path):
 
 KINDS = ["missing_image", "corrupt_image", "truncated_image", "no_placeholder", "several_placeholders",
          "empty_conversation", "one_sided_conversation", "bad_role", "too_long_answer_cut", "too_long_slots_cut",
-         "invalid_utf8", "malformed_json"]
+         "invalid_utf8", "malformed_json", "path_escape", "absolute_path", "symlink_escape"]
 
 
 def write_jsonl(tmp_path, bad_line=None):

@@ -86,6 +86,12 @@ def test_llava_question_files_fail_on_missing_answers_duplicates_and_bad_json(tm
         evaluation.read_records(str(tmp_path / "bad.jsonl"))
     with pytest.raises(ValueError, match="unknown benchmark scorer"):
         evaluation.llava_benchmark("nope", q)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")   # a real image, one level above the image folder
+    out = _write_jsonl(tmp_path / "out.jsonl", [{"question_id": 7, "image": "../secret.png", "text": "what?"}])
+    with pytest.raises(ValueError, match=r"question 7: bad_path"):
+        evaluation.llava_benchmark("gqa", out, None, str(images))
 
 
 def test_missing_image_names_the_question(tmp_path):

@@ -72,12 +72,13 @@ def merge(trainable, frozen):
 
 
 def schedule(train_cfg):
-    """Linear warmup over `warmup_ratio` of the steps, then cosine decay to 0 (the LLaVA/HF recipe)."""
+    """Linear warmup over `warmup_ratio` of the steps, then cosine decay to `end_lr_ratio` x lr (0: the LLaVA/HF
+    recipe; 1: constant after warmup)."""
     steps = int(train_cfg.steps)
     warmup = min(math.ceil(train_cfg.warmup_ratio * steps), steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train_cfg.lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
-        end_value=0.0)
+        end_value=train_cfg.get("end_lr_ratio", 0.0) * train_cfg.lr)
 
 
 def make_optimizer(train_cfg):

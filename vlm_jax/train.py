@@ -188,13 +188,16 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, vocab_siz
     optim.param_rules(t)
 
 
-def state_layout(model_cfg, train_cfg, mesh):
-    """(init_state: rng -> TrainState, abstract TrainState with shardings, optimizer), nothing allocated."""
+def state_layout(model_cfg, train_cfg, mesh, strict_mesh: bool = False):
+    """(init_state: rng -> TrainState, abstract TrainState with shardings, optimizer), nothing allocated.
+    Parameters the mesh cannot divide are reported loudly (an error when `strict_mesh`)."""
     init = vlm.init_fn(model_cfg)
     rng = jax.random.key(0)
     boxed = jax.eval_shape(init, rng)
     sharding.check_rules_cover(boxed)
-    param_shardings = sharding.logical_to_sharding(boxed, mesh)
+    replicated = []
+    param_shardings = sharding.logical_to_sharding(boxed, mesh, report=replicated)
+    sharding.check_replication(replicated, strict_mesh)
     trainable = optim.trainable_names(nn.meta.unbox(boxed), optim.param_rules(train_cfg))
     tx = optim.make_optimizer(train_cfg)
 
@@ -316,7 +319,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     # --- model and sharded state ----------------------------------------------------------------
     model = vlm.VLM(m)
-    layout = state_layout(m, t, mesh)
+    layout = state_layout(m, t, mesh, strict_mesh=config.mesh.get("strict", False))
     _, abstract_state, tx = layout
     state_shardings = shardings_of(abstract_state)
     n_train, n_frozen = flops.count_params(abstract_state.params), flops.count_params(abstract_state.frozen)

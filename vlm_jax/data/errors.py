@@ -25,9 +25,10 @@ ONE_SIDED_CONVERSATION = "one_sided_conversation"
 BAD_ROLES = "bad_roles"
 TOO_LONG = "too_long"
 BAD_FIELD = "bad_field"
+BAD_PATH = "bad_path"   # an image path that is absolute or leaves the image folder
 
 REASONS = (MALFORMED_JSON, INVALID_UTF8, MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_PLACEHOLDERS, EMPTY_CONVERSATION,
-           ONE_SIDED_CONVERSATION, BAD_ROLES, TOO_LONG, BAD_FIELD)
+           ONE_SIDED_CONVERSATION, BAD_ROLES, TOO_LONG, BAD_FIELD, BAD_PATH)
 
 POLICIES = ("skip", "error")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,6 +23,20 @@ PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)
 ASPECT_RATIOS = ("pad", "crop")
 
 ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
+
+
+def path_inside(image_dir: str, name: str) -> str:
+    """`image_dir/name`, or BadRecord(bad_path) when `name` is absolute, a URL, or climbs out of `image_dir` (by
+    '..' or, for a local folder, through a symlink): a record must never make us open files elsewhere."""
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    if not name or "://" in name or posixpath.isabs(norm) or norm in (".", "..") or norm.startswith("../"):
+        raise errors.BadRecord(errors.BAD_PATH, f"{name!r} is not a path inside the image folder {image_dir!r}")
+    path = os.path.join(image_dir, norm)
+    if "://" not in image_dir:
+        root = os.path.realpath(image_dir or ".")
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise errors.BadRecord(errors.BAD_PATH, f"{name!r} leads out of the image folder {image_dir!r}")
+    return path
 
 
 def load_image(source: ImageSource) -> Image.Image:

@@ -166,7 +166,7 @@ class ParseLlava:
             features.check_turns(turns, has_image=image_name is not None)  # before paying for the image decode
             pixels = None
             if image_name is not None:
-                pixels = images.preprocess(os.path.join(self.image_dir, image_name), self.image_size,
+                pixels = images.preprocess(images.path_inside(self.image_dir, image_name), self.image_size,
                                            self.aspect_ratio)
         except errors.BadRecord as e:
             return errors.marker(record_id, e)

@@ -129,7 +129,10 @@ def llava_benchmark(name: str, question_file: str, answers_file: str | None = No
         text = q["text"]
         image = None
         if q.get("image"):
-            image = os.path.join(image_dir, q["image"])
+            try:
+                image = images.path_inside(image_dir, str(q["image"]))
+            except errors.BadRecord as e:
+                raise ValueError(f"{question_file}: question {q['question_id']!r}: {e}") from None
             if IMAGE_PLACEHOLDER not in text:
                 text = f"{IMAGE_PLACEHOLDER}\n{text}"
         reference = dict(q, **answers.get(str(q["question_id"]), {}))
