@@ -116,7 +116,7 @@ def smoke(arg) -> ml_collections.ConfigDict:
         pretrain=True, llm="tiny-s", tokens=1,
         overrides=dict(data=dict(seq_len=48, synthetic=dict(max_items=1, train_questions=2,
                                                             reasoning_kinds="color_of,shape_of,count_all")),
-                       train=dict(stage="full", train_vision=True, lr=1e-3, steps=300, batch_size=32)),
+                       train=dict(stage="full", train_vision=True, lr=1e-3, steps=200, batch_size=32)),
     ))
     config.eval = eval_config(synthetic_per_family=200, max_new_tokens=3,
                               tasks=dict(reasoning="synthetic/reasoning", detail="synthetic/detail"))

@@ -143,3 +143,21 @@ def test_every_variant_builds_jobs_whose_synthetic_data_is_valid(variant):
     if tower:
         families = ml_collections.ConfigDict(tower.spec["stages"][0]["config"]["data"]).synthetic.families
         assert set(tower.spec["eval"]["tasks"]) == set(families.split(","))
+
+
+def test_cells_start_costliest_first(tmp_path):
+    """Largest LLM and most visual tokens first, so the last slot does not idle behind one long cell."""
+    g = helpers.tiny_grid(tmp_path, tokens="1+16+4")
+    with g.unlocked():
+        g.llms = ("tiny-xs", "tiny-m")
+        g.tower.pretrain = False
+    _, cells = _jobs(g)
+    started = []
+
+    class Recording(backends.LocalBackend):
+        def commands(self, job):
+            started.append(job.name)
+            return [[sys.executable, "-c", "pass"]]
+
+    runner.run_jobs(None, cells, Recording(), parallel=1, echo=lambda line: None)
+    assert started == ["tiny-m_v16", "tiny-m_v4", "tiny-m_v1", "tiny-xs_v16", "tiny-xs_v4", "tiny-xs_v1"]

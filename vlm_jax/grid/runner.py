@@ -123,9 +123,18 @@ def dry_run(jobs: Sequence[GridJob], backend, echo: Callable[[str], None]) -> No
             echo(shlex.join(argv))
 
 
+def cost(job: GridJob) -> float:
+    """A cell's relative cost: LLM parameters x tokens per sequence, summed over its stages (steps x batch)."""
+    row = job.spec["row"]
+    return sum(row["n_params"] * (s["config"]["data"]["seq_len"] + row["visual_tokens"])
+               * s["config"]["train"]["steps"] * s["config"]["train"]["batch_size"] for s in job.spec["stages"])
+
+
 def run_jobs(tower: GridJob | None, cells: Sequence[GridJob], backend, parallel: int,
              echo: Callable[[str], None] = print) -> Progress:
-    """The tower (if it is to run) alone, then the cells `parallel` at a time. If the tower fails, no cell runs."""
+    """The tower (if it is to run) alone, then the cells `parallel` at a time, the costliest first (so that no
+    slot idles at the end behind one long cell). If the tower fails, no cell runs."""
+    cells = sorted(cells, key=cost, reverse=True)
     progress = Progress((tower is not None) + len(cells), max(1, parallel), echo)
     if tower is not None and not run_one(tower, backend, progress):
         echo(f"the tower job failed: no cell can run; see {log_file(tower)}")
