@@ -36,6 +36,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         b2=0.999,
         eps=1e-8,
         grad_clip=1.0,
+        skip_nonfinite=False,     # a NaN/inf loss or gradient norm: False stops the run naming the step; True skips
         loss_chunk=0,             # >0: output layer + loss over this many positions at a time (big vocabularies)
         log_every=10,
         eval_every=0,             # validation loss (+ teacher-forced exact match) every this many steps; 0 = off

@@ -12,6 +12,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/smoke.py:tokens=1.", lock_config=True)
 flags.DEFINE_string("run_dir", None, "Overrides config.run_dir.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume a run directory even though its saved config.json differs from this config.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -26,7 +28,7 @@ def main(argv):
     if FLAGS.run_dir:
         with config.unlocked():
             config.run_dir = FLAGS.run_dir
-    final = train.run(config)
+    final = train.run(config, allow_config_change=FLAGS.allow_config_change)
     logging.info("done: %s", final)
 
 

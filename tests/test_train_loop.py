@@ -177,3 +177,81 @@ def test_fresh_state_equals_the_model_init_compiled_with_default_optimisations()
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_resuming_with_a_different_config_is_refused_naming_the_keys_unless_allowed(full_run, tmp_path):
+    run_dir, _ = full_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    changed = small_config(tmp_path / "run")
+    with changed.unlocked():
+        changed.train.lr = 5e-4
+        changed.train.grad_clip = 0.5
+    message = r"(?s)step 4.*train\.grad_clip: 1\.0 -> 0\.5.*train\.lr: 0\.0003 -> 0\.0005"
+    with pytest.raises(ValueError, match=message):
+        train.run(changed)
+    train.run(small_config(tmp_path / "run"))   # the same config (in a moved directory) resumes
+    train.run(changed, allow_config_change=True)   # explicitly allowed: resumes, and the new config is saved
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 5e-4
+
+
+def _nan_at(step_to_poison: int, monkeypatch):
+    """Make the pipeline's batch number `step_to_poison` (1-based) carry a NaN image: a non-finite loss there."""
+    from vlm_jax.data import pipeline
+
+    real = pipeline.make_train_iterator
+
+    def poisoned(*args, **kwargs):
+        it = real(*args, **kwargs)
+
+        class Poisoned:
+            def __init__(self):
+                self.n, self.bad_input = 0, it.bad_input
+
+            def __next__(self):
+                batch = next(it)
+                self.n += 1
+                if self.n == step_to_poison:
+                    batch = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
+                return batch
+
+            def get_state(self):
+                return it.get_state()
+
+            def set_state(self, state):
+                it.set_state(state)
+
+        return Poisoned()
+
+    monkeypatch.setattr(pipeline, "make_train_iterator", poisoned)
+
+
+def test_a_non_finite_step_stops_the_run_naming_it_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _nan_at(3, monkeypatch)
+    config = small_config(tmp_path, steps=6)
+    with config.unlocked():
+        config.train.log_every = 3
+        config.train.checkpoint_every = 2   # step 4 is a checkpoint step between two log steps
+    with pytest.raises(FloatingPointError, match=r"step 3 .*last checkpoint \(step 2\) is intact"):
+        train.run(config)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]   # nothing saved after the bad step
+    params = final_params(tmp_path)
+    assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_skip_nonfinite_leaves_the_update_out_and_counts_it(tmp_path, monkeypatch):
+    _nan_at(3, monkeypatch)
+    config = small_config(tmp_path, steps=4)
+    with config.unlocked():
+        config.train.skip_nonfinite = True
+    last = train.run(config)
+    assert last["skipped/nonfinite_updates"] == 1 and np.isfinite(last["loss_avg"])
+    assert all(np.isfinite(v).all() for v in final_params(tmp_path).values())
+
+
+def test_each_process_saves_its_own_data_iterator_state(full_run):
+    """grain's checkpoint handler: one file per process (a host restores its own shard's position)."""
+    run_dir, _ = full_run
+    data = run_dir / "checkpoints" / "4" / "data"
+    assert [f for f in os.listdir(data) if f.endswith(".json")] == ["process_0-of-1.json"]
+    state = json.loads((data / "process_0-of-1.json").read_text())
+    assert set(state) == {"grain", "bad_input"}

@@ -1,11 +1,11 @@
 """Checkpoints: orbax CheckpointManager over (train state, data-iterator state, run metadata).
 
-The data iterator's state is saved with the model so a resumed run sees exactly the batches an uninterrupted run
-would. Saves are atomic (orbax writes to a temporary directory and renames), so a crash mid-save never loses the
+The data iterator's state is saved with the model, one file per process (each host's iterator reads its own shard),
+so a resumed run sees exactly the batches an uninterrupted run would. Saves are atomic (orbax writes to a temporary directory and renames), so a crash mid-save never loses the
 previous checkpoint; `max_to_keep` old ones are kept.
 """
 
-import base64
+import json
 import logging
 import os
 import re
@@ -13,6 +13,7 @@ import re
 import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from grain import checkpoint as grain_checkpoint
 
 
 def directory(run_dir: str) -> str:
@@ -22,8 +23,9 @@ def directory(run_dir: str) -> str:
 
 
 def _item_handlers(state_handler) -> dict:
-    """The checkpoint's items: the train state (arrays), the data-iterator state and run metadata (JSON)."""
-    return dict(state=state_handler, data=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+    """The checkpoint's items: the train state (arrays), the data-iterator state (one file per process, through
+    grain's handler: each host reads its own shard's position back) and run metadata (JSON)."""
+    return dict(state=state_handler, data=grain_checkpoint.CheckpointHandler(), meta=ocp.JsonCheckpointHandler())
 
 
 def manager(directory, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -32,26 +34,28 @@ def manager(directory, max_to_keep: int = 2) -> ocp.CheckpointManager:
         item_handlers=_item_handlers(ocp.StandardCheckpointHandler()))
 
 
-def _encode_iterator_state(state):
-    """Grain iterator states are bytes (JSON inside) or dicts; store either as JSON."""
-    if isinstance(state, bytes):
-        return {"bytes_b64": base64.b64encode(state).decode("ascii")}
-    return {"json": state}
+class _IteratorState:
+    """What grain's checkpoint handler saves and restores: an object with get_state/set_state over bytes. Holds
+    this process's data-iterator state (JSON-able; None when the run has no iterator state)."""
 
+    def __init__(self, state=None):
+        self.state = state
 
-def _decode_iterator_state(blob):
-    if blob is None:
-        return None
-    if "bytes_b64" in blob:
-        return base64.b64decode(blob["bytes_b64"])
-    return blob["json"]
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, blob: bytes) -> None:
+        self.state = json.loads(blob)
+
+    def start_prefetch(self) -> None:   # called by the handler after set_state; nothing to prefetch here
+        pass
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state=None, meta=None, force: bool = False):
     """Save at `step` (async for the arrays); returns whether a save happened."""
     saved = mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(_encode_iterator_state(data_state) if data_state is not None else None),
+        data=grain_checkpoint.CheckpointSave(_IteratorState(data_state)),
         meta=ocp.args.JsonSave(meta or {})), force=force)
     if saved:
         logging.info("checkpoint: saving step %d", step)
@@ -71,8 +75,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     _check_shapes(meta_shapes, abstract_state)
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    return step, restored["state"], _decode_iterator_state(restored["data"]), restored["meta"]
+        data=grain_checkpoint.CheckpointRestore(_IteratorState()), meta=ocp.args.JsonRestore()))
+    return step, restored["state"], restored["data"].state, restored["meta"]
 
 
 def restore_latest_parts(directory, abstract_parts: dict):

@@ -78,10 +78,13 @@ def model_inputs(batch):
     return {k: batch[k] for k in vlm.MODEL_INPUTS}
 
 
-def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk: int = 0):
+def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk: int = 0,
+                    skip_nonfinite: bool = False):
     """`(state, batch) -> (state, metrics)`: forward, loss on answer tokens, gradients of trainable params only.
 
     loss_chunk > 0 computes the output layer and loss that many positions at a time (`chunked_cross_entropy`).
+    metrics['finite'] says whether loss and gradient norm were finite; with `skip_nonfinite` an update where they
+    were not leaves parameters and optimizer state as they were (the step still counts).
     """
 
     def loss_fn(trainable, frozen, batch):
@@ -98,8 +101,13 @@ def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk
         (loss, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": optax.global_norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": grad_norm, "finite": finite}
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if skip_nonfinite:
+            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
+        return new, metrics
 
     return train_step
 
@@ -295,16 +303,37 @@ class _StopFlag:
         self.requested = True
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-    """Train one model from `config`; returns the last logged metrics."""
+def config_changes(saved: dict, new: dict) -> list[str]:
+    """'key: saved -> new' for every (dotted) key whose value differs between two JSON config dicts."""
+    a, b = (traverse_util.flatten_dict(c, sep=".") if c else {} for c in (saved, new))
+    missing = object()
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) -> dict:
+    """Train one model from `config`; returns the last logged metrics. Resuming a run directory whose saved
+    config differs from `config` is refused (naming the keys) unless `allow_config_change`."""
     # --- set-up and safety rails -----------------------------------------------------------------
     jax.config.update("jax_threefry_partitionable", True)
     run_dir = config.run_dir
     epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
     tokenizer = pipeline.make_tokenizer(config.data)
     validate_config(config, 0, tokenizer.vocab_size)
+    ckpt = checkpoints.manager(checkpoints.directory(run_dir), config.train.keep_checkpoints)
+    saved_config = epath.Path(run_dir) / "config.json"
+    if ckpt.latest_step() is not None and saved_config.exists():
+        changes = [c for c in config_changes(json.loads(saved_config.read_text()),
+                                             json.loads(config.to_json_best_effort()))
+                   if not c.startswith("run_dir:")]   # a run directory may be moved
+        if changes and not allow_config_change:
+            raise ValueError(f"{run_dir} holds a run (checkpoint at step {ckpt.latest_step()}) whose config differs "
+                             f"from this one:\n  " + "\n  ".join(changes) + "\nUse another run_dir, or allow "
+                             f"the change explicitly (launch.train --allow_config_change) to resume with it")
+        if changes:
+            logging.warning("resuming with a changed config (allowed):\n  %s", "\n  ".join(changes))
     if jax.process_index() == 0:
-        (epath.Path(run_dir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+        saved_config.write_text(config.to_json_best_effort(indent=2))
 
     # --- mesh -----------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
@@ -326,7 +355,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
     logging.info("parameters: %s trainable, %s frozen", f"{n_train:,}", f"{n_frozen:,}")
 
     # --- resume from this run's checkpoint, or start (fresh, or from other checkpoints: config.init) ---------
-    ckpt = checkpoints.manager(checkpoints.directory(run_dir), t.keep_checkpoints)
     restored = checkpoints.restore_latest(ckpt, abstract_state)
     if restored is not None:
         step0, state, data_state, _ = restored
@@ -339,7 +367,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     # --- update step ----------------------------------------------------------------------------
     batch_sh = sharding.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(model, tx, config.train.loss_chunk), in_shardings=(state_shardings, batch_sh),
+    skip_nonfinite = t.get("skip_nonfinite", False)
+    train_step = jax.jit(make_train_step(model, tx, config.train.loss_chunk, skip_nonfinite),
+                         in_shardings=(state_shardings, batch_sh),
                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     train_llm = any(k.startswith("llm") for k in state.params)
     train_vision = any(k.startswith("vision") for k in state.params)
@@ -369,59 +399,78 @@ def run(config: ml_collections.ConfigDict) -> dict:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     step = int(jax.device_get(state.step))
     window, window_tokens, window_start, last = [], 0, time.perf_counter(), {}
+    skipped_updates = 0
+
+    def check_finite(window_metrics) -> int:
+        """Non-finite updates in the window so far: an error naming the first one (before anything is saved, so
+        the last checkpoint stays good), or, with train.skip_nonfinite, their count."""
+        finite = [bool(f) for f in jax.device_get([w["finite"] for w in window_metrics])]
+        bad = [step - len(finite) + 1 + i for i, ok in enumerate(finite) if not ok]
+        if bad and not skip_nonfinite:
+            ckpt.wait_until_finished()   # the last good checkpoint may still be being written
+            raise FloatingPointError(
+                f"non-finite loss or gradient norm at step {bad[0]} ({len(bad)} of the last {len(finite)} steps); "
+                f"stopped without saving: the last checkpoint (step {ckpt.latest_step()}) is intact. "
+                f"train.skip_nonfinite=True skips such updates instead")
+        return len(bad)
     first_step, timed = True, 0
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        while step < t.steps:
-            host_batch = next(data_iter)
-            window_tokens += int(np.sum(host_batch["attention_mask"])) * jax.process_count()
-            batch = sharding.put_batch(host_batch, mesh)
-            with jax.transfer_guard("disallow"):
-                state, metrics = train_step(state, batch)
-            step += 1
-            window.append(metrics)
-            if first_step:   # keep compilation out of the throughput figures
-                jax.block_until_ready(metrics)
-                logging.info("step %d compiled and ran in %.1fs", step, time.perf_counter() - window_start)
-                first_step, timed, window_tokens, window_start = False, 0, 0, time.perf_counter()
-            else:
-                timed += 1
-            evaluated = {}
-            if eval_every and (step % eval_every == 0 or step == t.steps):
-                eval_start = time.perf_counter()
-                evaluated = evaluate(eval_step, optim.merge(state.params, state.frozen), eval_batches(), mesh)
-                logging.info("step %d | eval %s", step, " | ".join(f"{k} {v:.4g}" for k, v in evaluated.items()))
-                window_start += time.perf_counter() - eval_start   # keep evaluation out of the throughput figures
-            if step % t.log_every == 0 or step == t.steps or stop.requested:
-                fetched = jax.device_get(window)
-                elapsed = time.perf_counter() - window_start
-                losses = np.array([w["loss"] for w in fetched])
-                if not np.all(np.isfinite(losses)):
-                    raise FloatingPointError(f"non-finite loss at step {step}: {losses.tolist()}")
-                step_time = elapsed / timed if timed else None   # None: only the compiling step so far
-                last = {
-                    "step": step, "loss": float(losses[-1]), "loss_avg": float(losses.mean()),
-                    "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(lr_at(step - 1)),
-                    "tokens_per_s": window_tokens / elapsed if timed else None, "step_s": step_time,
-                    "mfu": flops.mfu(step_flops, step_time, peak * mesh.size) if timed else None,
-                }
-                last.update(pipeline_counters(data_iter))
-                last.update(evaluated)
-                if jax.process_index() == 0:
-                    data_iter.bad_input.write(os.path.join(run_dir, "bad_input.json"))
-                logging.info("step %d | loss %.4f (avg %.4f) | lr %.2e | %s tok/s | MFU %s", step, last["loss"],
-                             last["loss_avg"], last["lr"], f"{last['tokens_per_s']:.0f}" if timed else "-",
-                             f"{100 * last['mfu']:.2f}%" if timed else "-")
-                if jax.process_index() == 0:
-                    append_line(metrics_path, json.dumps(last))
-                window, window_tokens, window_start, timed = [], 0, time.perf_counter(), 0
-            elif evaluated and jax.process_index() == 0:   # an eval between log steps gets its own line
-                append_line(metrics_path, json.dumps({"step": step, **evaluated}))
-            if step % t.checkpoint_every == 0 or step == t.steps or stop.requested:
-                checkpoints.save(ckpt, step, state, data_iter.get_state(), {"step": step}, force=True)
-            if stop.requested:
-                break
-    ckpt.wait_until_finished()
-    ckpt.close()
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+            while step < t.steps:
+                host_batch = next(data_iter)
+                window_tokens += int(np.sum(host_batch["attention_mask"])) * jax.process_count()
+                batch = sharding.put_batch(host_batch, mesh)
+                with jax.transfer_guard("disallow"):
+                    state, metrics = train_step(state, batch)
+                step += 1
+                window.append(metrics)
+                if first_step:   # keep compilation out of the throughput figures
+                    jax.block_until_ready(metrics)
+                    logging.info("step %d compiled and ran in %.1fs", step, time.perf_counter() - window_start)
+                    first_step, timed, window_tokens, window_start = False, 0, 0, time.perf_counter()
+                else:
+                    timed += 1
+                evaluated = {}
+                if eval_every and (step % eval_every == 0 or step == t.steps):
+                    eval_start = time.perf_counter()
+                    evaluated = evaluate(eval_step, optim.merge(state.params, state.frozen), eval_batches(), mesh)
+                    logging.info("step %d | eval %s", step, " | ".join(f"{k} {v:.4g}" for k, v in evaluated.items()))
+                    window_start += time.perf_counter() - eval_start   # keep evaluation out of the throughput figures
+                if step % t.log_every == 0 or step == t.steps or stop.requested:
+                    skipped_updates += check_finite(window)
+                    fetched = jax.device_get(window)
+                    elapsed = time.perf_counter() - window_start
+                    losses = np.array([w["loss"] for w in fetched])
+                    losses = losses[np.isfinite(losses)] if skip_nonfinite and np.isfinite(losses).any() else losses
+                    step_time = elapsed / timed if timed else None   # None: only the compiling step so far
+                    last = {
+                        "step": step, "loss": float(losses[-1]), "loss_avg": float(losses.mean()),
+                        "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(lr_at(step - 1)),
+                        "tokens_per_s": window_tokens / elapsed if timed else None, "step_s": step_time,
+                        "mfu": flops.mfu(step_flops, step_time, peak * mesh.size) if timed else None,
+                    }
+                    last.update(pipeline_counters(data_iter))
+                    if skipped_updates:
+                        last["skipped/nonfinite_updates"] = skipped_updates
+                    last.update(evaluated)
+                    if jax.process_index() == 0:
+                        data_iter.bad_input.write(os.path.join(run_dir, "bad_input.json"))
+                    logging.info("step %d | loss %.4f (avg %.4f) | lr %.2e | %s tok/s | MFU %s", step, last["loss"],
+                                 last["loss_avg"], last["lr"], f"{last['tokens_per_s']:.0f}" if timed else "-",
+                                 f"{100 * last['mfu']:.2f}%" if timed else "-")
+                    if jax.process_index() == 0:
+                        append_line(metrics_path, json.dumps(last))
+                    window, window_tokens, window_start, timed = [], 0, time.perf_counter(), 0
+                elif evaluated and jax.process_index() == 0:   # an eval between log steps gets its own line
+                    append_line(metrics_path, json.dumps({"step": step, **evaluated}))
+                if step % t.checkpoint_every == 0 or step == t.steps or stop.requested:
+                    check_finite(window)   # (counted at the log step)
+                    checkpoints.save(ckpt, step, state, data_iter.get_state(), {"step": step}, force=True)
+                if stop.requested:
+                    break
+    finally:   # an error mid-run (non-finite step, data error) must not abort a checkpoint still being written
+        ckpt.wait_until_finished()
+        ckpt.close()
     return last
 
 
