@@ -118,7 +118,7 @@ def smoke(arg) -> ml_collections.ConfigDict:
                                                             reasoning_kinds="color_of,shape_of,count_all")),
                        train=dict(stage="full", train_vision=True, lr=1e-3, steps=200, batch_size=32)),
     ))
-    config.eval = eval_config(synthetic_per_family=200, max_new_tokens=3,
+    config.eval = eval_config(synthetic_per_family=500, batch_size=100, max_new_tokens=3,
                               tasks=dict(reasoning="synthetic/reasoning", detail="synthetic/detail"))
     config.backend = "local"
     config.tpu = tpu.default_config()   # for --config.backend=tpu (see README: Cloud TPU)
