@@ -135,6 +135,7 @@ def detail(arg) -> ml_collections.ConfigDict:
     config.cell.data.synthetic.families = "detail"
     config.cell.data.synthetic.family_weights = ""
     config.stages.stage2.train.steps = 600
+    config.tower.overrides.train.steps = 300   # as measured (the smoke default's tower trains 200)
     config.eval.tasks = {"detail": "synthetic/detail"}
     return config
 

@@ -255,3 +255,26 @@ def test_each_process_saves_its_own_data_iterator_state(full_run):
     assert [f for f in os.listdir(data) if f.endswith(".json")] == ["process_0-of-1.json"]
     state = json.loads((data / "process_0-of-1.json").read_text())
     assert set(state) == {"grain", "bad_input"}
+
+
+def test_the_train_step_compiles_exactly_once_per_run(tmp_path):
+    """Logging, checkpointing and periodic evaluation must not make the step recompile (a new shape, a weak type,
+    a changed sharding would)."""
+    import jax
+
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        config = small_config(tmp_path, steps=6)
+        with config.unlocked():
+            config.train.eval_every = 3
+            config.train.eval_batches = 1
+        train.run(config)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiled.count("jit(train_step)") == 1, compiled

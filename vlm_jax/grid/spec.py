@@ -97,7 +97,7 @@ def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: C
               tower: GridJob | None) -> list[GridJob]:
     """Every (LLM, V, seed) cell: stage 1 (from the tower / config init sources), stage 2 (from stage 1),
     evaluation. `n_params(model_cfg)` is the LLM's parameter count (the scaling law's N)."""
-    jobs = []
+    jobs, llm_params = [], {}
     for llm in grid.llms:
         for tokens in grid.tokens:
             for seed in grid.seeds:
@@ -117,7 +117,8 @@ def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: C
                     cfg.init = tuple(tuple(x) if not isinstance(x, str) else x for x in init)
                     stages.append({"name": stage_name, "config": cfg.to_dict()})
                     previous = cfg.run_dir
-                row = {"cell": name, "llm": llm, "n_params": int(n_params(cfg.model)), "visual_tokens": tokens,
-                       "seed": seed}
+                if llm not in llm_params:   # N does not depend on V: count once per LLM (a 7B model takes seconds)
+                    llm_params[llm] = int(n_params(cfg.model))
+                row = {"cell": name, "llm": llm, "n_params": llm_params[llm], "visual_tokens": tokens, "seed": seed}
                 jobs.append(GridJob(name, job_dir, {"stages": stages, "eval": grid.eval.to_dict(), "row": row}))
     return jobs
