@@ -93,7 +93,8 @@ def _launch(g, *flags):
 def test_kill_midway_then_rerun_runs_only_the_missing_cells(tmp_path):
     g = _grid(tmp_path)
     tower, cells = _jobs(g)
-    first = os.path.join(cells[0].dir, "result.json")
+    done_first, done_second = sorted(cells, key=runner.cost, reverse=True)   # the order the runner starts them
+    first = os.path.join(done_first.dir, "result.json")
     proc = subprocess.Popen(_launch(g), cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -102,12 +103,12 @@ def test_kill_midway_then_rerun_runs_only_the_missing_cells(tmp_path):
     assert os.path.exists(first), proc.communicate()[0][-3000:]
     os.killpg(proc.pid, signal.SIGKILL)    # the launcher and the running cell, as a lost machine would
     proc.wait()
-    assert not os.path.exists(os.path.join(cells[1].dir, "result.json"))
+    assert not os.path.exists(os.path.join(done_second.dir, "result.json"))
     before = open(first).read()
 
     out = subprocess.run(_launch(g), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert f"{tower.name}: done, skipped" in out.stdout and f"{cells[0].name}: done, skipped" in out.stdout
+    assert f"{tower.name}: done, skipped" in out.stdout and f"{done_first.name}: done, skipped" in out.stdout
     assert "1 to run" in out.stdout
     assert open(first).read() == before
     table = open(os.path.join(g.dir, "results.jsonl")).read()
