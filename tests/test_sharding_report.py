@@ -30,6 +30,11 @@ def test_qwen15_4b_heads_on_tensor_8_replicate_the_attention_weights_and_say_how
     attention = 40 * (4 * 2560 * 2560 + 3 * 2560) * 4
     assert sum(r.extra_bytes for r in report) == attention * 7 // 8
     assert _report("qwen1.5-4b", tensor=4) == []   # 20 heads split 4 ways: nothing replicated
+    # With fsdp=2 as well, the kernels keep their 2-way split of the hidden size (2560): 1/2 held instead of 1/16;
+    # the biases have no hidden dimension: 1 instead of 1/8.
+    kernels, biases = 40 * 4 * 2560 * 2560 * 4, 40 * 3 * 2560 * 4
+    both = _report("qwen1.5-4b", tensor=8, fsdp=2)
+    assert sum(r.extra_bytes for r in both) == kernels // 2 - kernels // 16 + biases - biases // 8
 
 
 def test_replication_is_a_warning_naming_the_parameter_or_an_error_when_strict(caplog):
