@@ -26,9 +26,10 @@ def _one_step(mesh_cfg, devices):
 
     config = helpers.tiny_config(compressor="avgpool", num_tokens=4, batch_size=8)
     # Adam's first update is lr * g / (|g| + eps): for gradients near eps it amplifies float32 summation-order
-    # noise (which differs between meshes) into O(lr) differences. eps=1e-6 keeps that amplification below the
-    # tolerance without hiding real disagreements (a wrong shard would change the loss and gradients at 1e-2).
-    config.train.eps = 1e-6
+    # noise (which differs between meshes) into O(lr) differences. eps=1e-6 still let one embedding entry differ by
+    # 1.4e-5 on one CI run; eps=1e-4 keeps that amplification far below the tolerance without hiding real
+    # disagreements (a wrong shard changes the loss itself, checked to 1e-5, and gradients at 1e-2).
+    config.train.eps = 1e-4
     mesh = sharding.make_mesh(mesh_cfg, devices)
     state, shardings, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
     step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx),

@@ -24,7 +24,7 @@ import optax
 from etils import epath
 from flax import traverse_util
 
-from vlm_jax import checkpoints, flops, hardware, optim, sharding
+from vlm_jax import checkpoints, flops, hardware, optim, sharding, weights
 from vlm_jax.data import pipeline
 from vlm_jax.models import heads, vlm
 from vlm_jax.models import llm as llm_lib
@@ -244,7 +244,10 @@ def create_state(model_cfg, train_cfg, mesh, rng, sources=(), layout=None):
     wanted = traverse_util.flatten_dict(optim.merge(abstract.params, abstract.frozen), sep="/")
     taken = {}
     for source, regex in sources:
-        taken.update(checkpoints.restore_matching(source, regex, wanted))
+        if weights.is_hf_directory(source):   # a Hugging Face model directory (Qwen1.5, CLIP)
+            taken.update(weights.restore_matching(source, regex, wanted, model_cfg))
+        else:                                 # a vlm-jax run or checkpoint directory
+            taken.update(checkpoints.restore_matching(source, regex, wanted))
     if sources:
         logging.info("config.init: %d of %d parameters taken from %d source(s), the rest fresh", len(taken),
                      len(wanted), len(sources))

@@ -1,0 +1,112 @@
+"""A Hugging Face checkpoint that does not fit the model is refused with an error naming what is wrong.
+
+The checkpoints here are written by our own exporter from a random model (no transformers needed), then broken
+one way each.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from tests import hf_fixtures as fx
+from vlm_jax import optim, sharding, train
+from vlm_jax.weights import export
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random tiny LLM exported as one model.safetensors + config.json."""
+    cfg = fx.model_config()
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    state, _, _ = train.create_state(cfg, fx.train_config(), mesh, jax.random.key(1))
+    path = str(tmp_path_factory.mktemp("qwen"))
+    export.export_llm(optim.merge(state.params, state.frozen)["llm"], cfg.llm, path)
+    return path
+
+
+def _copy(src, dst, edit_tensors=None, edit_config=None) -> str:
+    os.makedirs(dst, exist_ok=True)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    config = json.load(open(os.path.join(src, "config.json")))
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_config:
+        edit_config(config)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    json.dump(config, open(os.path.join(dst, "config.json"), "w"))
+    return str(dst)
+
+
+def _load(path, regex="llm/.*"):
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    return train.create_state(fx.model_config(), fx.train_config(), mesh, jax.random.key(0), [(path, regex)])
+
+
+def test_the_unbroken_export_loads(exported):
+    state, _, _ = _load(exported)
+    assert state.step == 0
+
+
+def test_missing_tensor_is_named(exported, tmp_path):
+    path = _copy(exported, tmp_path / "c", edit_tensors=lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+    with pytest.raises(ValueError, match=r"lacks tensor 'model\.layers\.1\.self_attn\.k_proj\.bias'"):
+        _load(path)
+
+
+def test_unexpected_tensor_is_named(exported, tmp_path):
+    path = _copy(exported, tmp_path / "c",
+                 edit_tensors=lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}))
+    with pytest.raises(ValueError, match=r"no parameter reads: \['model\.layers\.0\.mlp\.extra\.weight'\]"):
+        _load(path)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(exported, tmp_path):
+    path = _copy(exported, tmp_path / "c",
+                 edit_tensors=lambda t: t.update({"model.norm.weight": np.ones(63, np.float32)}))
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \[63\].*needs \[64\]"):
+        _load(path)
+
+
+def test_integer_tensor_cannot_be_cast(exported, tmp_path):
+    path = _copy(exported, tmp_path / "c",
+                 edit_tensors=lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}))
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' is I32, which cannot be cast"):
+        _load(path)
+
+
+def test_config_of_another_architecture_is_refused(exported, tmp_path):
+    def llama(c):
+        c.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    path = _copy(exported, tmp_path / "c", edit_config=llama)
+    with pytest.raises(ValueError, match=r"model_type 'llama' \(architectures \['LlamaForCausalLM'\]\)"):
+        _load(path)
+
+
+def test_config_that_differs_from_the_preset_names_field_and_values(exported, tmp_path):
+    path = _copy(exported, tmp_path / "c", edit_config=lambda c: c.update(rope_theta=5e6))
+    with pytest.raises(ValueError, match=r"rope_theta=5000000\.0 but the model preset .* has rope_theta=10000\.0"):
+        _load(path)
+
+
+def test_rope_scaling_is_refused(exported, tmp_path):
+    path = _copy(exported, tmp_path / "c", edit_config=lambda c: c.update(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="'yarn' RoPE scaling"):
+        _load(path)
+
+
+def test_pickle_only_checkpoint_is_refused(exported, tmp_path):
+    os.makedirs(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text(open(os.path.join(exported, "config.json")).read())
+    (tmp_path / "c" / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ValueError, match=r"only pickled weights \['pytorch_model\.bin'\].*safetensors only"):
+        _load(str(tmp_path / "c"))
+
+
+def test_regex_beyond_the_checkpoint_family_is_refused(exported):
+    with pytest.raises(ValueError, match=r"holds only llm/\.\.\. parameters; the regex also selects \['projector/"):
+        _load(exported, regex="(llm|projector)/.*")
