@@ -5,7 +5,7 @@ Where the numbers come from:
   hidden 1024, 24 layers, 16 heads, MLP 4096, quick-GELU, LayerNorm eps 1e-5 -> 24x24 = 576 patch tokens.
 - `qwen1.5-*`: the config.json of each `Qwen/Qwen1.5-{0.5B,1.8B,4B,7B,14B}` checkpoint (hidden_size,
   intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, vocab_size, rope_theta,
-  rms_norm_eps, tie_word_embeddings). Published parameter counts (safetensors metadata, lm_head included even where
+  rms_norm_eps, tie_word_embeddings; tests/test_presets_published.py pins every field). Published parameter counts (safetensors metadata, lm_head included even where
   tied): 0.62B, 1.84B, 3.95B, 7.72B, 14.17B; tests/test_param_counts.py pins them.
 - `tiny*`: small shapes for tests and CPU smoke runs. They go through exactly the same code.
 """
@@ -30,7 +30,7 @@ LLM_PRESETS = {
     "qwen1.5-1.8b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_layers=24, num_heads=16,
                          num_kv_heads=16, tie_embeddings=False, **_QWEN_COMMON),
     "qwen1.5-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=6912, num_layers=40, num_heads=20,
-                       num_kv_heads=20, tie_embeddings=False, **_QWEN_COMMON),
+                       num_kv_heads=20, tie_embeddings=False, **dict(_QWEN_COMMON, rope_theta=5e6)),  # 4B alone: 5e6
     "qwen1.5-7b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                        num_kv_heads=32, tie_embeddings=False, **_QWEN_COMMON),
     "qwen1.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13696, num_layers=40, num_heads=40,
