@@ -1,4 +1,4 @@
-"""A Hugging Face checkpoint that does not fit the model is refused with an error naming what is wrong.
+"""Hugging Face checkpoints without transformers: refusals that name what is wrong, and conversion both ways.
 
 The checkpoints here are written by our own exporter from a random model (no transformers needed), then broken
 one way each.
@@ -110,3 +110,60 @@ def test_pickle_only_checkpoint_is_refused(exported, tmp_path):
 def test_regex_beyond_the_checkpoint_family_is_refused(exported):
     with pytest.raises(ValueError, match=r"holds only llm/\.\.\. parameters; the regex also selects \['projector/"):
         _load(exported, regex="(llm|projector)/.*")
+
+
+def _flat_params(state) -> dict:
+    from flax import traverse_util
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(optim.merge(state.params, state.frozen),
+                                                                       sep="/").items()}
+
+
+def test_convert_cli_writes_an_orbax_checkpoint_that_config_init_reads(exported, tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(__file__))
+    out = tmp_path / "converted"
+    # The CLI builds the model from a config file: the tiny one, shaped like the exported LLM by overrides.
+    overrides = [f"--config.model.llm.{k}={v}" for k, v in fx.LLM_SHAPE.items()] + [
+        "--config.model.llm.tie_embeddings=False"]
+    proc = subprocess.run([sys.executable, "-m", "launch.convert", "--config=configs/smoke.py", *overrides,
+                           f"--source={exported}=llm/.*", f"--out={out}"], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", VLM_JAX_COMPILATION_CACHE=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_hf, _, _ = _load(exported)
+    from_orbax, _, _ = _load(str(out))
+    a, b = _flat_params(from_hf), _flat_params(from_orbax)
+    llm = [k for k in a if k.startswith("llm/")]
+    assert llm and all(np.array_equal(a[k], b[k]) for k in llm)
+    # only what the sources gave was converted
+    with pytest.raises(ValueError, match=r"the checkpoint has no parameter 'projector/"):
+        _load(str(out), regex="projector/.*")
+
+
+def test_run_exports_to_hf_directories_that_load_back(tmp_path):
+    from flax import traverse_util
+
+    from configs import smoke
+    from vlm_jax.weights import convert, load
+
+    config = smoke.get_config("llm=tiny-s,tokens=4,res=32")
+    with config.unlocked():
+        config.run_dir = str(tmp_path / "run")
+        config.train.update(steps=2, batch_size=4, log_every=1, checkpoint_every=2)
+        config.data.seq_len = 24
+    train.run(config)
+    written = convert.run_to_hf(config.run_dir, str(tmp_path / "hf"), ("llm", "heads", "vision"), "float32")
+    assert set(written) == {"llm", "heads", "vision"}
+    _, params = train.load_params(config.run_dir)
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    wanted = convert.abstract_params(config.model, mesh)
+    for part in ("llm", "vision"):
+        back = load.restore_matching(str(tmp_path / "hf" / part), f"{part}/.*", wanted, config.model)
+        mine = traverse_util.flatten_dict(params[part], sep="/")
+        assert len(back) == len(mine)
+        for k, v in mine.items():
+            np.testing.assert_array_equal(np.asarray(back[f"{part}/{k}"]), np.asarray(v))
+    heads = load_file(str(tmp_path / "hf" / "heads" / "heads.safetensors"))
+    # LLaVA's projector names, torch's [out, in] layout
+    np.testing.assert_array_equal(heads["model.mm_projector.0.weight"],
+                                  np.asarray(params["projector"]["linear_1"]["kernel"]).T)
