@@ -15,7 +15,7 @@ checks every key is in it):
 |             | num_heads  | 8       | cross-attention heads; must divide the vision width                        |
 | tokenpacker | kv_layers  | None    | as quecc                                                                   |
 |             | num_heads  | 8       | as quecc                                                                   |
-|             | residual   | True    | add the attention output to the point query (False: the authors' release) |
+|             | residual   | False   | add the point query to the attention output (False: the authors' release) |
 | resampler   | depth      | 2       | cross-attention + MLP blocks                                               |
 |             | num_heads  | 8       | attention heads; must divide the vision width                              |
 |             | mlp_ratio  | 4       | MLP hidden width / vision width                                            |

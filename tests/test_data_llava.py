@@ -193,3 +193,21 @@ def test_malformed_json_list_files_are_refused_with_the_reason(text, match, tmp_
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         make(llava_config(str(path), tmp_path))
+
+
+def test_a_question_longer_than_question_len_is_kept_and_counted(tmp_path):
+    png(tmp_path / "a.png", 10)
+    png(tmp_path / "b.png", 20)
+    long_q = "<image>\n" + " ".join(["what color is the circle?"] * 6)    # 30 words + '?'s, over question_len 16
+    lines = [{"id": "long", "image": "a.png", "conversations": conv(long_q)},
+             {"id": "short", "image": "b.png", "conversations": GOOD_CONV}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cfg = llava_config(str(path), tmp_path, "error")     # counted even under 'error': the example is usable
+    cfg.seq_len = 96
+    it = make(cfg, batch_size=2)
+    batch = next(it)
+    assert len(batch["tokens"]) == 2 and "input_note" not in batch
+    assert dict(it.bad_input.counts) == {errors.QUESTION_TRUNCATED: 1}
+    (example,) = it.bad_input.examples[errors.QUESTION_TRUNCATED]
+    assert example.startswith("long: question of") and "data.question_len=16" in example

@@ -85,3 +85,62 @@ def test_hf_tokenizer_errors_name_the_missing_token_or_file(tmp_path):
         HFTokenizer(path, eos_token="<eos>")
     with pytest.raises(ValueError, match="cannot load tokenizer.json"):
         HFTokenizer(str(tmp_path / "missing.json"))
+
+
+# --- Qwen ChatML and LLaVA plain layouts with a byte-level BPE tokenizer --------------------------------------------
+
+_RECORD = [("user", "<image>\nWhat color is it?"), ("assistant", "Red."), ("user", "Why?"),
+           ("assistant", "It is red because it is.")]
+
+
+def _expected(tok, text: str, answers: list[str]):
+    """Ids of the whole rendered text encoded at once (special tokens recognised), and per id whether it lies in an
+    answer span (found in the text by position, not by our renderer)."""
+    enc = tok.encode(text, add_special_tokens=False)
+    spans, start = [], 0
+    for answer in answers:
+        start = text.index(answer, start)
+        spans.append((start, start + len(answer)))
+        start += len(answer)
+    flags = [any(a <= s and e <= b for a, b in spans) for s, e in enc.offsets]
+    return enc.ids, flags
+
+
+def test_chatml_layout_of_a_two_turn_record_token_by_token(tmp_path):
+    from tests.tokenizer_fixtures import build_bpe_tokenizer_json
+    from tokenizers import Tokenizer
+
+    path = build_bpe_tokenizer_json(tmp_path / "tokenizer.json")
+    ours = HFTokenizer(path)
+    V = 3
+    ids, is_answer, slots = render_chat(ours, _RECORD, num_visual_tokens=V, system_prompt="You are a helpful assistant.")
+    # Qwen's chat template, written out as text
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            "<|im_start|>user\n" + "<image>" * V + "\nWhat color is it?<|im_end|>\n"
+            "<|im_start|>assistant\nRed.<|im_end|>\n"
+            "<|im_start|>user\nWhy?<|im_end|>\n"
+            "<|im_start|>assistant\nIt is red because it is.<|im_end|>\n")
+    tok = Tokenizer.from_file(path)
+    want_ids, _ = _expected(tok, text, [])
+    # loss on each answer and the <|im_end|> that closes it
+    _, want_flags = _expected(tok, text, ["Red.<|im_end|>", "It is red because it is.<|im_end|>"])
+    assert ids == want_ids
+    assert is_answer == want_flags
+    assert [ids[i] for i in slots] == [tok.token_to_id("<image>")] * V and len(set(slots)) == V
+
+
+def test_plain_layout_of_a_two_turn_record_token_by_token(tmp_path):
+    from tests.tokenizer_fixtures import build_bpe_tokenizer_json
+    from tokenizers import Tokenizer
+
+    from vlm_jax.data.tokenize import render_plain
+
+    path = build_bpe_tokenizer_json(tmp_path / "tokenizer.json")
+    ours, tok, V = HFTokenizer(path), Tokenizer.from_file(path), 4
+    record = [("user", "Describe the image briefly.\n<image>"), ("assistant", "A cat on a mat.")]
+    ids, is_answer, slots = render_plain(ours, record, num_visual_tokens=V, system_prompt="ignored")
+    text = "<image>" * V + "A cat on a mat.\n"      # LLaVA's plain: the image, the caption, the separator
+    want_ids, want_flags = _expected(tok, text, ["A cat on a mat.\n"])
+    assert ids == want_ids and is_answer == want_flags and slots == list(range(V))
+    with pytest.raises(ValueError, match="plain format takes one user turn"):
+        render_plain(ours, _RECORD, num_visual_tokens=V)

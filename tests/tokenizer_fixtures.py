@@ -25,3 +25,19 @@ def build_tokenizer_json(path: str, corpus: Iterable[str] = DEFAULT_CORPUS,
     tok.train_from_iterator(list(corpus), trainers.WordLevelTrainer(special_tokens=specials))
     tok.save(str(path))
     return str(path)
+
+
+def build_bpe_tokenizer_json(path: str, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 400) -> str:
+    """A byte-level BPE tokenizer.json like Qwen's: BPE merges learned from `corpus` over the 256 byte symbols, and
+    Qwen's special tokens (<|endoftext|>, <|im_start|>, <|im_end|>) as added tokens, plus <image>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                         "<|im_end|>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(corpus) * 20, trainer)
+    tok.save(str(path))
+    return str(path)

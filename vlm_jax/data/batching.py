@@ -48,6 +48,10 @@ class BatchIterator:
         while True:
             record = next(self._records)
             if not errors.is_marker(record):
+                if errors.NOTE_KEY in record:   # kept, but counted (e.g. a truncated question)
+                    record = dict(record)
+                    reason, record_id, detail = record.pop(errors.NOTE_KEY)
+                    self.bad_input.add(reason, record_id, detail)
                 return record
             rid, reason, detail = record[errors.BAD_ID_KEY], record[errors.BAD_REASON_KEY], record[
                 errors.BAD_DETAIL_KEY]

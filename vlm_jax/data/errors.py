@@ -26,9 +26,12 @@ BAD_ROLES = "bad_roles"
 TOO_LONG = "too_long"
 BAD_FIELD = "bad_field"
 BAD_PATH = "bad_path"   # an image path that is absolute or leaves the image folder
+# Counted like bad input, but the example is kept: a question longer than data.question_len reaches a
+# query-conditioned compressor without its beginning.
+QUESTION_TRUNCATED = "question_truncated"
 
 REASONS = (MALFORMED_JSON, INVALID_UTF8, MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_PLACEHOLDERS, EMPTY_CONVERSATION,
-           ONE_SIDED_CONVERSATION, BAD_ROLES, TOO_LONG, BAD_FIELD, BAD_PATH)
+           ONE_SIDED_CONVERSATION, BAD_ROLES, TOO_LONG, BAD_FIELD, BAD_PATH, QUESTION_TRUNCATED)
 
 POLICIES = ("skip", "error")
 
@@ -36,6 +39,9 @@ POLICIES = ("skip", "error")
 BAD_REASON_KEY = "bad_reason"
 BAD_ID_KEY = "bad_id"
 BAD_DETAIL_KEY = "bad_detail"
+# A kept example that is still worth counting carries this key: (reason, detail), then (reason, record id, detail)
+# once the encoding step adds the id; the batcher counts and removes it.
+NOTE_KEY = "input_note"
 
 
 class BadRecord(Exception):

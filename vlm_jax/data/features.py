@@ -26,9 +26,9 @@ from vlm_jax.data import errors
 from vlm_jax.data.tokenize import (
     ASSISTANT,
     IMAGE_PLACEHOLDER,
+    TEMPLATES,
     USER,
     Tokenizer,
-    render_chat,
 )
 
 
@@ -40,8 +40,11 @@ class TextLayout:
     question_len: int  # Lq
     num_visual_tokens: int  # V
     system_prompt: str = ""
+    template: str = "chatml"   # a name in tokenize.TEMPLATES: 'chatml' (Qwen) | 'plain' (LLaVA pretraining)
 
     def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"data.template={self.template!r}; choose one of {sorted(TEMPLATES)}")
         for name in ("seq_len", "question_len", "num_visual_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TextLayout.{name} must be >= 1, got {getattr(self, name)}")
@@ -80,12 +83,16 @@ def question_text(turns: Sequence[tuple[str, str]]) -> str:
     return ""
 
 
+def _question_ids(tokenizer: Tokenizer, question: str) -> list[int]:
+    return tokenizer.encode(question) or [tokenizer.eos_id]
+
+
 def encode_question(tokenizer: Tokenizer, question: str, question_len: int) -> tuple[np.ndarray, np.ndarray]:
     """int32[Lq] tokens and mask; keeps the END of a long question (its last token feeds the compressor).
 
     An empty question becomes the single token eos_id, so there is always a last real token to read.
     """
-    ids = tokenizer.encode(question)[-question_len:] or [tokenizer.eos_id]
+    ids = _question_ids(tokenizer, question)[-question_len:]
     tokens = np.full(question_len, tokenizer.pad_id, np.int32)
     mask = np.zeros(question_len, np.int32)
     tokens[:len(ids)] = ids
@@ -97,8 +104,11 @@ def encode_conversation(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], 
                         has_image: bool) -> dict[str, np.ndarray]:
     """One training example's text arrays (module docstring) from [(role, text)] turns. Raises BadRecord."""
     check_turns(turns, has_image)
-    ids, is_answer, slots = render_chat(tokenizer, turns, num_visual_tokens=layout.num_visual_tokens,
-                                        system_prompt=layout.system_prompt)
+    try:
+        ids, is_answer, slots = TEMPLATES[layout.template](
+            tokenizer, turns, num_visual_tokens=layout.num_visual_tokens, system_prompt=layout.system_prompt)
+    except ValueError as e:   # e.g. a multi-turn record under the single-turn plain format
+        raise errors.BadRecord(errors.BAD_ROLES, str(e)) from e
     length = layout.length
     if slots and slots[-1] >= length:
         raise errors.BadRecord(errors.TOO_LONG, f"image slots end at {slots[-1] + 1} > length {length}")
@@ -116,8 +126,9 @@ def encode_conversation(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], 
     attention_mask = np.zeros(length, np.int32)
     attention_mask[:n] = 1
     image_positions = np.asarray(slots if has_image else [length] * layout.num_visual_tokens, np.int32)
-    question_tokens, question_mask = encode_question(tokenizer, question_text(turns), layout.question_len)
-    return {
+    question = question_text(turns)
+    question_tokens, question_mask = encode_question(tokenizer, question, layout.question_len)
+    example = {
         "tokens": tokens,
         "targets": targets,
         "loss_mask": loss_mask,
@@ -126,6 +137,12 @@ def encode_conversation(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], 
         "question_tokens": question_tokens,
         "question_mask": question_mask,
     }
+    n_question = len(_question_ids(tokenizer, question))
+    if n_question > layout.question_len:
+        example[errors.NOTE_KEY] = (errors.QUESTION_TRUNCATED, f"question of {n_question} tokens, first "
+                                    f"{n_question - layout.question_len} dropped (data.question_len="
+                                    f"{layout.question_len})")
+    return example
 
 
 def encode_prompt(tokenizer: Tokenizer, user_text: str, layout: TextLayout) -> dict[str, np.ndarray]:
@@ -140,8 +157,8 @@ def encode_prompt(tokenizer: Tokenizer, user_text: str, layout: TextLayout) -> d
     if n_placeholders > 1:
         raise ValueError(f"prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders, at most 1 allowed")
     turns = [(USER, user_text)]
-    ids, _, slots = render_chat(tokenizer, turns, num_visual_tokens=layout.num_visual_tokens,
-                                system_prompt=layout.system_prompt, add_generation_prompt=True)
+    ids, _, slots = TEMPLATES[layout.template](tokenizer, turns, num_visual_tokens=layout.num_visual_tokens,
+                                               system_prompt=layout.system_prompt, add_generation_prompt=True)
     length = layout.length
     if len(ids) >= length:  # leave room for at least one generated token
         raise ValueError(f"prompt of {len(ids)} tokens does not fit in length {length}: {user_text[:80]!r}")

@@ -43,6 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seq_len = 32  # text tokens per example; examples are L = seq_len + V long (V image slots on top)
     c.question_len = 16  # Lq: question tokens for query-conditioned compressors (the END of a long question is kept)
     c.system_prompt = ""  # ChatML system turn; '' for none (LLaVA-Qwen runs use "You are a helpful assistant.")
+    c.template = "chatml"  # 'chatml' (Qwen conversations) | 'plain' (LLaVA pretraining: image slots, caption)
     c.image_aspect_ratio = "pad"  # 'pad' (to square with the CLIP mean colour, as LLaVA) | 'crop' (centre square)
     c.bad_input = "skip"  # 'skip' (count, log and go on) | 'error' (stop at the first bad record, naming it)
     c.max_consecutive_bad = 1000  # under 'skip', this many bad records in a row is an error (wrong paths, ...)
@@ -100,7 +101,8 @@ def make_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
 
 def make_layout(data_cfg: ml_collections.ConfigDict, num_visual_tokens: int) -> features.TextLayout:
     return features.TextLayout(seq_len=data_cfg.seq_len, question_len=data_cfg.question_len,
-                               num_visual_tokens=num_visual_tokens, system_prompt=data_cfg.system_prompt)
+                               num_visual_tokens=num_visual_tokens, system_prompt=data_cfg.system_prompt,
+                               template=data_cfg.get("template", "chatml"))
 
 
 # data.source name -> fn(data_cfg, split, image_size) -> (random-access source, steps that turn items into records).

@@ -13,6 +13,10 @@ The chat template is Qwen's ChatML, for both:
 
 `render_chat` returns the ids and, per id, whether it is an answer token that carries loss (the assistant's text and
 the <|im_end|> that closes it: the model must learn to stop).
+
+Stage 1 of the paper's recipe uses LLaVA's `plain` pretraining format instead (`render_plain`): the V image slots,
+then the caption and "\n", loss on the caption and "\n"; no roles, no system prompt, the instruction dropped.
+`TEMPLATES` maps `data.template` to one of the two.
 """
 
 from __future__ import annotations
@@ -218,3 +222,27 @@ def render_chat(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], *, num_v
     if add_generation_prompt:
         header(ASSISTANT)
     return ids, is_answer, slots
+
+
+def render_plain(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], *, num_visual_tokens: int,
+                 system_prompt: str = "", add_generation_prompt: bool = False
+                 ) -> tuple[list[int], list[bool], list[int]]:
+    """LLaVA's `plain` format of an (image, caption) record: V image slots, the caption, "\n"; same returns as
+    `render_chat`. The user turn contributes only its image (as in LLaVA's preprocess_plain); `system_prompt` is
+    ignored. With `add_generation_prompt` (a prompt to caption), just the slots."""
+    del system_prompt
+    if len(turns) > 2 or (turns and turns[0][0] != USER) or (len(turns) == 2 and turns[1][0] != ASSISTANT):
+        raise ValueError(f"the plain format takes one user turn (the image) and one answer, got roles "
+                         f"{[r for r, _ in turns]}")
+    has_image = bool(turns) and IMAGE_PLACEHOLDER in turns[0][1]
+    ids = [tokenizer.image_slot_id] * num_visual_tokens if has_image else []
+    slots = list(range(len(ids)))
+    is_answer = [False] * len(ids)
+    if len(turns) == 2 and not add_generation_prompt:
+        answer = tokenizer.encode(turns[1][1]) + tokenizer.encode("\n")
+        ids += answer
+        is_answer += [True] * len(answer)
+    return ids, is_answer, slots
+
+
+TEMPLATES = {"chatml": render_chat, "plain": render_plain}   # data.template -> renderer

@@ -43,6 +43,8 @@ class EncodeExample:
                                                    has_image=image is not None)
         except errors.BadRecord as e:
             return errors.marker(record["id"], e)
+        if errors.NOTE_KEY in example:
+            example[errors.NOTE_KEY] = (example[errors.NOTE_KEY][0], str(record["id"]), example[errors.NOTE_KEY][1])
         example["pixels"] = images.normalize(images.blank(self.image_size) if image is None else image)
         return example
 

@@ -5,10 +5,11 @@ cross-attention, the compressor of the paper's scaling grid. Query-agnostic.
                    torch's F.interpolate) from g x g to sqrt(V) x sqrt(V) -> Linear (no bias) -> LN
     region keys/values: the multi-level taps (CLIP-L: 12, 16, 22, 23) concatenated -> separate
                    Linear -> GELU -> Linear -> LN
-    each point query attends (8 heads) to the k x k tokens of its own region (k = g / sqrt(V)); the result is
-    added to the point feature (residual) -> float[B, V, Dv]; the model's projector MLP follows.
+    each point query attends (8 heads) to the k x k tokens of its own region (k = g / sqrt(V)) -> float[B, V, Dv];
+    the model's projector MLP follows.
 
-The authors' release feeds the attention output straight into the projector; `residual=False` reproduces that.
+As in the authors' release, the attention output goes straight into the projector; `residual=True` adds the point
+feature to it (a variant; with the same weights the outputs differ completely).
 As with QueCC, at V = g*g each region is one token and the query projection gets no gradient.
 """
 
@@ -38,7 +39,7 @@ class TokenPacker(Head):
     DEFAULTS = dict(
         kv_layers=None,   # HF indices of the region-feature taps; None: CLIP-L's (12, 16, 22, 23), scaled
         num_heads=8,      # cross-attention heads (TokenPacker: Dv / 128 = 8 for CLIP-L)
-        residual=True,    # add the attention output to the point feature (False: the authors' release)
+        residual=False,   # False: the authors' release (attention output alone); True adds the point feature
     )
 
     @classmethod
