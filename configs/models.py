@@ -90,6 +90,7 @@ def model_config(vision: str, llm: str, compressor: str = "avgpool", num_tokens:
         llm=llm_config(llm),
         compressor=compressor_config(compressor, num_tokens),
         projector=ml_collections.ConfigDict(dict(name="mlp2x_gelu")),
+        head_init="flax",        # 'torch': compressor + projector start as the authors' PyTorch modules do
         dtype=dtype,             # activation/compute dtype ("bfloat16" on accelerators)
         param_dtype="float32",   # storage of the parameters (and their optimizer state); f32 master weights
     ))

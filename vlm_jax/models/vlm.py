@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.models import heads, layers
+from vlm_jax.models import heads, layers, torch_init
 from vlm_jax.models.llm import LLM
 from vlm_jax.models.vision import VisionTower
 
@@ -90,6 +90,11 @@ def dummy_inputs(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 
     return {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32 if k == "pixels" else jnp.int32) for k in MODEL_INPUTS}
 
 
+# model.head_init: 'flax' (lecun-normal kernels, zero biases) | 'torch' (the authors' PyTorch initialisation of the
+# compressor and projector; the full-size configs' default)
+HEAD_INITS = ("flax", "torch")
+
+
 def init_fn(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 8, question_len: int = 4):
     """`rng -> boxed params` (logical axis metadata kept) for jax.jit/eval_shape, stored in `cfg.param_dtype`
     (computation runs in `cfg.dtype` whatever the storage; bfloat16 storage halves the memory of frozen parts)."""
@@ -97,9 +102,19 @@ def init_fn(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 8, qu
     inputs = dummy_inputs(cfg, batch, seq_len, question_len)
     param_dtype = jnp.dtype(cfg.get("param_dtype", "float32"))
 
+    head_init = cfg.get("head_init", "flax")
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"model.head_init={head_init!r}; choose one of {HEAD_INITS}")
+
     def init(rng):
         zeros = {k: jnp.zeros(x.shape, x.dtype) for k, x in inputs.items()}
-        return jax.tree.map(lambda p: p.astype(param_dtype), model.init(rng, **zeros)["params"])
+        params = dict(model.init(rng, **zeros)["params"])
+        if head_init == "torch":   # the parts trained from scratch start where the authors' PyTorch modules do
+            scheme = heads.get(cfg.compressor.name).TORCH_INIT
+            if "compressor" in params:
+                params["compressor"] = torch_init.reinit(params["compressor"], jax.random.fold_in(rng, 1), scheme)
+            params["projector"] = torch_init.reinit(params["projector"], jax.random.fold_in(rng, 2), "torch")
+        return jax.tree.map(lambda p: p.astype(param_dtype), params)
     return init
 
 

@@ -28,8 +28,15 @@ INDEX = "model.safetensors.index.json"
 
 
 def is_hf_directory(path: str) -> bool:
-    """A config.json beside weights files: a Hugging Face checkpoint (rather than an orbax run or checkpoint)."""
-    return "://" not in path and os.path.isfile(os.path.join(path, "config.json"))
+    """A Hugging Face checkpoint (rather than a vlm-jax run or checkpoint): its config.json names a model_type."""
+    config = os.path.join(path, "config.json")
+    if "://" in path or not os.path.isfile(config):
+        return False
+    try:
+        with open(config) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
 class Checkpoint:

@@ -69,6 +69,7 @@ class Head(nn.Module):
 
     DEFAULTS: ClassVar[dict] = {}
     needs_query: ClassVar[bool] = False
+    TORCH_INIT: ClassVar[str] = "torch"   # the authors' initialisation (vlm_jax/models/torch_init.py)
 
     @classmethod
     def vision_layers(cls, cfg, vision_cfg):

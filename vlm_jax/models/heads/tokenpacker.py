@@ -42,6 +42,8 @@ class TokenPacker(Head):
         residual=False,   # False: the authors' release (attention output alone); True adds the point feature
     )
 
+    TORCH_INIT = "torch_trunc_normal"   # TokenPacker's _init_weights
+
     @classmethod
     def vision_layers(cls, cfg, vision_cfg):
         return (vision_cfg.select_layer,) + vision_taps(cfg, vision_cfg)
