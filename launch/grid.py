@@ -21,6 +21,24 @@ flags.DEFINE_bool("fit_only", False, "Run no job; rebuild the table, fit and plo
 FLAGS = flags.FLAGS
 
 
+def fitting_cells(grid, cells):
+    """The cells whose every stage compiles and fits its TPU slice (checked here, ahead of time, before any gcloud
+    command); the others are recorded failed with the reason and not provisioned."""
+    from vlm_jax import plan
+    from vlm_jax.grid import runner, tpu
+
+    if not plan.is_ready():
+        raise app.UsageError("the tpu backend first compiles every cell for its slice, which needs libtpu: "
+                             "pip install -r requirements-tpu.txt (or --config.tpu.plan=False to skip the check)")
+    print(f"compiling {len(cells)} cells for their TPU slices before provisioning any ...", flush=True)
+    unfit = plan.unfit_jobs(cells, lambda name: tpu.accelerator_type(grid.tpu, name))
+    for job in cells:
+        if job.name in unfit:
+            print(f"not provisioning {job.name}: {unfit[job.name]} (python -m launch.plan suggests a fix)")
+            runner.refuse(job, f"does not fit its TPU slice: {unfit[job.name]}")
+    return [job for job in cells if job.name not in unfit]
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)   # the launcher prints its own progress; cells log to their log.txt
@@ -42,6 +60,8 @@ def main(argv):
             print(note)
         todo_tower = tower if tower in todo else None
         todo_cells = [j for j in todo if j.is_cell]
+        if grid.backend == "tpu" and grid.tpu.plan and todo_cells:
+            todo_cells = fitting_cells(grid, todo_cells)
         print(f"grid {grid.dir}: {len(cells)} cells ({len(grid.llms)} LLMs x {len(grid.tokens)} V x "
               f"{len(grid.seeds)} seeds), {len(todo_cells)} to run, {grid.parallel} at a time on '{grid.backend}'"
               + (", tower first" if todo_tower else ""), flush=True)

@@ -116,6 +116,12 @@ def run_one(job: GridJob, backend, progress: Progress) -> bool:
     return ok
 
 
+def refuse(job: GridJob, error: str) -> None:
+    """Record a job as failed without running it (e.g. it cannot fit its TPU slice); --retry_failed retries it."""
+    results.write_json_atomic(os.path.join(job.dir, "result.json"), {
+        "status": "failed", "error": error, "log_tail": "", "spec_digest": results.spec_digest(job.spec)})
+
+
 def dry_run(jobs: Sequence[GridJob], backend, echo: Callable[[str], None]) -> None:
     for job in jobs:
         echo(f"# {job.name}: write {os.path.join(job.dir, 'job.json')}")

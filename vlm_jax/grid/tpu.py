@@ -34,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
         name_prefix="vlmjax",
         poll_seconds=60, provision_timeout_s=6 * 3600,
         keep=False,                     # leave the slice up after the job (debugging); it is billed until deleted
+        # Compile every cell for its slice here first (launch.plan; needs libtpu) and provision none that cannot
+        # fit; plan_mfu only shapes the printed estimates.
+        plan=True,
         gcloud="gcloud",
     ))
 
@@ -59,6 +62,12 @@ def parse_types(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def accelerator_type(cfg: ml_collections.ConfigDict, job_name: str) -> str:
+    """The slice a job gets: the first `accelerator_types` pattern matching its name, else `accelerator_type`."""
+    return next((kind for pattern, kind in parse_types(cfg.accelerator_types)
+                 if fnmatch.fnmatchcase(job_name, pattern)), cfg.accelerator_type)
+
+
 @backends.register("tpu")
 class TpuBackend:
     """One queued-resource TPU slice per job, deleted when the job ends (unless config.tpu.keep)."""
@@ -72,11 +81,10 @@ class TpuBackend:
         if cfg.spot and cfg.reserved:
             raise ValueError("config.tpu.spot and config.tpu.reserved are exclusive")
         self.cfg = cfg
-        self.types = parse_types(cfg.accelerator_types)
+        parse_types(cfg.accelerator_types)   # a malformed list fails here, before any job
 
     def accelerator_type(self, job_name: str) -> str:
-        return next((kind for pattern, kind in self.types if fnmatch.fnmatchcase(job_name, pattern)),
-                    self.cfg.accelerator_type)
+        return accelerator_type(self.cfg, job_name)
 
     def commands(self, job: backends.Job) -> list[list[str]]:
         """create, describe (polled until ACTIVE), set up every worker, the job on every worker, delete."""

@@ -45,7 +45,7 @@ def hf_tensors(family: families.Family, params: dict, part_cfg: ml_collections.C
             continue          # e.g. lm_head of a tied model
         value = _host(flat[name])
         for i, (hf, layout) in enumerate(entries):
-            out[hf] = layout.to_hf(value[i] if len(entries) > 1 or name.split("/")[1] == "layers" else value)
+            out[hf] = layout.to_hf(value[i] if load.is_stacked(name, entries) else value)
     return out
 
 

@@ -100,6 +100,11 @@ def expand(family: families.Family, names: set, num_layers: int) -> dict:
     return out
 
 
+def is_stacked(name: str, entries: list) -> bool:
+    """Whether parameter `name` stacks one HF tensor per layer on a leading axis (a scanned LLM's layers)."""
+    return len(entries) > 1 or name.split("/")[1] == "layers"
+
+
 def restore_matching(source: str, regex: str, abstract_params: dict, model_cfg: ml_collections.ConfigDict) -> dict:
     """{name: sharded jax.Array} for every parameter whose name fully matches `regex`, read from the HF checkpoint
     directory `source` onto the shardings of `abstract_params` ({name: ShapeDtypeStruct with sharding}).
@@ -139,7 +144,7 @@ def restore_matching(source: str, regex: str, abstract_params: dict, model_cfg: 
 
 
 def _load_one(ckpt: Checkpoint, name: str, entries: list, abstract, where: str) -> jax.Array:
-    stacked = len(entries) > 1 or name.split("/")[1] == "layers"
+    stacked = is_stacked(name, entries)
     per_layer = tuple(abstract.shape[1:]) if stacked else tuple(abstract.shape)
     for hf, layout in entries:
         if hf not in ckpt.info:

@@ -1,0 +1,278 @@
+"""Plan runs for Cloud TPU before anything is provisioned: compile each stage's real train step for a TPU topology
+on this machine (ahead of time, through libtpu), read its HBM per chip, and estimate time and chip-hours.
+
+`libtpu` (requirements-tpu.txt) lets JAX describe a TPU slice it does not have (`get_topology_desc`); lowering and
+compiling the jitted step for a mesh of those devices gives XLA's exact per-device buffer sizes. Time is not read
+from XLA (its cost analysis counts a scanned layer's body once): it is the FLOPs model (vlm_jax.flops) over the
+slice's peak at an assumed MFU.
+"""
+
+import dataclasses
+import functools
+import os
+import re
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_bytes: int        # HBM per chip
+    peak_bf16: float      # dense bf16 FLOP/s per chip
+    cores_in_name: bool   # accelerator-type names count TensorCores (2 per chip), not chips
+    dims: int             # torus dimensions of the topology name
+
+
+# Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): HBM and bf16 peak per chip.
+CHIPS = {
+    "v4": Chip(32 * GiB, 275e12, True, 3),
+    "v5e": Chip(16 * GiB, 197e12, False, 2),
+    "v5p": Chip(95 * GiB, 459e12, True, 3),
+    "v6e": Chip(32 * GiB, 918e12, False, 2),
+}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+# Chips -> torus shape, as Cloud TPU lays slices out (smallest first; v5e/v6e hosts hold 2x2 chips at least here).
+SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+             512: "8x8x8"}
+SHAPES_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+# MFU assumed for time estimates: MaxText reports roughly 50-65% for dense LLM training on v5p/v5e at scale; a VLM
+# step adds a frozen tower and a compressor at lower utilisation, so we assume less. A flag overrides it.
+DEFAULT_MFU = 0.40
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str            # e.g. 'v5p-32'
+    generation: str      # key of CHIPS
+    chips: int
+    topology: str        # get_topology_desc's name, e.g. 'v5p:2x2x4'
+
+    @property
+    def chip(self) -> Chip:
+        return CHIPS[self.generation]
+
+
+def parse_slice(name: str) -> Slice:
+    """'v5p-32' / 'v5litepod-16' / 'v6e-8' / 'v4-64' (Cloud TPU accelerator types) -> Slice."""
+    gen, _, size = name.partition("-")
+    gen = ALIASES.get(gen, gen)
+    if gen not in CHIPS or not size.isdigit():
+        raise ValueError(f"unknown TPU slice {name!r}: expected GENERATION-SIZE with generation in "
+                         f"{sorted(CHIPS) + sorted(ALIASES)}, e.g. v5p-32 or v5litepod-16")
+    chip = CHIPS[gen]
+    chips = int(size) // 2 if chip.cores_in_name else int(size)
+    shapes = SHAPES_3D if chip.dims == 3 else SHAPES_2D
+    if chips not in shapes:
+        smallest = min(shapes) * (2 if chip.cores_in_name else 1)
+        raise ValueError(f"TPU slice {name!r} ({chips} chips) is not a shape this planner knows; sizes from "
+                         f"{gen}-{smallest}: {[f'{gen}-{c * (2 if chip.cores_in_name else 1)}' for c in shapes]}")
+    return Slice(name, gen, chips, f"{gen}:{shapes[chips]}")
+
+
+def larger_slices(s: Slice) -> list[Slice]:
+    """The same generation's listed slices above `s`, smallest first."""
+    shapes = SHAPES_3D if s.chip.dims == 3 else SHAPES_2D
+    factor = 2 if s.chip.cores_in_name else 1
+    prefix = s.name.rsplit("-", 1)[0]
+    return [parse_slice(f"{prefix}-{c * factor}") for c in sorted(shapes) if c > s.chips]
+
+
+@functools.lru_cache(maxsize=None)
+def topology_devices(topology: str) -> tuple:
+    """The devices of a TPU slice, described by libtpu on any machine (no TPU needed)."""
+    # libtpu looks for a TPU of its own at start-up; these say there is none to find (silences its warnings).
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5e-4")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+    try:
+        return tuple(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as e:  # libtpu missing or the name unknown to it
+        raise RuntimeError(f"cannot describe TPU topology {topology!r}: {e}. Planning needs libtpu: "
+                           f"pip install -r requirements-tpu.txt") from e
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """One stage of one run, compiled for one slice."""
+    slice: str
+    mesh: dict
+    devices: int
+    chips: int
+    arguments: int       # bytes per device: parameters, optimizer state, batch
+    temporaries: int     # the rest of the peak: activations, XLA scratch, code (outputs that are not donated
+    code: int            # inputs excepted)
+    total: int           # peak bytes per device
+    capacity: int        # HBM per device
+    peak_per_chip: float
+    compile_seconds: float
+    step_flops: float
+    steps: int
+    mfu: float
+    error: str = ""
+    out_of_memory: str = ""   # the compiler's own refusal: it will not assign more buffers than the chip holds
+
+    @property
+    def fits(self) -> bool:
+        return not self.error and not self.out_of_memory and self.total <= self.capacity
+
+    @property
+    def step_seconds(self) -> float:
+        return self.step_flops / (self.chips * self.peak_per_chip * self.mfu)
+
+    @property
+    def hours(self) -> float:
+        return self.steps * self.step_seconds / 3600
+
+    @property
+    def chip_hours(self) -> float:
+        return self.hours * self.chips
+
+
+def _abstract_batch(run_cfg, mesh):
+    from vlm_jax import sharding  # pylint: disable=import-outside-toplevel
+    from vlm_jax.models import vlm  # pylint: disable=import-outside-toplevel
+    b = run_cfg.train.batch_size
+    t = run_cfg.data.seq_len + run_cfg.model.compressor.num_tokens
+    shapes = vlm.dummy_inputs(run_cfg.model, b, t, run_cfg.data.question_len)
+    shapes.update(targets=jax.ShapeDtypeStruct((b, t), jnp.int32), loss_mask=jax.ShapeDtypeStruct((b, t), jnp.float32))
+    sh = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in shapes.items()}
+
+
+def _step_flops(model_cfg, train_cfg, seq_len: int, trainable: set) -> float:
+    from vlm_jax import flops  # pylint: disable=import-outside-toplevel
+    return flops.train_step_flops(model_cfg, batch_size=train_cfg.batch_size, seq_len=seq_len,
+                                  train_llm="llm" in trainable, train_vision="vision" in trainable)
+
+
+def plan_stage(run_cfg: ml_collections.ConfigDict, slice_name: str, mfu: float = DEFAULT_MFU) -> StagePlan:
+    """Compile `run_cfg`'s train step (as `train.run` builds it) for `slice_name` and measure it."""
+    from vlm_jax import sharding, train  # pylint: disable=import-outside-toplevel
+    from vlm_jax.models import vlm  # pylint: disable=import-outside-toplevel
+
+    s = parse_slice(slice_name)
+    devices = topology_devices(s.topology)
+    mesh = sharding.make_mesh(run_cfg.mesh, list(devices))
+    m, t = run_cfg.model, run_cfg.train
+    seq_len = run_cfg.data.seq_len + m.compressor.num_tokens
+    capacity = s.chip.hbm_bytes * s.chips // len(devices)
+    base = dict(slice=slice_name, mesh={k: int(v) for k, v in mesh.shape.items()}, devices=len(devices),
+                chips=s.chips, capacity=capacity, peak_per_chip=s.chip.peak_bf16, steps=int(t.steps), mfu=mfu)
+    t0, trainable = time.perf_counter(), set()
+    try:
+        _, abstract, tx = train.state_layout(m, t, mesh, strict_mesh=run_cfg.mesh.get("strict", False))
+        shardings = train.shardings_of(abstract)
+        trainable = set(abstract.params)   # top-level parts this stage trains
+        step = jax.jit(train.make_train_step(vlm.VLM(m), tx, t.loss_chunk), donate_argnums=(0,),
+                       in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                       out_shardings=(shardings, sharding.replicated(mesh)))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+            compiled = step.lower(abstract, _abstract_batch(run_cfg, mesh)).compile()
+        ma = compiled.memory_analysis()
+    except Exception as e:  # a cell that cannot compile (e.g. a dimension the mesh cannot split) is a finding
+        message = str(e).splitlines()[0][:300]
+        needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", message)
+        if "RESOURCE_EXHAUSTED" in message and needed:   # does not fit: a finding with a size, not a failure
+            return StagePlan(**base, arguments=0, temporaries=int(float(needed.group(1)) * GiB), code=0,
+                             total=int(float(needed.group(1)) * GiB), compile_seconds=time.perf_counter() - t0,
+                             step_flops=_step_flops(m, t, seq_len, trainable), out_of_memory=message)
+        return StagePlan(**base, arguments=0, temporaries=0, code=0, total=0, compile_seconds=time.perf_counter()
+                         - t0, step_flops=0.0, error=f"{type(e).__name__}: {message}")
+    seconds = time.perf_counter() - t0
+    step_flops = _step_flops(m, t, seq_len, trainable)
+    arguments, outputs = ma.argument_size_in_bytes, max(ma.output_size_in_bytes - ma.alias_size_in_bytes, 0)
+    # The TPU compiler reports the peak of its buffer assignment (temp_size is 0 there); other backends the parts.
+    total = getattr(ma, "peak_memory_in_bytes", 0) or (arguments + outputs + ma.temp_size_in_bytes
+                                                       + ma.generated_code_size_in_bytes)
+    return StagePlan(**base, arguments=arguments, temporaries=max(total - arguments - outputs, 0),
+                     code=ma.generated_code_size_in_bytes, total=total, compile_seconds=seconds,
+                     step_flops=step_flops)
+
+
+def suggest(run_cfg: ml_collections.ConfigDict, plan: StagePlan, mfu: float = DEFAULT_MFU,
+            max_tries: int = 3) -> tuple[str, StagePlan] | None:
+    """A change that makes a stage that does not fit fit, tried by compiling: full rematerialisation (when the LLM
+    is not already rematerialised), then the same generation's larger slices, smallest first. None if none did."""
+    tries = []
+    if run_cfg.model.llm.remat != "full":
+        cfg = ml_collections.ConfigDict(run_cfg.to_dict())
+        cfg.model.llm.remat = "full"
+        tries.append(("model.llm.remat=full", cfg, plan.slice))
+    tries += [(f"slice {s.name}", run_cfg, s.name) for s in larger_slices(parse_slice(plan.slice))]
+    for label, cfg, slice_name in tries[:max_tries]:
+        candidate = plan_stage(cfg, slice_name, mfu)
+        if candidate.fits:
+            return label, candidate
+    return None
+
+
+def format_row(name: str, stage: str, p: StagePlan, suggestion: str = "") -> str:
+    mesh = "x".join(str(p.mesh[a]) for a in ("data", "fsdp", "tensor"))
+    if p.error:
+        return f"{name:<22} {stage:<7} {p.slice:<13} {mesh:<8} does not compile: {p.error}"
+    gib = lambda b: b / GiB  # noqa: E731
+    fits = "yes" if p.fits else ("OOM" if p.out_of_memory else "NO")
+    line = (f"{name:<22} {stage:<7} {p.slice:<13} {mesh:<8} {gib(p.arguments):7.2f} {gib(p.temporaries):7.2f} "
+            f"{gib(p.total):7.2f} /{gib(p.capacity):6.1f}  {fits:<4} {p.compile_seconds:6.0f} {p.step_flops:9.3g} "
+            f"{p.step_seconds:7.2f} {p.hours:7.1f} {p.chip_hours:9.0f}")
+    return line + (f"   -> fits with {suggestion}" if suggestion else "")
+
+
+HEADER = (f"{'cell':<22} {'stage':<7} {'slice':<13} {'mesh':<8} {'args':>7} {'temp':>7} {'total':>7} "
+          f"{'/HBM GiB':>7}  {'fits':<4} {'comp s':>6} {'FLOPs/st':>9} {'step s':>7} {'hours':>7} {'chip-h':>9}")
+
+
+def is_ready() -> bool:
+    """Whether libtpu is installed (planning works)."""
+    try:
+        import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+        return True
+    except ImportError:
+        return False
+
+
+
+def plan_jobs(jobs, slice_for, mfu: float = DEFAULT_MFU, try_fixes: bool = True, echo=print) -> list[dict]:
+    """Plan every stage of every grid job (vlm_jax.grid.spec.GridJob) on the slice `slice_for(job name)` gives;
+    echoes the table with progress and ETA; returns one dict per (job, stage) with the measured figures."""
+    rows, started = [], time.perf_counter()
+    total = sum(len(job.spec["stages"]) for job in jobs)
+    echo(HEADER)
+    for job in jobs:
+        for stage in job.spec["stages"]:
+            cfg = ml_collections.ConfigDict(stage["config"])
+            p = plan_stage(cfg, slice_for(job.name), mfu)
+            fix = suggest(cfg, p, mfu) if try_fixes and not p.fits and not p.error else None
+            rows.append(dict(cell=job.name, stage=stage["name"], **dataclasses.asdict(p), fits=p.fits,
+                             step_seconds=p.step_seconds if p.step_flops else 0.0, hours=p.hours if p.step_flops
+                             else 0.0, chip_hours=p.chip_hours if p.step_flops else 0.0,
+                             fix=fix[0] if fix else "", fix_chip_hours=fix[1].chip_hours if fix else 0.0))
+            done = len(rows)
+            eta = (time.perf_counter() - started) / done * (total - done)
+            echo(format_row(job.name, stage["name"], p, fix[0] if fix else "")
+                 + (f"   [{done}/{total}, ETA {eta / 60:.0f} min]" if done < total else ""))
+    fitting = [r for r in rows if r["fits"]]
+    echo(f"{len(fitting)}/{len(rows)} stages fit; {sum(r['chip_hours'] for r in fitting):,.0f} chip-hours for "
+         f"those at MFU {mfu:.2f} (training only); compiled in {time.perf_counter() - started:.0f} s")
+    return rows
+
+
+def unfit_jobs(jobs, slice_for, mfu: float = DEFAULT_MFU) -> dict:
+    """{job name: reason} for the jobs with a stage that does not compile or does not fit its slice."""
+    bad = {}
+    for job in jobs:
+        for stage in job.spec["stages"]:
+            p = plan_stage(ml_collections.ConfigDict(stage["config"]), slice_for(job.name), mfu)
+            if not p.fits:
+                bad[job.name] = (f"stage {stage['name']} on {p.slice}: " + (
+                    f"does not compile ({p.error})" if p.error else
+                    f"needs {'at least ' if p.out_of_memory else ''}{p.total / GiB:.1f} GiB per device, "
+                    f"{p.capacity / GiB:.1f} GiB available"))
+                break
+    return bad
