@@ -11,9 +11,14 @@ fits is shown. Without --topology, each cell gets the slice the grid's tpu backe
 """
 
 import json
+import os
 
-from absl import app, flags
-from ml_collections import config_flags
+# Planning compiles for a described TPU and runs nothing here: keep JAX on the CPU (with libtpu installed and no TPU
+# attached, JAX would otherwise probe for one and warn at start-up).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/grid.py:paper", "Grid config.", lock_config=True)
 flags.DEFINE_string("topology", "", "Cloud TPU slice for every cell, e.g. v5p-32 ('' = the grid's tpu settings).")

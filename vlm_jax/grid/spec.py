@@ -60,13 +60,26 @@ def cell_name(llm: str, tokens: int, seed: int, n_seeds: int) -> str:
     return f"{llm}_v{tokens}" + (f"_s{seed}" if n_seeds > 1 else "")
 
 
+# How an LLM runs (not what it is): kept from the grid's run-config template when a cell swaps in its LLM preset.
+LLM_RUN_KEYS = ("remat", "scan_layers")
+
+
+def cell_llm(template_llm: ml_collections.ConfigDict, llm_config: Callable, name: str) -> ml_collections.ConfigDict:
+    """LLM preset `name`, run as the template's LLM runs (e.g. rematerialised in the full-size configs)."""
+    llm = llm_config(name)
+    for key in LLM_RUN_KEYS:
+        if key in template_llm:
+            llm[key] = template_llm[key]
+    return llm
+
+
 def tower_job(grid: ml_collections.ConfigDict, llm_config: Callable) -> GridJob | None:
     """The vision-tower pretraining job (trained once, cached under a directory keyed by its config), or None."""
     t = grid.tower
     if not t.pretrain:
         return None
     cfg = merge(grid.cell, t.overrides)
-    cfg.model.llm = llm_config(t.llm)
+    cfg.model.llm = cell_llm(cfg.model.llm, llm_config, t.llm)
     cfg.model.compressor.num_tokens = t.tokens
     cfg.init = ()
     key = digest({"model": cfg.model.to_dict(), "data": cfg.data.to_dict(), "train": cfg.train.to_dict(),
@@ -106,7 +119,7 @@ def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: C
                 stages, previous = [], None
                 for stage_name, overrides in grid.stages.items():
                     cfg = merge(grid.cell, overrides)
-                    cfg.model.llm = llm_config(llm)
+                    cfg.model.llm = cell_llm(cfg.model.llm, llm_config, llm)
                     cfg.model.compressor.num_tokens = tokens
                     cfg.seed = seed
                     cfg.run_dir = os.path.join(job_dir, stage_name)
