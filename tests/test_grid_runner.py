@@ -162,3 +162,19 @@ def test_cells_start_costliest_first(tmp_path):
 
     runner.run_jobs(None, cells, Recording(), parallel=1, echo=lambda line: None)
     assert started == ["tiny-m_v16", "tiny-m_v4", "tiny-m_v1", "tiny-xs_v16", "tiny-xs_v4", "tiny-xs_v1"]
+
+
+def test_cells_run_their_llm_as_the_template_says():
+    """A cell swaps in its LLM preset but keeps how the template runs it: the paper grid's stages stay fully
+    rematerialised (launch.plan found that losing it took a 0.5B stage from 9 to 195 GiB per v5e chip)."""
+    from configs import grid as grid_config
+    from configs import llava
+
+    _, cells = helpers.grid_jobs(grid_config.get_config("paper,llms=qwen1.5-0.5b+qwen1.5-7b,tokens=1"))
+    assert llava.get_config().model.llm.remat == "full"
+    for job in cells:
+        for stage in job.spec["stages"]:
+            llm = stage["config"]["model"]["llm"]
+            assert llm["remat"] == "full" and llm["scan_layers"] is True
+            assert llm["name"] == job.spec["row"]["llm"]          # and the preset's own shape
+    assert {j.spec["stages"][0]["config"]["model"]["llm"]["hidden_size"] for j in cells} == {1024, 4096}
