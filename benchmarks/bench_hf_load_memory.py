@@ -4,10 +4,10 @@
 
 Writes a random checkpoint of the preset's real shapes (bf16 safetensors shards + index + config.json, as the hub
 ships Qwen1.5) in a process of its own, then loads it in a fresh process through `config.init` onto `--devices`
-fake CPU devices (fsdp over all of them, parameters stored bf16) and reports, from /proc/self/status:
-the resident set before loading, its peak during loading, and the bytes of the loaded arrays. On CPU the "devices"
-live in host memory, so the arrays themselves count; the loader's own cost is peak - before - arrays. Reading each
-device's slice (rather than whole tensors, or the whole file) keeps that overhead to about one tensor.
+fake CPU devices (fsdp over all of them, parameters stored bf16) and reports, from /proc/self/status: the
+process's own (anonymous) memory before loading and at its peak, the bytes of the loaded arrays, and the peak of
+mapped file pages. On CPU the "devices" live in host memory, so the arrays themselves count; the loader's own cost
+is peak - before - arrays.
 """
 
 import argparse
@@ -20,12 +20,35 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _status_kib(key: str) -> int:
+def _status_kib() -> dict:
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
+        return {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith(("RssAnon", "RssFile"))}
+
+
+class PeakMemory:
+    """Polls /proc/self/status: the peaks of anonymous memory (the process's own) and of file-backed pages (here
+    the safetensors files mapped by the reader: page cache the kernel can drop, not memory the loader holds)."""
+
+    def __init__(self, interval=0.01):
+        import threading
+        self.peak = _status_kib()
+        self._interval, self._stop = interval, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            for k, v in _status_kib().items():
+                self.peak[k] = max(self.peak[k], v)
+            time.sleep(self._interval)
+
+    def __enter__(self):
+        self.peak = _status_kib()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def write_checkpoint(llm: str, out: str) -> None:
@@ -62,14 +85,16 @@ def load_and_measure(llm: str, path: str) -> dict:
     model.param_dtype = "bfloat16"
     tcfg = common.train_config(stage="projector", steps=1, batch_size=8, lr=1e-3, warmup_ratio=0.0)
     mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    before = _status_kib("VmRSS")
+    before = _status_kib()
     t0 = time.perf_counter()
-    state, _, _ = train.create_state(model, tcfg, mesh, jax.random.key(0), [(path, "llm/.*")])
-    jax.block_until_ready(state)
+    with PeakMemory() as mem:
+        state, _, _ = train.create_state(model, tcfg, mesh, jax.random.key(0), [(path, "llm/.*")])
+        jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
     llm_bytes = sum(x.nbytes for x in jax.tree.leaves(state.frozen["llm"]))
     all_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    return dict(before_mib=before / 1024, peak_mib=_status_kib("VmHWM") / 1024, llm_array_mib=llm_bytes / 2**20,
+    return dict(anon_before_mib=before["RssAnon"] / 1024, anon_peak_mib=mem.peak["RssAnon"] / 1024,
+                file_peak_mib=mem.peak["RssFile"] / 1024, llm_array_mib=llm_bytes / 2**20,
                 state_array_mib=all_bytes / 2**20, seconds=seconds, devices=jax.device_count())
 
 
@@ -97,14 +122,14 @@ def main():
                           f"--dir={args.dir}", "--_role=load"], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
-    overhead = r["peak_mib"] - r["before_mib"] - r["state_array_mib"]
+    overhead = r["anon_peak_mib"] - r["anon_before_mib"] - r["state_array_mib"]
     print(f"{args.llm}: {disk / 2**20:,.0f} MiB of bf16 safetensors on disk, loaded onto {r['devices']} devices "
           f"in {r['seconds']:.1f} s")
-    print(f"  resident before {r['before_mib']:,.0f} MiB, peak {r['peak_mib']:,.0f} MiB; loaded arrays "
-          f"{r['state_array_mib']:,.0f} MiB (LLM {r['llm_array_mib']:,.0f} MiB)")
+    print(f"  process memory before {r['anon_before_mib']:,.0f} MiB, peak {r['anon_peak_mib']:,.0f} MiB; loaded "
+          f"arrays {r['state_array_mib']:,.0f} MiB (LLM {r['llm_array_mib']:,.0f} MiB); mapped file pages at most "
+          f"{r['file_peak_mib']:,.0f} MiB (page cache)")
     print(f"  loader overhead (peak - before - arrays): {overhead:,.0f} MiB = {overhead / (disk / 2**20):.2f} x "
           f"the checkpoint")
-
 
 if __name__ == "__main__":
     main()
