@@ -84,3 +84,13 @@ def test_the_tpu_grid_refuses_a_cell_that_does_not_fit_before_provisioning(tmp_p
     assert [j.name for j in kept] == ["tiny-xs_v1"]
     result = json.load(open(os.path.join(jobs[1].dir, "result.json")))
     assert result["status"] == "failed" and "stage stage2 on v5litepod-4: needs" in result["error"]
+
+
+@pytest.mark.parametrize("topology,generation", [("v5p:2x2x1", "v5p"), ("v5e:2x2", "v5e"), ("v6e:2x2", "v6e"),
+                                                 ("v4:2x2x1", "v4")])
+def test_mfu_denominator_knows_each_generation_by_its_device_kind(topology, generation):
+    """The peak the training loop divides by, looked up from the names libtpu gives the devices (a v5p chip is
+    'TPU v5', a v5e chip 'TPU v5 lite'), is the chip table's."""
+    from vlm_jax import hardware
+    kind = plan.topology_devices(topology)[0].device_kind
+    assert hardware.vendor_peak(kind) == plan.CHIPS[generation].peak_bf16, kind

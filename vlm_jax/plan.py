@@ -89,6 +89,9 @@ def topology_devices(topology: str) -> tuple:
     # libtpu looks for a TPU of its own at start-up; these say there is none to find (silences its warnings).
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5e-4")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu lets one process at a time hold a TPU (a lock file); describing one for compilation opens none, so
+    # several planners (a test, the grid launcher, launch.plan) may run at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     try:
         return tuple(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
