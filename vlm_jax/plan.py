@@ -96,8 +96,8 @@ def topology_devices(topology: str) -> tuple:
     try:
         return tuple(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as e:  # libtpu missing or the name unknown to it
-        raise RuntimeError(f"cannot describe TPU topology {topology!r}: {e}. Planning needs libtpu: "
-                           f"pip install -r requirements-tpu.txt") from e
+        hint = "" if is_ready() else " Planning needs libtpu: pip install -r requirements-tpu.txt"
+        raise RuntimeError(f"cannot describe TPU topology {topology!r}: {e}.{hint}") from e
 
 
 @dataclasses.dataclass
