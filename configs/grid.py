@@ -150,7 +150,8 @@ def paper(arg) -> ml_collections.ConfigDict:
     cell = ml_collections.ConfigDict(stage1.to_dict())
     cell.run_dir = ""
     cell.init = ()
-    # Pretrained weights as this project's checkpoints: WEIGHTS/clip-vit-l14-336 and WEIGHTS/<each LLM preset>.
+    # Pretrained weights: WEIGHTS/clip-vit-l14-336 and WEIGHTS/<each LLM preset>, each converted once from its
+    # Hugging Face directory by launch.convert (or, on a local disk, the Hugging Face directory itself).
     config.weights_dir = "gs://YOUR_BUCKET/vlm-jax/weights"
     config.cell = cell
     # Data on every worker's disk (or a bucket mounted there): DATA/llava/... as LLaVA-1.5 ships it, DATA/eval/...
