@@ -108,8 +108,8 @@ class StagePlan:
     devices: int
     chips: int
     arguments: int       # bytes per device: parameters, optimizer state, batch
-    temporaries: int     # the rest of the peak: activations, XLA scratch, code (outputs that are not donated
-    code: int            # inputs excepted)
+    temporaries: int     # the rest of the peak but non-donated outputs: activations, XLA scratch, code
+    code: int            # the compiled program
     total: int           # peak bytes per device
     capacity: int        # HBM per device
     peak_per_chip: float
