@@ -23,20 +23,33 @@ FLAGS = flags.FLAGS
 
 def fitting_cells(grid, cells):
     """The cells whose every stage compiles and fits its TPU slice (checked here, ahead of time, before any gcloud
-    command); the others are recorded failed with the reason and not provisioned."""
+    command); the others are recorded failed with the reason and not provisioned. Each verdict is kept in the cell's
+    plan.json (keyed by its spec and slice), so a re-run does not compile again."""
+    import os
+
     from vlm_jax import plan
-    from vlm_jax.grid import runner, tpu
+    from vlm_jax.grid import results, runner, tpu
 
     if not plan.is_ready():
         raise app.UsageError("the tpu backend first compiles every cell for its slice, which needs libtpu: "
                              "pip install -r requirements-tpu.txt (or --config.tpu.plan=False to skip the check)")
-    print(f"compiling {len(cells)} cells for their TPU slices before provisioning any ...", flush=True)
-    unfit = plan.unfit_jobs(cells, lambda name: tpu.accelerator_type(grid.tpu, name))
+    print(f"checking that {len(cells)} cells fit their TPU slices before provisioning any ...", flush=True)
+    kept = []
     for job in cells:
-        if job.name in unfit:
-            print(f"not provisioning {job.name}: {unfit[job.name]} (python -m launch.plan suggests a fix)")
-            runner.refuse(job, f"does not fit its TPU slice: {unfit[job.name]}")
-    return [job for job in cells if job.name not in unfit]
+        key = {"spec": results.spec_digest(job.spec), "slice": tpu.accelerator_type(grid.tpu, job.name)}
+        path = os.path.join(job.dir, "plan.json")
+        cached = results.read_json(path) if results.exists(path) else {}
+        if cached.get("key") == key:
+            reason = cached["unfit"]
+        else:
+            reason = plan.why_unfit(job.spec["stages"], key["slice"])
+            results.write_json_atomic(path, {"key": key, "unfit": reason})
+        if reason:
+            print(f"not provisioning {job.name}: {reason} (python -m launch.plan suggests a fix)")
+            runner.refuse(job, f"does not fit its TPU slice: {reason}")
+        else:
+            kept.append(job)
+    return kept
 
 
 def main(argv):

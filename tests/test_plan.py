@@ -62,7 +62,7 @@ def test_an_oversized_stage_is_reported_not_fitting_and_a_larger_slice_is_found(
     assert fix is not None and fix[1].fits and fix[1].total < p.total
 
 
-def test_the_tpu_grid_refuses_a_cell_that_does_not_fit_before_provisioning(tmp_path):
+def test_the_tpu_grid_refuses_a_cell_that_does_not_fit_before_provisioning(tmp_path, monkeypatch):
     from launch import grid as grid_launcher
     from tests import helpers
 
@@ -84,6 +84,9 @@ def test_the_tpu_grid_refuses_a_cell_that_does_not_fit_before_provisioning(tmp_p
     assert [j.name for j in kept] == ["tiny-xs_v1"]
     result = json.load(open(os.path.join(jobs[1].dir, "result.json")))
     assert result["status"] == "failed" and "stage stage2 on v5litepod-4: needs" in result["error"]
+    # the verdicts are kept: a re-run does not compile again
+    monkeypatch.setattr(plan, "why_unfit", lambda *a, **k: pytest.fail("compiled again"))
+    assert [j.name for j in grid_launcher.fitting_cells(g, jobs)] == ["tiny-xs_v1"]
 
 
 @pytest.mark.parametrize("topology,generation", [("v5p:2x2x1", "v5p"), ("v5e:2x2", "v5e"), ("v6e:2x2", "v6e"),

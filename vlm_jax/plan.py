@@ -266,16 +266,13 @@ def plan_jobs(jobs, slice_for, mfu: float = DEFAULT_MFU, try_fixes: bool = True,
     return rows
 
 
-def unfit_jobs(jobs, slice_for, mfu: float = DEFAULT_MFU) -> dict:
-    """{job name: reason} for the jobs with a stage that does not compile or does not fit its slice."""
-    bad = {}
-    for job in jobs:
-        for stage in job.spec["stages"]:
-            p = plan_stage(ml_collections.ConfigDict(stage["config"]), slice_for(job.name), mfu)
-            if not p.fits:
-                bad[job.name] = (f"stage {stage['name']} on {p.slice}: " + (
-                    f"does not compile ({p.error})" if p.error else
-                    f"needs {'at least ' if p.out_of_memory else ''}{p.total / GiB:.1f} GiB per device, "
-                    f"{p.capacity / GiB:.1f} GiB available"))
-                break
-    return bad
+def why_unfit(stages: list, slice_name: str, mfu: float = DEFAULT_MFU) -> str:
+    """'' when every stage ({name, config}) compiles and fits `slice_name`, else the first failure, in words."""
+    for stage in stages:
+        p = plan_stage(ml_collections.ConfigDict(stage["config"]), slice_name, mfu)
+        if not p.fits:
+            return f"stage {stage['name']} on {p.slice}: " + (
+                f"does not compile ({p.error})" if p.error else
+                f"needs {'at least ' if p.out_of_memory else ''}{p.total / GiB:.1f} GiB per device, "
+                f"{p.capacity / GiB:.1f} GiB available")
+    return ""

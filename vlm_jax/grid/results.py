@@ -56,6 +56,10 @@ def read_result(job_dir: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def exists(path: str) -> bool:
+    return epath.Path(path).exists()
+
+
 def read_json(path: str) -> dict:
     return json.loads(epath.Path(path).read_text())
 

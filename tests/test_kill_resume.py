@@ -1,0 +1,68 @@
+"""A training process killed outright (SIGKILL: no handler runs) resumes to exactly the parameters of a run that was
+never interrupted, and a checkpoint left half-written by a kill is never restored. Real processes."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from vlm_jax import checkpoints, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(run_dir):
+    return [sys.executable, "-m", "launch.train", "--config=configs/smoke.py:llm=tiny-s,tokens=4,res=32",
+            f"--config.run_dir={run_dir}", "--config.train.steps=12", "--config.train.batch_size=4",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=10",
+            "--config.data.seq_len=24"]
+
+
+def _finished(run_dir) -> dict:
+    proc = subprocess.run(_command(run_dir), cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, params = train.load_params(str(run_dir))
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def _saved_steps(run_dir) -> list[int]:
+    d = checkpoints.directory(str(run_dir))
+    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.mark.slow
+def test_sigkill_after_the_first_checkpoint_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    reference = _finished(tmp_path / "uninterrupted")
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_command(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not _saved_steps(run_dir):
+            assert proc.poll() is None and time.time() < deadline, "no first checkpoint"
+            time.sleep(0.05)
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))   # anywhere after it: mid-step, mid-save, ...
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    # What a kill during a save leaves behind (orbax writes into a temporary directory, then renames it):
+    ckpt = checkpoints.directory(str(run_dir))
+    half = os.path.join(ckpt, "999.orbax-checkpoint-tmp-1")
+    os.makedirs(os.path.join(half, "state"))
+    with open(os.path.join(half, "state", "garbage"), "wb") as f:
+        f.write(b"\x00" * 100)
+
+    resumed = _finished(run_dir)
+    assert 999 not in _saved_steps(run_dir)
+    assert set(resumed) == set(reference)
+    for name, value in reference.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
