@@ -170,7 +170,11 @@ def paper(arg) -> ml_collections.ConfigDict:
                               benchmarks={k: v for k, v in PAPER_BENCHMARKS.items()})
     config.backend = "tpu"
     config.tpu = tpu.default_config()   # set project, zone, repo_url (and accelerator_types per LLM size)
-    config.tpu.accelerator_types = "qwen1.5-7b_*=v5litepod-32,qwen1.5-4b_*=v5litepod-32"
+    # Sized by launch.plan (HBM per v5e chip, 16 GiB; stage 1 at batch 256 is the larger): 0.5B/1.8B fit 16 chips up
+    # to V=144 (1.8B: 14.9 GiB) but not at V=576 (16.6 / 23.4 GiB); 4B fits 32 at V=576 (14.5); 7B needs 64 from
+    # V=144 on (16.6 GiB on 32 chips at V=144, 21.9 at V=576).
+    config.tpu.accelerator_types = ("qwen1.5-7b_*=v5litepod-64,qwen1.5-4b_*=v5litepod-32,"
+                                    "qwen1.5-*_v576=v5litepod-32")
     config.parallel = 4
     config.fit = fit_config(bootstrap=1000)
     return config

@@ -258,7 +258,8 @@ def plan_jobs(jobs, slice_for, mfu: float = DEFAULT_MFU, try_fixes: bool = True,
                              fix=fix[0] if fix else "", fix_chip_hours=fix[1].chip_hours if fix else 0.0))
             done = len(rows)
             eta = (time.perf_counter() - started) / done * (total - done)
-            echo(format_row(job.name, stage["name"], p, fix[0] if fix else "")
+            fixed = f"{fix[0]} ({fix[1].total / GiB:.1f} GiB per device, {fix[1].chip_hours:.0f} chip-h)" if fix else ""
+            echo(format_row(job.name, stage["name"], p, fixed)
                  + (f"   [{done}/{total}, ETA {eta / 60:.0f} min]" if done < total else ""))
     fitting = [r for r in rows if r["fits"]]
     echo(f"{len(fitting)}/{len(rows)} stages fit; {sum(r['chip_hours'] for r in fitting):,.0f} chip-hours for "
