@@ -253,8 +253,7 @@ def plan_jobs(jobs, slice_for, mfu: float = DEFAULT_MFU, try_fixes: bool = True,
             p = plan_stage(cfg, slice_for(job.name), mfu)
             fix = suggest(cfg, p, mfu) if try_fixes and not p.fits and not p.error else None
             rows.append(dict(cell=job.name, stage=stage["name"], **dataclasses.asdict(p), fits=p.fits,
-                             step_seconds=p.step_seconds if p.step_flops else 0.0, hours=p.hours if p.step_flops
-                             else 0.0, chip_hours=p.chip_hours if p.step_flops else 0.0,
+                             step_seconds=p.step_seconds, hours=p.hours, chip_hours=p.chip_hours,
                              fix=fix[0] if fix else "", fix_chip_hours=fix[1].chip_hours if fix else 0.0))
             done = len(rows)
             eta = (time.perf_counter() - started) / done * (total - done)

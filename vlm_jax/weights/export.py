@@ -3,7 +3,7 @@
 The LLM becomes a Qwen2 directory (config.json + sharded safetensors + index) that transformers'
 `Qwen2ForCausalLM.from_pretrained` loads; the tower a CLIP vision directory. Both run their family's key table
 backwards. The compressor and projector have no transformers class: they are written with their own table
-(`HEAD_TABLE`): the projector under LLaVA's names (`model.mm_projector.0/2`), the compressor under
+(`PROJECTOR_TABLE`, then `head_tensors`): the projector under LLaVA's names (`model.mm_projector.0/2`), the compressor under
 `model.mm_compressor.` + our parameter path, with torch's layouts for 2-D kernels.
 """
 
@@ -21,7 +21,6 @@ from safetensors.numpy import save_file
 from vlm_jax.weights import families, load, tables
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def _host(x) -> np.ndarray:
@@ -34,8 +33,7 @@ def _host(x) -> np.ndarray:
 def hf_tensors(family: families.Family, params: dict, part_cfg: ml_collections.ConfigDict) -> dict:
     """{HF name: numpy array} for the family's subtree `params` (nested, as in our tree under family.prefix)."""
     flat = {f"{family.prefix}/{k}": v for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-    depth = part_cfg.get("num_layers", part_cfg.get("depth"))
-    rows = load.expand(family, set(flat), depth)
+    rows = load.expand(family, set(flat), load.depth(part_cfg))
     missing = sorted(k for k in flat if k not in rows)
     if missing:
         raise ValueError(f"no {family.name} tensor for parameters {missing[:3]}")
@@ -53,7 +51,7 @@ def qwen2_config(llm_cfg: ml_collections.ConfigDict, dtype: str) -> dict:
     """config.json of a Qwen2ForCausalLM with our preset's shape."""
     cfg = {hf_key: llm_cfg[ours] for ours, hf_key in families.QWEN2.fields}
     cfg.update(families.QWEN2.required)
-    cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", torch_dtype=TORCH_DTYPE_NAMES[dtype],
+    cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", torch_dtype=dtype,
                attention_dropout=0.0, use_cache=True, sliding_window=cfg["max_position_embeddings"],
                max_window_layers=cfg["num_hidden_layers"])
     return cfg
@@ -62,7 +60,7 @@ def qwen2_config(llm_cfg: ml_collections.ConfigDict, dtype: str) -> dict:
 def clip_vision_config(vision_cfg: ml_collections.ConfigDict, dtype: str) -> dict:
     cfg = {hf_key: vision_cfg[ours] for ours, hf_key in families.CLIP.fields}
     cfg.update(families.CLIP.required)
-    cfg.update(architectures=["CLIPVisionModel"], model_type="clip_vision_model", torch_dtype=TORCH_DTYPE_NAMES[dtype])
+    cfg.update(architectures=["CLIPVisionModel"], model_type="clip_vision_model", torch_dtype=dtype)
     return cfg
 
 

@@ -83,6 +83,11 @@ class Checkpoint:
         return np.asarray(block, dtype=dtype)
 
 
+def depth(part_cfg) -> int:
+    """Layers of an LLM (`num_layers`) or a tower (`depth`) config."""
+    return part_cfg.get("num_layers", part_cfg.get("depth"))
+
+
 def expand(family: families.Family, names: set, num_layers: int) -> dict:
     """{our full name: [(HF name, layout), one per stacked layer or a single one]} for the parameters of our model
     that the family's table covers; a scanned stack (`prefix/layers/...`) lists its layers in order."""
@@ -120,8 +125,7 @@ def restore_matching(source: str, regex: str, abstract_params: dict, model_cfg: 
         family.check(ours_cfg, ckpt.config, where)
         ckpt.spell(family.canonical)
         tied = bool(ours_cfg.get("tie_embeddings", False))
-        depth = ours_cfg.get("num_layers", ours_cfg.get("depth"))
-        rows = expand(family, set(abstract_params), depth)
+        rows = expand(family, set(abstract_params), depth(ours_cfg))
         rows = {k: v for k, v in rows.items() if k in abstract_params}
         known = {hf for entries in rows.values() for hf, _ in entries}
         unexpected = sorted(k for k in ckpt.info if k not in known and not family.is_ignored(k, tied))
