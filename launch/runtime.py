@@ -14,13 +14,17 @@ def compilation_cache_dir() -> str:
     return os.environ.get("VLM_JAX_COMPILATION_CACHE", DEFAULT_COMPILATION_CACHE)
 
 
-def start(distributed: bool) -> None:
-    """Join the other hosts (multi-host TPU/GPU: jax.distributed finds them), turn on the persistent compilation
-    cache, and log at INFO, without the checkpoint library's line per file operation."""
+def start(distributed: bool, coordinator_address: str | None = None, num_processes: int | None = None,
+          process_id: int | None = None) -> None:
+    """Join the other hosts (multi-host TPU/GPU: jax.distributed finds them; elsewhere, e.g. several CPU processes,
+    pass the coordinator's address and this process's place), turn on the persistent compilation cache, and log at
+    INFO, without the checkpoint library's line per file operation."""
     import jax
 
     if distributed:
-        jax.distributed.initialize()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes: real cross-process collectives
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
     cache = compilation_cache_dir()
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)

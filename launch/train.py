@@ -12,6 +12,10 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/smoke.py:tokens=1.", lock_config=True)
 flags.DEFINE_string("run_dir", None, "Overrides config.run_dir.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, where jax.distributed cannot find it itself (e.g. CPU processes).")
+flags.DEFINE_integer("num_processes", None, "With --coordinator_address: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a run directory even though its saved config.json differs from this config.")
 flags.mark_flags_as_required(["config"])
@@ -23,7 +27,7 @@ def main(argv):
     from launch import runtime
     from vlm_jax import train
 
-    runtime.start(FLAGS.distributed)
+    runtime.start(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
     if FLAGS.run_dir:
         with config.unlocked():

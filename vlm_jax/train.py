@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from vlm_jax import checkpoints, flops, hardware, optim, sharding, weights
 from vlm_jax.data import pipeline
@@ -300,16 +301,30 @@ def append_line(path: str, line: str) -> None:
     p.write_text((p.read_text() if p.exists() else "") + line + "\n")
 
 
-class _StopFlag:
-    """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
+class Preemption:
+    """When to stop early on SIGTERM (preemption): the same step on every process, or a collective save would hang.
+
+    One process: our handler sets a flag, seen after the current step. Several processes: JAX's preemption service
+    (started by jax.distributed.initialize) catches SIGTERM on whichever host gets it, tells the others through the
+    coordination service and names one step, the same everywhere, at which `stop_after` becomes true. A second
+    SIGTERM ends the process at once (default action: no handler left)."""
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._set)
+        self._shared = jax.process_count() > 1
+        if not self._shared:
+            signal.signal(signal.SIGTERM, self._set)
 
     def _set(self, *_):
-        logging.warning("stop requested: will checkpoint and exit after this step")
+        logging.warning("stop requested: will checkpoint and exit after this step (a second signal exits at once)")
         self.requested = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def stop_after(self, step: int) -> bool:
+        """Call once per step on every process, with the step just completed."""
+        if self._shared:
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
 def config_changes(saved: dict, new: dict) -> list[str]:
@@ -404,7 +419,7 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
         return itertools.islice(it, t.get("eval_batches", 0) or None)
 
     # --- loop -----------------------------------------------------------------------------------
-    stop = _StopFlag()
+    preemption = Preemption()
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     step = int(jax.device_get(state.step))
     window, window_tokens, window_start, last = [], 0, time.perf_counter(), {}
@@ -439,13 +454,14 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
                     first_step, timed, window_tokens, window_start = False, 0, 0, time.perf_counter()
                 else:
                     timed += 1
+                stopping = preemption.stop_after(step)
                 evaluated = {}
                 if eval_every and (step % eval_every == 0 or step == t.steps):
                     eval_start = time.perf_counter()
                     evaluated = evaluate(eval_step, optim.merge(state.params, state.frozen), eval_batches(), mesh)
                     logging.info("step %d | eval %s", step, " | ".join(f"{k} {v:.4g}" for k, v in evaluated.items()))
                     window_start += time.perf_counter() - eval_start   # keep evaluation out of the throughput figures
-                if step % t.log_every == 0 or step == t.steps or stop.requested:
+                if step % t.log_every == 0 or step == t.steps or stopping:
                     skipped_updates += check_finite(window)
                     fetched = jax.device_get(window)
                     elapsed = time.perf_counter() - window_start
@@ -472,10 +488,12 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
                     window, window_tokens, window_start, timed = [], 0, time.perf_counter(), 0
                 elif evaluated and jax.process_index() == 0:   # an eval between log steps gets its own line
                     append_line(metrics_path, json.dumps({"step": step, **evaluated}))
-                if step % t.checkpoint_every == 0 or step == t.steps or stop.requested:
+                if step % t.checkpoint_every == 0 or step == t.steps or stopping:
                     check_finite(window)   # (counted at the log step)
                     checkpoints.save(ckpt, step, state, data_iter.get_state(), {"step": step}, force=True)
-                if stop.requested:
+                if stopping:
+                    logging.warning("stopped on request after step %d of %d, checkpoint saved (all %d processes); the "
+                                    "same command resumes", step, t.steps, jax.process_count())
                     break
     finally:   # an error mid-run (non-finite step, data error) must not abort a checkpoint still being written
         ckpt.wait_until_finished()
