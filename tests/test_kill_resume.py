@@ -66,3 +66,33 @@ def test_sigkill_after_the_first_checkpoint_then_resume_is_bitwise_equal_to_an_u
     assert set(resumed) == set(reference)
     for name, value in reference.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+def _limited_file_size(max_bytes):
+    """preexec_fn: files this process writes cannot grow past max_bytes (EFBIG), as on a full disk; applies to
+    root too, unlike a read-only directory."""
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_that_fails_stops_the_run_clearly_and_the_previous_checkpoint_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, VLM_JAX_COMPILATION_CACHE="")
+    first = subprocess.run(_command(run_dir) + ["--config.train.steps=3"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _saved_steps(run_dir) == [3]
+
+    longer = _command(run_dir) + ["--allow_config_change"]   # 12 steps; the step-6 save cannot be written
+    full = subprocess.run(longer, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+                          preexec_fn=_limited_file_size(64 << 10))
+    assert full.returncode != 0
+    assert "writing a checkpoint under" in full.stderr and "File too large" in full.stderr, full.stderr[-3000:]
+    assert "the last complete checkpoint is step 3" in full.stderr
+    assert _saved_steps(run_dir) == [3]   # the failed step left only a temporary directory
+
+    again = subprocess.run(longer, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step 3" in again.stderr
+    assert _saved_steps(run_dir)[-1] == 12

@@ -5,6 +5,7 @@ so a resumed run sees exactly the batches an uninterrupted run would. Saves are 
 previous checkpoint; `max_to_keep` old ones are kept.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import re
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 from grain import checkpoint as grain_checkpoint
 
@@ -51,12 +53,39 @@ class _IteratorState:
         pass
 
 
+def complete_steps(mngr: ocp.CheckpointManager) -> list[int]:
+    """Steps whose checkpoint was completely written (renamed from its temporary directory), oldest first."""
+    d = epath.Path(mngr.directory)
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+@contextlib.contextmanager
+def write_errors(mngr: ocp.CheckpointManager):
+    """A failed checkpoint write (disk full, no permission, ...) becomes one clear OSError naming what is still
+    restorable; the failed step stays a temporary directory, never restored."""
+    try:
+        yield
+    except Exception as e:   # orbax reports a background write's failure at the next save or wait
+        steps = complete_steps(mngr)
+        raise OSError(f"writing a checkpoint under {mngr.directory} failed: {type(e).__name__}: {e}\nThe run "
+                      f"stopped; the last complete checkpoint is "
+                      f"{f'step {steps[-1]}' if steps else 'none'}, and resuming starts from it") from e
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Block until pending saves are on disk; a failed one raises (write_errors)."""
+    with write_errors(mngr):
+        mngr.wait_until_finished()
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state=None, meta=None, force: bool = False):
-    """Save at `step` (async for the arrays); returns whether a save happened."""
-    saved = mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain_checkpoint.CheckpointSave(_IteratorState(data_state)),
-        meta=ocp.args.JsonSave(meta or {})), force=force)
+    """Save at `step` (async for the arrays); returns whether a save happened. A failed write, this one's or a
+    previous one's, raises (write_errors)."""
+    with write_errors(mngr):
+        saved = mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain_checkpoint.CheckpointSave(_IteratorState(data_state)),
+            meta=ocp.args.JsonSave(meta or {})), force=force)
     if saved:
         logging.info("checkpoint: saving step %d", step)
     return saved

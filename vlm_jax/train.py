@@ -431,7 +431,7 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
         finite = [bool(f) for f in jax.device_get([w["finite"] for w in window_metrics])]
         bad = [step - len(finite) + 1 + i for i, ok in enumerate(finite) if not ok]
         if bad and not skip_nonfinite:
-            ckpt.wait_until_finished()   # the last good checkpoint may still be being written
+            checkpoints.wait(ckpt)   # the last good checkpoint may still be being written
             raise FloatingPointError(
                 f"non-finite loss or gradient norm at step {bad[0]} ({len(bad)} of the last {len(finite)} steps); "
                 f"stopped without saving: the last checkpoint (step {ckpt.latest_step()}) is intact. "
@@ -496,8 +496,10 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
                                     "same command resumes", step, t.steps, jax.process_count())
                     break
     finally:   # an error mid-run (non-finite step, data error) must not abort a checkpoint still being written
-        ckpt.wait_until_finished()
-        ckpt.close()
+        try:
+            checkpoints.wait(ckpt)
+        finally:
+            ckpt.close()
     return last
 
 
