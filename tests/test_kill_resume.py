@@ -1,8 +1,10 @@
-"""A training process killed outright (SIGKILL: no handler runs) resumes to exactly the parameters of a run that was
-never interrupted, and a checkpoint left half-written by a kill is never restored. Real processes."""
+"""A training process killed outright (SIGKILL: no handler runs) or stopped by SIGTERM mid-run resumes to exactly
+the parameters of a run that was never interrupted; a checkpoint left half-written by a kill is never restored; a
+checkpoint that cannot be written stops the run clearly and the one before it resumes. Real processes."""
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,15 +19,15 @@ from vlm_jax import checkpoints, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _command(run_dir):
+def _command(run_dir, steps=12):
     return [sys.executable, "-m", "launch.train", "--config=configs/smoke.py:llm=tiny-s,tokens=4,res=32",
-            f"--config.run_dir={run_dir}", "--config.train.steps=12", "--config.train.batch_size=4",
+            f"--config.run_dir={run_dir}", f"--config.train.steps={steps}", "--config.train.batch_size=4",
             "--config.train.log_every=1", "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=10",
             "--config.data.seq_len=24"]
 
 
-def _finished(run_dir) -> dict:
-    proc = subprocess.run(_command(run_dir), cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+def _finished(run_dir, steps=12) -> dict:
+    proc = subprocess.run(_command(run_dir, steps), cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, params = train.load_params(str(run_dir))
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
@@ -64,6 +66,31 @@ def test_sigkill_after_the_first_checkpoint_then_resume_is_bitwise_equal_to_an_u
     resumed = _finished(run_dir)
     assert 999 not in _saved_steps(run_dir)
     assert set(resumed) == set(reference)
+    for name, value in reference.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_saves_exits_0_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    steps = 300   # long enough that the signal lands mid-run
+    reference = _finished(tmp_path / "uninterrupted", steps)
+    run_dir = tmp_path / "stopped"
+    proc = subprocess.Popen(_command(run_dir, steps), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 300
+        while not _saved_steps(run_dir):
+            assert proc.poll() is None and time.time() < deadline, "no first checkpoint"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = int(re.search(r"stopped on request after step (\d+) of 300", stderr).group(1))
+    assert _saved_steps(run_dir)[-1] == stopped < steps
+    resumed = _finished(run_dir, steps)
     for name, value in reference.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
 
