@@ -129,8 +129,18 @@ def _vision_forward(vision_cfg, n_vision: int) -> float:
             + attention_flops(vision_cfg.depth, vision_cfg.num_heads, head_dim, tokens, causal=False))
 
 
+def llm_matmul_params(llm_cfg, n_llm: int) -> tuple[int, int]:
+    """(with the output projection, without it): the LLM's parameters that multiply activations. The input
+    embedding is a lookup, not a matmul; a tied table is used once, as the output projection. Without it: what a
+    pass that stops at the last hidden state (QueCC's query pass) multiplies."""
+    table = llm_cfg.vocab_size * llm_cfg.hidden_size
+    with_head = n_llm - (0 if llm_cfg.get("tie_embeddings", False) else table)
+    return with_head, with_head - table
+
+
 def _llm_forward(llm_cfg, n_llm: int, tokens: int) -> tuple[float, float]:
-    """(weight matmuls, causal attention) of one forward pass over `tokens` tokens."""
+    """(weight matmuls, causal attention) of one forward pass over `tokens` tokens, `n_llm` the parameters that
+    multiply."""
     return (llm_linear_flops(n_llm, tokens),
             attention_flops(llm_cfg.num_layers, llm_cfg.num_heads, llm_cfg.head_dim, tokens, causal=True))
 
@@ -151,7 +161,7 @@ def inference_breakdown(model_cfg, *, text_tokens: int, question_tokens: int | N
     query_pass = 0.0
     if needs_query_pass(model_cfg):
         q = text_tokens if question_tokens is None else question_tokens
-        query_pass = sum(_llm_forward(model_cfg.llm, counts["llm"], q))
+        query_pass = sum(_llm_forward(model_cfg.llm, llm_matmul_params(model_cfg.llm, counts["llm"])[1], q))
     if compressor_flops_per_image is None:
         compressor_flops_per_image = compressor_flops(model_cfg)
     return InferenceFlops(
@@ -177,28 +187,32 @@ def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: boo
                      params=None) -> float:
     """FLOPs of one training step on batch_size sequences of seq_len tokens (visual slots included), one image each.
 
-    Per sequence, with N the LLM's parameters, F_x a part's forward FLOPs, and attention causal:
+    Per sequence, with N the LLM's parameters that multiply (llm_matmul_params: not the input embedding, a lookup),
+    N_body those without the output projection, F_x a part's forward FLOPs, and attention causal:
         LLM weights      (6 if train_llm else 4) * N * seq_len       (frozen: forward + activation gradients)
         LLM attention    3 * 2 * L * H * d_head * seq_len^2          (gradients always pass through it)
         vision tower     (3 if train_vision else 1) * F_vision       (2 N_vision per patch token + attention)
         compressor       3 * F_compressor                            (always trained)
         projector        3 * 2 * N_projector * V                     (always trained)
-        query pass       2 * N * query_tokens + causal attention     (heads with needs_query; forward only)
-    query_tokens defaults to seq_len: with static shapes the query pass runs over the whole padded sequence.
+        query pass       2 * N_body * query_tokens + causal attention (heads with needs_query; forward only, up
+                                                                      to the last hidden state)
+    query_tokens: the question length the query pass runs over (data.question_len); default seq_len.
+    Checked against XLA's cost analysis of the jitted step (tests/test_flops_xla.py).
     """
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
     counts = param_counts(model_cfg, params)
     llm_cfg = model_cfg.llm
     attention = attention_flops(llm_cfg.num_layers, llm_cfg.num_heads, llm_cfg.head_dim, seq_len, causal=True)
-    per_seq = (6.0 if train_llm else 4.0) * counts["llm"] * seq_len + 3.0 * attention
+    n_matmul, n_body = llm_matmul_params(llm_cfg, counts["llm"])
+    per_seq = (6.0 if train_llm else 4.0) * n_matmul * seq_len + 3.0 * attention
     per_seq += (3.0 if train_vision else 1.0) * _vision_forward(model_cfg.vision, counts["vision"])
     if compressor_flops_per_image is None:
         compressor_flops_per_image = compressor_flops(model_cfg)
     per_seq += 3.0 * compressor_flops_per_image
     per_seq += 3.0 * llm_linear_flops(counts["projector"], visual_tokens(model_cfg))
     if needs_query_pass(model_cfg):
-        per_seq += sum(_llm_forward(llm_cfg, counts["llm"], seq_len if query_tokens is None else query_tokens))
+        per_seq += sum(_llm_forward(llm_cfg, n_body, seq_len if query_tokens is None else query_tokens))
     return batch_size * per_seq
 
 

@@ -148,10 +148,11 @@ def _abstract_batch(run_cfg, mesh):
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in shapes.items()}
 
 
-def _step_flops(model_cfg, train_cfg, seq_len: int, trainable: set) -> float:
+def _step_flops(model_cfg, train_cfg, seq_len: int, trainable: set, question_len: int) -> float:
     from vlm_jax import flops  # pylint: disable=import-outside-toplevel
     return flops.train_step_flops(model_cfg, batch_size=train_cfg.batch_size, seq_len=seq_len,
-                                  train_llm="llm" in trainable, train_vision="vision" in trainable)
+                                  train_llm="llm" in trainable, train_vision="vision" in trainable,
+                                  query_tokens=question_len)
 
 
 def plan_stage(run_cfg: ml_collections.ConfigDict, slice_name: str, mfu: float = DEFAULT_MFU) -> StagePlan:
@@ -184,11 +185,12 @@ def plan_stage(run_cfg: ml_collections.ConfigDict, slice_name: str, mfu: float =
         if "RESOURCE_EXHAUSTED" in message and needed:   # does not fit: a finding with a size, not a failure
             return StagePlan(**base, arguments=0, temporaries=int(float(needed.group(1)) * GiB), code=0,
                              total=int(float(needed.group(1)) * GiB), compile_seconds=time.perf_counter() - t0,
-                             step_flops=_step_flops(m, t, seq_len, trainable), out_of_memory=message)
+                             step_flops=_step_flops(m, t, seq_len, trainable, run_cfg.data.question_len),
+                             out_of_memory=message)
         return StagePlan(**base, arguments=0, temporaries=0, code=0, total=0, compile_seconds=time.perf_counter()
                          - t0, step_flops=0.0, error=f"{type(e).__name__}: {message}")
     seconds = time.perf_counter() - t0
-    step_flops = _step_flops(m, t, seq_len, trainable)
+    step_flops = _step_flops(m, t, seq_len, trainable, run_cfg.data.question_len)
     arguments, outputs = ma.argument_size_in_bytes, max(ma.output_size_in_bytes - ma.alias_size_in_bytes, 0)
     # The TPU compiler reports the peak of its buffer assignment (temp_size is 0 there); other backends the parts.
     total = getattr(ma, "peak_memory_in_bytes", 0) or (arguments + outputs + ma.temp_size_in_bytes

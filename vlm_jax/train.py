@@ -399,7 +399,8 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
     train_vision = any(k.startswith("vision") for k in state.params)
     seq_len = config.data.seq_len + m.compressor.num_tokens   # text budget + V image slots
     step_flops = flops.train_step_flops(m, batch_size=t.batch_size, seq_len=seq_len,
-                                        train_llm=train_llm, train_vision=train_vision)
+                                        train_llm=train_llm, train_vision=train_vision,
+                                        query_tokens=config.data.question_len)
     peak, peak_source = hardware.peak_flops_per_device(t.peak_flops_per_device)
     logging.info("MFU denominator: %.3g FLOP/s per device (%s); %.3g FLOPs per step", peak, peak_source,
                  step_flops)
