@@ -75,3 +75,18 @@ def grid_jobs(g):
 
     tower = spec.tower_job(g, models.llm_config)
     return tower, spec.cell_jobs(g, models.llm_config, lambda m: flops.param_counts(m)["llm"], tower)
+
+
+def saved_steps(run_dir) -> list[int]:
+    """Complete checkpoints of a run directory, oldest first."""
+    from vlm_jax import checkpoints  # pylint: disable=import-outside-toplevel
+    return checkpoints.complete_steps(checkpoints.directory(str(run_dir)))
+
+
+def trained_params(run_dir) -> dict:
+    """The latest checkpoint's parameters as {'a/b/c': numpy array}."""
+    from flax import traverse_util  # pylint: disable=import-outside-toplevel
+
+    from vlm_jax import train  # pylint: disable=import-outside-toplevel
+    _, params = train.load_params(str(run_dir))
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}

@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from vlm_jax import checkpoints, train
+from tests import helpers
+from vlm_jax import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,13 +29,7 @@ def _command(run_dir, steps=12):
 def _finished(run_dir, steps=12) -> dict:
     proc = subprocess.run(_command(run_dir, steps), cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _, params = train.load_params(str(run_dir))
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-
-
-def _saved_steps(run_dir) -> list[int]:
-    d = checkpoints.directory(str(run_dir))
-    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+    return helpers.trained_params(run_dir)
 
 
 @pytest.mark.slow
@@ -46,7 +40,7 @@ def test_sigkill_after_the_first_checkpoint_then_resume_is_bitwise_equal_to_an_u
     proc = subprocess.Popen(_command(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not _saved_steps(run_dir):
+        while not helpers.saved_steps(run_dir):
             assert proc.poll() is None and time.time() < deadline, "no first checkpoint"
             time.sleep(0.05)
         time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))   # anywhere after it: mid-step, mid-save, ...
@@ -64,7 +58,7 @@ def test_sigkill_after_the_first_checkpoint_then_resume_is_bitwise_equal_to_an_u
         f.write(b"\x00" * 100)
 
     resumed = _finished(run_dir)
-    assert 999 not in _saved_steps(run_dir)
+    assert 999 not in helpers.saved_steps(run_dir)
     assert set(resumed) == set(reference)
     for name, value in reference.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
@@ -79,7 +73,7 @@ def test_sigterm_mid_run_saves_exits_0_and_resume_is_bitwise_equal_to_an_uninter
                             text=True)
     try:
         deadline = time.time() + 300
-        while not _saved_steps(run_dir):
+        while not helpers.saved_steps(run_dir):
             assert proc.poll() is None and time.time() < deadline, "no first checkpoint"
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
@@ -89,7 +83,7 @@ def test_sigterm_mid_run_saves_exits_0_and_resume_is_bitwise_equal_to_an_uninter
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
     stopped = int(re.search(r"stopped on request after step (\d+) of 300", stderr).group(1))
-    assert _saved_steps(run_dir)[-1] == stopped < steps
+    assert helpers.saved_steps(run_dir)[-1] == stopped < steps
     resumed = _finished(run_dir, steps)
     for name, value in reference.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
@@ -109,7 +103,7 @@ def test_a_checkpoint_write_that_fails_stops_the_run_clearly_and_the_previous_ch
     first = subprocess.run(_command(run_dir) + ["--config.train.steps=3"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600, check=False)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert _saved_steps(run_dir) == [3]
+    assert helpers.saved_steps(run_dir) == [3]
 
     longer = _command(run_dir) + ["--allow_config_change"]   # 12 steps; the step-6 save cannot be written
     full = subprocess.run(longer, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
@@ -117,9 +111,9 @@ def test_a_checkpoint_write_that_fails_stops_the_run_clearly_and_the_previous_ch
     assert full.returncode != 0
     assert "writing a checkpoint under" in full.stderr and "File too large" in full.stderr, full.stderr[-3000:]
     assert "the last complete checkpoint is step 3" in full.stderr
-    assert _saved_steps(run_dir) == [3]   # the failed step left only a temporary directory
+    assert helpers.saved_steps(run_dir) == [3]   # the failed step left only a temporary directory
 
     again = subprocess.run(longer, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step 3" in again.stderr
-    assert _saved_steps(run_dir)[-1] == 12
+    assert helpers.saved_steps(run_dir)[-1] == 12

@@ -12,9 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from vlm_jax import checkpoints, train
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60
@@ -52,22 +51,12 @@ def _wait(procs, timeout=600) -> list[str]:
                 p.kill()
 
 
-def _params(run_dir) -> dict:
-    _, params = train.load_params(str(run_dir))
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-
-
-def _saved_steps(run_dir) -> list[int]:
-    d = checkpoints.directory(str(run_dir))
-    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
-
-
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resume_matches_one_process(tmp_path):
     run_dir = tmp_path / "two"
     procs = _start_pair(run_dir)
     deadline = time.time() + 400
-    while not _saved_steps(run_dir):   # the first checkpoint (step 5) is written: both are in the loop
+    while not helpers.saved_steps(run_dir):   # the first checkpoint (step 5) is written: both are in the loop
         assert all(p.poll() is None for p in procs) and time.time() < deadline, "no first checkpoint"
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)   # one host only
@@ -76,18 +65,18 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resume_match
     stopped = [re.findall(r"stopped on request after step (\d+)", log) for log in logs]
     assert stopped[0] and stopped[0] == stopped[1], stopped   # the same step on both, said by both
     stop_step = int(stopped[0][0])
-    assert stop_step < STEPS and _saved_steps(run_dir)[-1] == stop_step
+    assert stop_step < STEPS and helpers.saved_steps(run_dir)[-1] == stop_step
 
     logs = _wait(_start_pair(run_dir))   # resume both
     assert all(f"resumed from step {stop_step}" in log for log in logs), logs[0][-2000:]
-    assert _saved_steps(run_dir)[-1] == STEPS
-    two_processes = _params(run_dir)
+    assert helpers.saved_steps(run_dir)[-1] == STEPS
+    two_processes = helpers.trained_params(run_dir)
 
     ref_dir = tmp_path / "one"
     ref = subprocess.run([sys.executable, "-m", "tests.two_shard_reference", *CONFIG, f"--config.run_dir={ref_dir}"],
                          cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=600, check=False)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    one_process = _params(ref_dir)
+    one_process = helpers.trained_params(ref_dir)
     assert set(one_process) == set(two_processes)
     for name, value in one_process.items():
         np.testing.assert_allclose(two_processes[name], value, rtol=1e-4, atol=1e-5, err_msg=name)

@@ -2,10 +2,8 @@
 process 1's): the single-host twin of a 2-process run. `python -m tests.two_shard_reference RUN_DIR ARGS...` (run
 with 2 host devices)."""
 
-import sys
 
 import numpy as np
-from ml_collections import config_flags  # noqa: F401  (absl flags for the config)
 
 from vlm_jax.data import pipeline
 

@@ -53,9 +53,10 @@ class _IteratorState:
         pass
 
 
-def complete_steps(mngr: ocp.CheckpointManager) -> list[int]:
-    """Steps whose checkpoint was completely written (renamed from its temporary directory), oldest first."""
-    d = epath.Path(mngr.directory)
+def complete_steps(directory) -> list[int]:
+    """Steps whose checkpoint under `directory` was completely written (renamed from its temporary directory),
+    oldest first."""
+    d = epath.Path(directory)
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
@@ -66,7 +67,7 @@ def write_errors(mngr: ocp.CheckpointManager):
     try:
         yield
     except Exception as e:   # orbax reports a background write's failure at the next save or wait
-        steps = complete_steps(mngr)
+        steps = complete_steps(mngr.directory)
         raise OSError(f"writing a checkpoint under {mngr.directory} failed: {type(e).__name__}: {e}\nThe run "
                       f"stopped; the last complete checkpoint is "
                       f"{f'step {steps[-1]}' if steps else 'none'}, and resuming starts from it") from e
