@@ -8,10 +8,10 @@ Variants:
 - `smoke` (default): 3 tiny Qwen-style LLMs (27K, 99K, 308K parameters) x V in {1, 4, 16, 64} on the built-in
   synthetic benchmark, two task families: `reasoning` (aggregate questions) and `detail` (a colour inside a small
   marker; the stand-in for OCR). As the paper does with CLIP, one tiny vision tower is pretrained once on its own
-  objective and then frozen in every cell; it is cached in the grid directory under a hash of its config. Each
-  cell: stage 1 trains the projector (avgpool has no parameters), stage 2 starts from it and adds the LLM. The
-  tiny LLMs start from scratch (there is no text to pretrain them on), so stage 1 is short: it aligns the projector
-  to a random LLM, and is there so that every cell runs the paper's two-stage path.
+  objective and then frozen in every cell; as the paper's LLMs come pretrained on text, each tiny LLM is pretrained
+  once on the detail scenes told in words. Both are cached in the grid directory under a hash of their config.
+  Each cell: stage 1 trains the projector (avgpool has no parameters) against the frozen pretrained LLM on the
+  detail family (the one it knows in words), stage 2 starts from it and trains the LLM too on both families.
 - `detail`: the smoke grid on the detail family alone, 600 steps per cell (where its V trade-off shows).
 - `paper`: Qwen1.5 0.5B/1.8B/4B/7B x V in {1, 4, 16, 36, 64, 144, 576}, CLIP ViT-L/14-336 (pretrained, frozen),
   QueCC; stage 1 on LLaVA-558K (lr 1e-3, batch 256), stage 2 on LLaVA-665K (lr 2e-5, batch 128); the paper's
@@ -70,6 +70,19 @@ def _axis(text: str, kind=str) -> tuple:
 #   the detail-only tower: what the tower learnt decides how fast the LLM learns the lookup;
 # - one fixed question ("inside the red one", red always present), tiny-s, 500 steps: 0.98 at V=1, 0.995 at V=64 —
 #   a pretrained tower's marker features survive pooling; one token loses only what the question must select.
+# Session of 2026-12-03 (2 x 2 probes: tiny-xs/tiny-m x V 1/64, mixed families, 500 stage-2 steps; error detail):
+# - "does any marker have the next colour inside?" (yes/no; a 'no' scene swaps two centres, so the bags of colours
+#   are those of a 'yes' scene): not learnt at V=64 (0.44; V=1 0.43) in 500 steps, with either tower;
+# - centres from the outer palette, LLMs from scratch, tower pretrained on single markers with 1 or 64 tokens:
+#   V=64 no better than V=1 (0.66 / 0.71 tiny-xs; 0.58 / 0.54 tiny-m);
+# - the LLM pretrained on the scenes in words (tiny-m learns the lookup in ~300 steps of text, 0.1 s a step): tiny-m
+#   V=1 0.25, V=64 0.18 with centres from the outer palette: one pooled token still answered (the tower binds the
+#   two colours of a marker into one feature, which survives the mean); centres from their own palette: V=1 0.66
+#   (no leak), V=64 0.57 with stage 1 on both families (the frozen LLM cannot align on reasoning it never saw),
+#   0.32 with stage 1 on detail alone for 150 steps (lr 3e-3): this default;
+# - the tower pretrained with 64 tokens instead of 1: V=1 leaks again (0.41);
+# - tiny-xs learns the text lookup only after ~750 steps at lr 3e-3 (and not reliably: 1,200 steps did not);
+#   1,000 steps at lr 3e-3 with log-uniform row lengths broke all three LLMs' text lookup (0.48-0.51).
 
 
 def smoke(arg) -> ml_collections.ConfigDict:
@@ -103,7 +116,8 @@ def smoke(arg) -> ml_collections.ConfigDict:
 
     # Stage 1: compressor + projector against the frozen LLM; stage 2: the LLM as well (tower frozen in both).
     config.stages = ml_collections.ConfigDict(dict(
-        stage1=dict(train=dict(stage="projector", lr=1e-3, steps=20)),
+        stage1=dict(train=dict(stage="projector", lr=3e-3, steps=150),
+                    data=dict(synthetic=dict(families="detail"))),
         stage2=dict(train=dict(stage="full", lr=1e-3, steps=500)),
     ))
 
@@ -114,9 +128,19 @@ def smoke(arg) -> ml_collections.ConfigDict:
     # questions: pooling could not show what it costs.)
     config.tower = ml_collections.ConfigDict(dict(
         pretrain=True, llm="tiny-s", tokens=1,
-        overrides=dict(data=dict(seq_len=48, synthetic=dict(max_items=1, train_questions=2,
+        overrides=dict(data=dict(seq_len=48, synthetic=dict(max_items=1, train_questions=2, detail_kinds="colors",
                                                             reasoning_kinds="color_of,shape_of,count_all")),
                        train=dict(stage="full", train_vision=True, lr=1e-3, steps=200, batch_size=32)),
+    ))
+    # The LLMs: pretrained once each, as language models are on text before they see an image, on the detail
+    # scenes told in words (a row of 4-64 words, one per marker, "redwhite" = red around white; synthetic.py). They
+    # learn there the lookup that reading a marker among many visual tokens needs; stage 1 (on the detail family,
+    # the one the LLM knows in words) then aligns the projector to it, and stage 2 trains on both families.
+    config.llm_pretrain = ml_collections.ConfigDict(dict(
+        pretrain=True, tokens=1,
+        overrides=dict(data=dict(seq_len=96, question_len=80,
+                                 synthetic=dict(families="detail", family_weights="", describe=True)),
+                       train=dict(stage="full", lr=1e-3, steps=400, batch_size=32)),
     ))
     config.eval = eval_config(synthetic_per_family=500, batch_size=100, max_new_tokens=3,
                               tasks=dict(reasoning="synthetic/reasoning", detail="synthetic/detail"))
@@ -129,7 +153,8 @@ def smoke(arg) -> ml_collections.ConfigDict:
 
 def detail(arg) -> ml_collections.ConfigDict:
     """The smoke grid on the `detail` family alone, 600 steps per cell: where the fine-detail trade-off shows
-    (measured for tiny-m: error 0.275, 0.200, 0.145, 0.015 at V = 1, 4, 16, 64; its four cells took 9.5 minutes)."""
+    (measured for tiny-m before the centres had a palette of their own and before the LLMs were pretrained: error
+    0.275, 0.200, 0.145, 0.015 at V = 1, 4, 16, 64; its four cells took 9.5 minutes)."""
     config = smoke(arg)
     config.dir = "runs/grid-detail"
     config.cell.data.synthetic.families = "detail"
@@ -165,6 +190,7 @@ def paper(arg) -> ml_collections.ConfigDict:
         stage2=dict(train=stage2.train.to_dict(), data=llava_data("llava_v1_5_mix665k.json")),
     ))
     config.tower = ml_collections.ConfigDict(dict(pretrain=False, llm="", tokens=0, overrides={}))
+    config.llm_pretrain = ml_collections.ConfigDict(dict(pretrain=False, tokens=0, overrides={}))   # Qwen1.5 is
     config.eval = eval_config(synthetic_per_family=0, batch_size=16, max_new_tokens=128, seq_len=2048,
                               text_tokens=64, tasks=PAPER_TASKS, data_root=f"{data}/eval",
                               benchmarks={k: v for k, v in PAPER_BENCHMARKS.items()})

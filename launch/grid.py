@@ -62,23 +62,23 @@ def main(argv):
     grid = FLAGS.config
     backend = backends.make(grid.backend, grid.get(grid.backend))
     n_params = lambda model_cfg: flops.param_counts(model_cfg)["llm"]  # noqa: E731
-    tower = spec.tower_job(grid, models.llm_config)
-    cells = spec.cell_jobs(grid, models.llm_config, n_params, tower)
+    pretraining = spec.pretraining_jobs(grid, models.llm_config)
+    cells = spec.cell_jobs(grid, models.llm_config, n_params, pretraining)
     if FLAGS.dry_run:
-        runner.dry_run(([tower] if tower else []) + cells, backend, print)
+        runner.dry_run(pretraining + cells, backend, print)
         return
     if not FLAGS.fit_only:
-        todo, notes = runner.select(([tower] if tower else []) + cells, FLAGS.only, FLAGS.retry_failed)
+        todo, notes = runner.select(pretraining + cells, FLAGS.only, FLAGS.retry_failed)
         for note in notes:
             print(note)
-        todo_tower = tower if tower in todo else None
+        todo_first = [j for j in todo if not j.is_cell]
         todo_cells = [j for j in todo if j.is_cell]
         if grid.backend == "tpu" and grid.tpu.plan and todo_cells:
             todo_cells = fitting_cells(grid, todo_cells)
         print(f"grid {grid.dir}: {len(cells)} cells ({len(grid.llms)} LLMs x {len(grid.tokens)} V x "
               f"{len(grid.seeds)} seeds), {len(todo_cells)} to run, {grid.parallel} at a time on '{grid.backend}'"
-              + (", tower first" if todo_tower else ""), flush=True)
-        progress = runner.run_jobs(todo_tower, todo_cells, backend, grid.parallel,
+              + (f", after {len(todo_first)} pretraining job(s)" if todo_first else ""), flush=True)
+        progress = runner.run_jobs(todo_first, todo_cells, backend, grid.parallel,
                                    echo=lambda line: print(line, flush=True))
         if progress.failed:
             print(f"{progress.failed} job(s) failed: see their result.json and log.txt; "

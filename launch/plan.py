@@ -39,7 +39,7 @@ def main(argv):
 
     grid = FLAGS.config
     mfu = plan.DEFAULT_MFU if FLAGS.mfu is None else FLAGS.mfu
-    cells = spec.cell_jobs(grid, models.llm_config, lambda m: flops.param_counts(m)["llm"], None)
+    cells = spec.cell_jobs(grid, models.llm_config, lambda m: flops.param_counts(m)["llm"], [])
     cells = [c for c in cells if not FLAGS.only or any(fnmatch.fnmatchcase(c.name, p) for p in FLAGS.only)]
     if FLAGS.topology:
         slice_for = lambda name: FLAGS.topology  # noqa: E731

@@ -58,6 +58,7 @@ def tiny_grid(tmp_path, tokens="1+4", **stage2_train):
         g.cell.data.read_threads = 1
         g.tower.overrides.train.steps = 2
         g.tower.overrides.train.batch_size = 4
+        g.llm_pretrain.pretrain = False   # the tiny LLM starts fresh here: tests see what stage 1 froze
         g.stages.stage1.train.steps = 2
         g.stages.stage2.train.steps = 3
         g.stages.stage2.train.update(stage2_train)
@@ -69,12 +70,12 @@ def tiny_grid(tmp_path, tokens="1+4", **stage2_train):
 
 
 def grid_jobs(g):
-    """(tower job or None, cell jobs) of a grid config, as launch.grid builds them."""
+    """(pretraining jobs, cell jobs) of a grid config, as launch.grid builds them."""
     from vlm_jax import flops
     from vlm_jax.grid import spec
 
-    tower = spec.tower_job(g, models.llm_config)
-    return tower, spec.cell_jobs(g, models.llm_config, lambda m: flops.param_counts(m)["llm"], tower)
+    first = spec.pretraining_jobs(g, models.llm_config)
+    return first, spec.cell_jobs(g, models.llm_config, lambda m: flops.param_counts(m)["llm"], first)
 
 
 def saved_steps(run_dir) -> list[int]:

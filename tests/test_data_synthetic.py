@@ -98,7 +98,7 @@ def test_detail_answers_are_the_colour_inside_the_asked_marker():
         rows, cols = np.flatnonzero((parts == rings[0]).any(1)), np.flatnonzero((parts == rings[0]).any(0))
         assert rows[-1] - rows[0] == cols[-1] - cols[0] == 7 and rows[0] % 8 == 0 == cols[0] % 8, ex.id   # one patch
         centre = ex.image[rows[0] + 2:rows[0] + 6, cols[0] + 2:cols[0] + 6].reshape(-1, 3)
-        assert {tuple(c) for c in centre} == {synthetic.COLORS[ex.answer]}, ex.id
+        assert {tuple(c) for c in centre} == {synthetic.INNER_COLORS[ex.answer]}, ex.id
         checked += 1
     assert checked == 100
 
@@ -224,3 +224,22 @@ def test_family_weights_repeat_a_family_in_the_cycle_and_every_item_is_drawn_onc
     for bad in ("1", "1,0", "1,x", "1,2,3"):
         with pytest.raises(ValueError, match="family_weights"):
             synthetic.SyntheticSource("train", 40, families="reasoning,detail", family_weights=bad)
+
+
+def test_a_described_detail_scene_holds_each_marker_as_one_word_and_the_same_answers():
+    """Told in words, a detail scene is a row of 'empty' and one word per marker (outer then centre colour); the
+    question about the marker named 'red' is answered by that word's second colour, as in the picture."""
+    for j in range(50):
+        ex = synthetic.make_example("train", "detail", j, describe=True, questions=3)
+        assert ex.image is None and "<image>" not in ex.prompt
+        words = ex.description.split()
+        markers = [w for w in words if w != synthetic.EMPTY_SLOT]
+        assert 4 <= len(markers) <= 5 and len(words) <= 64 and len(set(markers)) == len(markers)
+        split = {next(o for o in synthetic.COLORS if w.startswith(o)): w for w in markers}
+        for question, answer in [(ex.question, ex.answer), *ex.more]:
+            outer = question.split()[-2]
+            assert split[outer] == outer + answer and answer in synthetic.INNER_COLORS
+    with pytest.raises(ValueError, match="described"):
+        synthetic.make_example("train", "reasoning", 0, describe=True)
+    with pytest.raises(ValueError, match="detail_kinds"):
+        synthetic.make_example("train", "detail", 0, detail_kinds="nope")

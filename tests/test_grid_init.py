@@ -18,7 +18,7 @@ def _flat(params) -> dict:
 
 def _tiny_grid(tmp_path, **stage2_train):
     """One cell (tiny-xs, V=4) of the shrunk smoke grid, and its tower job."""
-    tower, (job,) = helpers.grid_jobs(helpers.tiny_grid(tmp_path, tokens="4", **stage2_train))
+    (tower,), (job,) = helpers.grid_jobs(helpers.tiny_grid(tmp_path, tokens="4", **stage2_train))
     return tower, job
 
 

@@ -66,7 +66,7 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch)
             return local.commands(job)
 
     lines = []
-    progress = runner.run_jobs(None, cells, OneCellFails(), parallel=1, echo=lines.append)
+    progress = runner.run_jobs([], cells, OneCellFails(), parallel=1, echo=lines.append)
     assert (progress.done, progress.failed) == (1, 1)
     failed = results.read_result(cells[0].dir)
     assert failed["status"] == "failed" and "cell exploded" in failed["log_tail"]
@@ -82,7 +82,7 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch)
 def _launch(g, *flags):
     """`python -m launch.grid` on the grid `helpers.tiny_grid` builds (same overrides, so the same job names)."""
     overrides = {"dir": g.dir, "cell.train.batch_size": 4, "cell.data.read_threads": 1,
-                 "tower.overrides.train.steps": 2, "tower.overrides.train.batch_size": 4,
+                 "tower.overrides.train.steps": 2, "tower.overrides.train.batch_size": 4, "llm_pretrain.pretrain": False,
                  "stages.stage1.train.steps": 2, "stages.stage2.train.steps": 3, "eval.synthetic_per_family": 8,
                  "eval.batch_size": 8, "parallel": 1, "fit.bootstrap": 20}
     return [sys.executable, "-m", "launch.grid", "--config=configs/grid.py:smoke,llms=tiny-xs,tokens=1+4",
@@ -92,7 +92,7 @@ def _launch(g, *flags):
 @pytest.mark.slow
 def test_kill_midway_then_rerun_runs_only_the_missing_cells(tmp_path):
     g = _grid(tmp_path)
-    tower, cells = _jobs(g)
+    (tower,), cells = _jobs(g)
     done_first, done_second = sorted(cells, key=runner.cost, reverse=True)   # the order the runner starts them
     first = os.path.join(done_first.dir, "result.json")
     proc = subprocess.Popen(_launch(g), cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
@@ -131,9 +131,9 @@ def test_every_variant_builds_jobs_whose_synthetic_data_is_valid(variant):
     from configs import grid as grid_config
     from vlm_jax.data import pipeline
 
-    tower, cells = helpers.grid_jobs(grid_config.get_config(variant))
+    first, cells = helpers.grid_jobs(grid_config.get_config(variant))
     assert cells
-    for job in ([tower] if tower else []) + cells:
+    for job in first + cells:
         for stage in job.spec["stages"]:
             data = ml_collections.ConfigDict(stage["config"]["data"])
             if data.source == "synthetic":
@@ -141,9 +141,9 @@ def test_every_variant_builds_jobs_whose_synthetic_data_is_valid(variant):
         if job.is_cell:
             (_, s2) = job.spec["stages"]
             assert [src for src, _ in s2["config"]["init"]] == [job.spec["stages"][0]["config"]["run_dir"]]
-    if tower:
-        families = ml_collections.ConfigDict(tower.spec["stages"][0]["config"]["data"]).synthetic.families
-        assert set(tower.spec["eval"]["tasks"]) == set(families.split(","))
+    for job in first:   # the tower and the LLMs are each evaluated on what they learnt
+        families = ml_collections.ConfigDict(job.spec["stages"][0]["config"]["data"]).synthetic.families
+        assert set(job.spec["eval"]["tasks"]) == set(families.split(","))
 
 
 def test_cells_start_costliest_first(tmp_path):
@@ -160,7 +160,7 @@ def test_cells_start_costliest_first(tmp_path):
             started.append(job.name)
             return [[sys.executable, "-c", "pass"]]
 
-    runner.run_jobs(None, cells, Recording(), parallel=1, echo=lambda line: None)
+    runner.run_jobs([], cells, Recording(), parallel=1, echo=lambda line: None)
     assert started == ["tiny-m_v16", "tiny-m_v4", "tiny-m_v1", "tiny-xs_v16", "tiny-xs_v4", "tiny-xs_v1"]
 
 
@@ -178,3 +178,25 @@ def test_cells_run_their_llm_as_the_template_says():
             assert llm["remat"] == "full" and llm["scan_layers"] is True
             assert llm["name"] == job.spec["row"]["llm"]          # and the preset's own shape
     assert {j.spec["stages"][0]["config"]["model"]["llm"]["hidden_size"] for j in cells} == {1024, 4096}
+
+
+def test_each_cell_starts_from_its_own_pretrained_llm_and_the_shared_tower():
+    """The smoke grid pretrains one LLM per size on scenes told in words (text only) and the cells' first stage
+    takes that LLM's weights and the tower's; later stages take the previous stage's."""
+    import ml_collections
+
+    from configs import grid as grid_config
+    from vlm_jax.data import pipeline
+
+    first, cells = helpers.grid_jobs(grid_config.get_config("smoke"))
+    tower, *llms = first
+    llm_run = {j.spec["provides"]["llm"]: j.spec["stages"][0]["config"]["run_dir"] for j in llms}
+    assert sorted(llm_run) == sorted({c.spec["row"]["llm"] for c in cells})
+    for cell in cells:
+        init = [tuple(x) for x in cell.spec["stages"][0]["config"]["init"]]
+        assert init == [(tower.spec["stages"][0]["config"]["run_dir"], "vision/.*"),
+                        (llm_run[cell.spec["row"]["llm"]], "llm/.*")]
+    data = ml_collections.ConfigDict(llms[0].spec["stages"][0]["config"]["data"])
+    source, _ = pipeline.make_source(data, "train", 64)
+    item = source[0]
+    assert item["image"] is None and "<image>" not in item["turns"][0][1]

@@ -28,15 +28,16 @@ def test_dry_run_prints_every_gcloud_command_of_a_two_cell_grid():
     grid.dir = "gs://bucket/grid"
     grid.backend = "tpu"
     grid.tower.pretrain = False   # its name is a hash of the whole run config: not this test's concern
+    grid.llm_pretrain.pretrain = False   # (the same)
     grid.tpu = tpu_config(spot=True, accelerator_types="tiny-s_v4=v5litepod-32,qwen*=v5litepod-64")
     grid.lock()
 
     # What `launch.grid --dry_run` does.
     backend = backends.make(grid.backend, grid.get(grid.backend))
-    tower = spec.tower_job(grid, models.llm_config)
-    cells = spec.cell_jobs(grid, models.llm_config, lambda model_cfg: 0, tower)
+    first = spec.pretraining_jobs(grid, models.llm_config)
+    cells = spec.cell_jobs(grid, models.llm_config, lambda model_cfg: 0, first)
     lines = []
-    runner.dry_run(([tower] if tower else []) + cells, backend, lines.append)
+    runner.dry_run(first + cells, backend, lines.append)
 
     setup = ("'--command=(test -d ~/vlm-jax || git clone -q https://github.com/example/vlm-jax.git ~/vlm-jax)"
              " && cd ~/vlm-jax && git fetch -q origin main && git checkout -q FETCH_HEAD"

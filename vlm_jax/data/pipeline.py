@@ -70,6 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.synthetic.ocr_scale = 2  # each font pixel drawn scale x scale; 1 = the raw 6x11 font (harder to learn)
     c.synthetic.reasoning_kinds = ""  # comma-separated question kinds of the reasoning family ('' = all)
     c.synthetic.reasoning_grid = 4  # reasoning objects sit in a grid x grid layout (2: 32-px objects, up to 4)
+    c.synthetic.detail_kinds = ""  # question kinds of the detail family: inside (''), next, colors (synthetic.py)
+    c.synthetic.describe = False  # detail scenes in words, no image (pretraining a tiny LLM on "text")
     c.synthetic.max_items = 0  # at most this many objects / characters per image (0 = the family's own range)
     c.synthetic.train_questions = 1  # questions per training image (one chat); evaluation asks one at a time
 
@@ -125,7 +127,8 @@ def _synthetic_source(data_cfg, split, image_size):
     return synthetic.SyntheticSource(split, size, families=s.families, seed=s.seed, image_size=image_size,
                                      ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length,
                                      ocr_scale=s.ocr_scale, reasoning_kinds=s.reasoning_kinds,
-                                     reasoning_grid=s.reasoning_grid,
+                                     reasoning_grid=s.reasoning_grid, detail_kinds=s.get("detail_kinds", ""),
+                                     describe=s.get("describe", False),
                                      max_items=s.max_items, questions=s.train_questions if split == "train" else 1,
                                      family_weights=s.family_weights if split == "train" else ""), []
 

@@ -15,12 +15,14 @@
   many visual tokens. Defaults (single digits) come from learning probes: 2-character strings stayed at chance for
   a tiny from-scratch tower within ~800 steps, single characters did not.
 
-- `detail`: 4-5 markers, each an 8-px square of one colour with a 4-px centre of another, in distinct cells of an
-  8 x 8 lattice (one marker = one patch of the tiny tower); outer colours are distinct. "what color is inside the
-  red one?" needs the two colours of one marker bound together, which a visual token that pools several markers
-  loses: 64 tokens keep every marker apart, 16 tokens (16 x 16 px) rarely mix two, 4 tokens often, 1 token always.
-  The fine-detail stand-in for the paper's OCR group, learnable by tiny models in a CPU-sized budget (colours are
-  found by content; reading glyphs and naming positions took thousands of steps).
+- `detail`: 4-5 markers, each an 8-px square of one colour with a 4-px centre of a colour from a palette of its own
+  (white, black, orange, pink), in distinct cells of an 8 x 8 lattice (one marker = one patch of the tiny tower);
+  outer colours are distinct. "what color is inside the red one?" needs the two colours of one marker bound
+  together, which a visual token that pools several markers loses (it keeps the bag of outer colours and the bag of
+  centres): 64 tokens keep every marker apart, 16 tokens (16 x 16 px) rarely mix two, 4 tokens often, 1 token
+  always. The fine-detail stand-in for the paper's OCR group. Kinds (`detail_kinds`): `inside` (the default),
+  `colors` (one marker's two colours asked apart: what a tower is pretrained on). `describe=True` tells the scene in
+  words instead of drawing it (one word per marker, e.g. "redwhite"), for pretraining a tiny LLM on "text".
 
 Answers are 1-3 tokens, scored by exact match. Item j of family f in a split is drawn from
 `np.random.default_rng([seed, split, f, j])`, so train and validation come from disjoint seed streams and any item
@@ -56,6 +58,15 @@ COLORS = {
     "yellow": (235, 205, 30),
     "purple": (150, 60, 200),
 }
+# The centres of detail markers have colours of their own, so that a marker's two colours never need telling apart by
+# place: a token that keeps one marker apart holds "red" and "white" and answers; one that pools several holds only
+# the bags of outer and centre colours, whichever feature the tower makes of each (see the detail family).
+INNER_COLORS = {
+    "white": (255, 255, 255),
+    "black": (20, 20, 20),
+    "orange": (255, 140, 0),
+    "pink": (255, 130, 200),
+}
 SHAPES = ("circle", "square", "triangle")
 # One light background. Not mid-grey: that is near the CLIP mean, so it normalises to ~0, a patch becomes
 # fill x colour, and the tower's pre-LayerNorm divides the fill (the shape's cue) away. A random shade was worse still.
@@ -75,14 +86,16 @@ PAPER, INK = (235, 235, 235), (20, 20, 20)  # fixed, like BACKGROUND: nuisance c
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 OCR_STEP = 8  # lattice of string positions, in canvas pixels (= the tiny tower's patch size at 64 px)
 DETAIL_CELL = 8   # detail markers fill one cell of an 8-px lattice (one patch of the tiny tower)
+EMPTY_SLOT = "empty"   # a described scene's empty cell; a marker is one word, e.g. "redgreen" (outer, then centre)
 MIN_MARKERS = 4   # at least four: the bag of colours one pooled token keeps rarely tells the answer
 
 # Every word a synthetic question or answer uses (digits and the OCR alphabet are spelled as characters).
 VOCAB_WORDS = tuple(sorted(set(
     ["how", "many", "shapes", "are", "there", "is", "a", "the", "what", "color", "shape", "one", "more", "than",
-     "of", "written", "in", "character", "first", "last", "where", "yes", "no", "inside"]
+     "of", "written", "in", "character", "first", "last", "where", "yes", "no", "inside", "marker"]
     + " ".join(RELATIONS).split() + " ".join(QUADRANTS).split() + list(COLORS)
-    + [s for shape in SHAPES for s in (shape, shape + "s")])))
+    + [s for shape in SHAPES for s in (shape, shape + "s")]
+    + list(INNER_COLORS) + [EMPTY_SLOT] + [outer + inner for outer in COLORS for inner in INNER_COLORS])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +105,21 @@ class Example:
     id: str
     family: str
     kind: str  # question type, e.g. 'count_color' or 'read'
-    image: np.ndarray
+    image: np.ndarray | None   # None: the scene is described in words (`description`) instead
     question: str
     answer: str
     more: tuple[tuple[str, str], ...] = ()   # further (question, answer) turns about the same image
+    description: str = ""
+
+    @property
+    def prompt(self) -> str:
+        """The first user turn: the image placeholder (or the scene in words), a newline, the question."""
+        return prompt_text(self.question) if self.image is not None else f"{self.description}\n{self.question}"
 
     def turns(self) -> list[tuple[str, str]]:
-        """The example as a chat: the user shows the image and asks, the assistant answers (then any follow-ups)."""
-        turns = [(USER, prompt_text(self.question)), (ASSISTANT, self.answer)]
+        """The example as a chat: the user shows the image (or describes the scene) and asks, the assistant
+        answers (then any follow-ups)."""
+        turns = [(USER, self.prompt), (ASSISTANT, self.answer)]
         for question, answer in self.more:
             turns += [(USER, question), (ASSISTANT, answer)]
         return turns
@@ -360,33 +380,70 @@ def _ocr_question(rng: np.random.Generator, written: list[tuple[str, str]], i: i
 # detail family
 
 
-def _draw_detail(rng: np.random.Generator, max_items: int = 0) -> tuple[Image.Image, list[tuple[str, str]]]:
-    """4-5 markers, each an 8-px square of one colour with a 4-px centre of another, in distinct cells of the
-    8 x 8 lattice of 8-px cells (one patch of the tiny tower each). Outer colours are distinct. Returns the image
-    and [(outer, inner)] in random order."""
-    n = _count(rng, MIN_MARKERS, len(COLORS), max_items)
-    names = list(COLORS)
-    outers = [names[int(k)] for k in rng.choice(len(names), n, replace=False)]
-    inners = [[c for c in names if c != o][int(rng.integers(len(names) - 1))] for o in outers]
-    cells = rng.choice((CANVAS // DETAIL_CELL) ** 2, n, replace=False)
+def _draw_markers(markers: list[tuple[str, str]], cells) -> Image.Image:
+    """Each (outer, inner) marker as an 8-px square with a 4-px centre, in its cell of the 8 x 8 lattice."""
     img = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
     draw = ImageDraw.Draw(img)
     per_row = CANVAS // DETAIL_CELL
-    for cell, outer, inner in zip(cells, outers, inners):
+    for cell, (outer, inner) in zip(cells, markers):
         x, y = int(cell) % per_row * DETAIL_CELL, int(cell) // per_row * DETAIL_CELL
         draw.rectangle((x, y, x + DETAIL_CELL - 1, y + DETAIL_CELL - 1), fill=COLORS[outer])
-        draw.rectangle((x + 2, y + 2, x + DETAIL_CELL - 3, y + DETAIL_CELL - 3), fill=COLORS[inner])
-    return img, list(zip(outers, inners))
+        draw.rectangle((x + 2, y + 2, x + DETAIL_CELL - 3, y + DETAIL_CELL - 3), fill=INNER_COLORS[inner])
+    return img
 
 
-def _detail_question(rng: np.random.Generator, markers: list[tuple[str, str]], i: int
-                     ) -> tuple[str, str, str] | None:
-    """Question i is about marker i: 'what color is inside the red one?'."""
+def describe_markers(rng: np.random.Generator, markers: list[tuple[str, str]]) -> str:
+    """The scene in words, for pretraining a tiny LLM as language models are pretrained on text before they see an
+    image: one word per cell of a row of 4..64 cells, a marker's word where it sits ("redgreen": red around green),
+    "empty" elsewhere. The same questions then need the same lookup that 64 visual tokens, one marker each, need."""
+    cells = int(rng.integers(len(markers), (CANVAS // DETAIL_CELL) ** 2 + 1))
+    words = [EMPTY_SLOT] * cells
+    for slot, (outer, inner) in zip(rng.choice(cells, len(markers), replace=False), markers):
+        words[int(slot)] = outer + inner
+    return " ".join(words)
+
+
+def _random_markers(rng: np.random.Generator, max_items: int) -> list[tuple[str, str]]:
+    """4-5 markers (fewer under max_items) with distinct outer colours, each centre one of INNER_COLORS."""
+    n = _count(rng, MIN_MARKERS, len(COLORS), max_items)
+    names, inners = list(COLORS), list(INNER_COLORS)
+    outers = [names[int(k)] for k in rng.choice(len(names), n, replace=False)]
+    return [(o, inners[int(rng.integers(len(inners)))]) for o in outers]
+
+
+def _ask_inside(rng, markers, i):
+    """Question i is about marker i: 'what color is inside the red one?' (a lookup by the question's colour)."""
     del rng
     if i >= len(markers):
         return None
     outer, inner = markers[i]
     return "inside", f"what color is inside the {outer} one?", inner
+
+
+def _ask_colors(rng, markers, i):
+    """A single marker's two colours, asked apart (0: outside, 1: inside): what a tower pretrained on it keeps."""
+    del rng
+    if len(markers) != 1:
+        raise ValueError("detail kind 'colors' describes one marker: set data.synthetic.max_items=1")
+    outer, inner = markers[0]
+    return {0: ("colors", "what color is the marker?", outer),
+            1: ("colors", "what color is inside the marker?", inner)}.get(i)
+
+
+# detail kind -> (draw the markers, ask question i about them)
+DETAIL_KINDS: dict[str, tuple[Callable, Callable]] = {
+    "inside": (_random_markers, _ask_inside),
+    "colors": (_random_markers, _ask_colors),
+}
+
+
+def parse_detail_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
+    """'inside,colors' or a sequence -> checked detail kinds; '' = 'inside'."""
+    names = tuple(k.strip() for k in (kinds.split(",") if isinstance(kinds, str) else kinds) if k.strip())
+    unknown = sorted(set(names) - set(DETAIL_KINDS))
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"detail_kinds must be distinct names from {sorted(DETAIL_KINDS)}, got {kinds!r}")
+    return names or ("inside",)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -414,11 +471,13 @@ def _check(split: str, family: str, alphabet: str, length: int, scale: int, grid
 def make_example(split: str, family: str, index: int, *, seed: int = 0, image_size: int = CANVAS,
                  ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1, ocr_scale: int = 2,
                  reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
-                 questions: int = 1) -> Example:
+                 questions: int = 1, detail_kinds: str = "", describe: bool = False) -> Example:
     """Item `index` of `family` in `split`: a pure function of its arguments. `questions` > 1 adds follow-up
     questions about the same image (distinct where the scene allows; for ocr and detail one per string or
-    marker; the first is the same as with 1)."""
+    marker; the first is the same as with 1). `describe`: the scene in words instead of an image (detail only)."""
     _check(split, family, ocr_alphabet, ocr_length, ocr_scale, reasoning_grid)
+    if describe and family != "detail":
+        raise ValueError(f"only the detail family's scenes can be described in words, not {family!r}")
     if questions < 1:
         raise ValueError(f"synthetic questions per image must be >= 1, got {questions}")
     rng = np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index])
@@ -430,8 +489,11 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
         img, scene = _draw_ocr(rng, ocr_alphabet, ocr_length, ocr_scale, max_items)
         ask = _ocr_question
     else:
-        img, scene = _draw_detail(rng, max_items)
-        ask = _detail_question
+        kinds = parse_detail_kinds(detail_kinds)
+        draw, ask = DETAIL_KINDS[kinds[int(rng.integers(len(kinds)))] if len(kinds) > 1 else kinds[0]]
+        scene = draw(rng, max_items)
+        img = (describe_markers(rng, scene) if describe
+               else _draw_markers(scene, rng.choice((CANVAS // DETAIL_CELL) ** 2, len(scene), replace=False)))
     kind, question, answer = ask(rng, scene, 0)
     more: list[tuple[str, str]] = []
     for i in range(1, 4 * questions):   # a few redraws to avoid asking the same question twice
@@ -443,6 +505,8 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
         _, q, a = asked
         if q != question and all(q != m for m, _ in more):
             more.append((q, a))
+    if isinstance(img, str):
+        return Example(f"{split}-{family}-{index}", family, kind, None, question, answer, tuple(more), img)
     if image_size != CANVAS:
         img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return Example(f"{split}-{family}-{index}", family, kind, np.asarray(img, np.uint8), question, answer,
@@ -451,11 +515,13 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
 
 def make_examples(split: str, family: str, n: int, *, seed: int = 0, image_size: int = CANVAS,
                   ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1, ocr_scale: int = 2,
-                  reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0) -> list[Example]:
+                  reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
+                  detail_kinds: str = "", describe: bool = False) -> list[Example]:
     """Items 0..n-1 of `family` in `split`: the same examples the training/eval sources draw."""
     return [make_example(split, family, j, seed=seed, image_size=image_size, ocr_alphabet=ocr_alphabet,
                          ocr_length=ocr_length, ocr_scale=ocr_scale, reasoning_kinds=reasoning_kinds,
-                         reasoning_grid=reasoning_grid, max_items=max_items) for j in range(n)]
+                         reasoning_grid=reasoning_grid, max_items=max_items, detail_kinds=detail_kinds,
+                         describe=describe) for j in range(n)]
 
 
 def parse_families(families: str | Sequence[str]) -> tuple[str, ...]:
@@ -492,7 +558,8 @@ class SyntheticSource:
                  seed: int = 0,
                  image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1,
                  ocr_scale: int = 2, reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
-                 questions: int = 1, family_weights: str | Sequence[int] = ""):
+                 questions: int = 1, family_weights: str | Sequence[int] = "", detail_kinds: str = "",
+                 describe: bool = False):
         self.families = parse_families(families)
         self.weights = parse_weights(family_weights, len(self.families))
         # cycle position -> (family, its rank among that family's positions in the cycle)
@@ -504,6 +571,7 @@ class SyntheticSource:
         self.ocr_alphabet, self.ocr_length, self.ocr_scale = ocr_alphabet, ocr_length, ocr_scale
         self.reasoning_kinds, self.reasoning_grid = ",".join(parse_kinds(reasoning_kinds)), int(reasoning_grid)
         self.questions, self.max_items = int(questions), int(max_items)
+        self.detail_kinds, self.describe = ",".join(parse_detail_kinds(detail_kinds)), bool(describe)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -517,14 +585,15 @@ class SyntheticSource:
         ex = make_example(self.split, self.families[f], index, seed=self.seed, image_size=self.image_size,
                           ocr_alphabet=self.ocr_alphabet, ocr_length=self.ocr_length, ocr_scale=self.ocr_scale,
                           reasoning_kinds=self.reasoning_kinds, reasoning_grid=self.reasoning_grid,
-                          max_items=self.max_items, questions=self.questions)
+                          max_items=self.max_items, questions=self.questions, detail_kinds=self.detail_kinds,
+                          describe=self.describe)
         return {"id": ex.id, "image": ex.image, "turns": ex.turns()}
 
     def __repr__(self) -> str:  # grain checks this against a restored iterator state
         return (f"SyntheticSource(split={self.split!r}, num_examples={self.num_examples}, families={self.families}, "
                 f"seed={self.seed}, image_size={self.image_size}, ocr_alphabet={self.ocr_alphabet!r}, "
                 f"ocr_length={self.ocr_length}, ocr_scale={self.ocr_scale}, reasoning_kinds={self.reasoning_kinds!r}, "
-                f"reasoning_grid={self.reasoning_grid}, "
+                f"reasoning_grid={self.reasoning_grid}, detail_kinds={self.detail_kinds!r}, describe={self.describe}, "
                 f"max_items={self.max_items}, questions={self.questions}, weights={self.weights})")
 
 

@@ -76,7 +76,7 @@ def synthetic_benchmarks(data_cfg: ml_collections.ConfigDict, image_size: int, n
     out = []
     for family in synthetic.parse_families(families or s.families):
         examples = synthetic.make_examples("validation", family, num_per_family, image_size=image_size, **content)
-        items = [EvalItem(e.id, e.image, synthetic.prompt_text(e.question),
+        items = [EvalItem(e.id, e.image, e.prompt,
                           {"question_id": e.id, "question": e.question, "answer": e.answer, "kind": e.kind})
                  for e in examples]
         out.append(Benchmark(f"synthetic/{family}", "exact_match", items))

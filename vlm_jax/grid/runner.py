@@ -1,4 +1,4 @@
-"""Run a grid: the tower job first (cells need it), then every cell through the backend, k at a time; a failing job
+"""Run a grid: the pretraining jobs first (cells need them), then every cell through the backend, k at a time; a failing job
 is recorded and never stops the others. Progress (done / running / failed, elapsed, ETA) after every job."""
 
 from __future__ import annotations
@@ -136,15 +136,18 @@ def cost(job: GridJob) -> float:
                * s["config"]["train"]["steps"] * s["config"]["train"]["batch_size"] for s in job.spec["stages"])
 
 
-def run_jobs(tower: GridJob | None, cells: Sequence[GridJob], backend, parallel: int,
+def run_jobs(first: Sequence[GridJob], cells: Sequence[GridJob], backend, parallel: int,
              echo: Callable[[str], None] = print) -> Progress:
-    """The tower (if it is to run) alone, then the cells `parallel` at a time, the costliest first (so that no
-    slot idles at the end behind one long cell). If the tower fails, no cell runs."""
+    """The pretraining jobs still to run (tower, LLMs) `parallel` at a time, then the cells, the costliest first (so
+    that no slot idles at the end behind one long cell). If a pretraining job fails, no cell runs."""
     cells = sorted(cells, key=cost, reverse=True)
-    progress = Progress((tower is not None) + len(cells), max(1, parallel), echo)
-    if tower is not None and not run_one(tower, backend, progress):
-        echo(f"the tower job failed: no cell can run; see {log_file(tower)}")
-        return progress
+    progress = Progress(len(first) + len(cells), max(1, parallel), echo)
     with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+        failed = [job for job, ok in zip(first, pool.map(lambda job: run_one(job, backend, progress), first))
+                  if not ok]
+        if failed:
+            echo(f"pretraining failed ({', '.join(j.name for j in failed)}): no cell can run; see "
+                 f"{', '.join(log_file(j) for j in failed)}")
+            return progress
         list(pool.map(lambda job: run_one(job, backend, progress), cells))
     return progress

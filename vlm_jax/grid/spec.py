@@ -2,7 +2,7 @@
 
 A grid config (configs/grid.py) holds the axes (`llms`, `tokens`, `seeds`), one run-config template (`cell`: model,
 data, train, mesh, as for `launch.train`), per-stage overrides of it (`stages`), the evaluation (`eval`), an optional
-vision-tower pretraining job (`tower`) and the backend. `jobs()` turns it into `Job`s whose `spec` is written to
+vision-tower pretraining job (`tower`), optional LLM pretraining jobs (`llm_pretrain`) and the backend. `jobs()` turns it into `Job`s whose `spec` is written to
 `<dir>/job.json` and run by `python -m launch.cell --job_dir=<dir>` (vlm_jax/grid/cell.py), on any backend.
 """
 
@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_collections
 
@@ -73,42 +73,69 @@ def cell_llm(template_llm: ml_collections.ConfigDict, llm_config: Callable, name
     return llm
 
 
-def tower_job(grid: ml_collections.ConfigDict, llm_config: Callable) -> GridJob | None:
-    """The vision-tower pretraining job (trained once, cached under a directory keyed by its config), or None."""
-    t = grid.tower
-    if not t.pretrain:
-        return None
-    cfg = merge(grid.cell, t.overrides)
-    cfg.model.llm = cell_llm(cfg.model.llm, llm_config, t.llm)
-    cfg.model.compressor.num_tokens = t.tokens
+def _pretraining_job(grid: ml_collections.ConfigDict, llm_config: Callable, kind: str, llm: str, tokens: int,
+                     overrides, params: str) -> GridJob:
+    """A job that trains once what every cell starts from (`params` of its run), cached under a directory keyed by
+    its config; it is evaluated on its own objective (its synthetic families), as a check that it learnt."""
+    cfg = merge(grid.cell, overrides)
+    cfg.model.llm = cell_llm(cfg.model.llm, llm_config, llm)
+    cfg.model.compressor.num_tokens = tokens
     cfg.init = ()
     key = digest({"model": cfg.model.to_dict(), "data": cfg.data.to_dict(), "train": cfg.train.to_dict(),
                   "seed": cfg.seed})
-    job_dir = os.path.join(grid.dir, f"tower-{key}")
+    job_dir = os.path.join(grid.dir, f"{kind}-{key}")
     cfg.run_dir = os.path.join(job_dir, "run")
-    # Evaluated on its own objective (its synthetic families, one object per image), as a check that it learnt.
     families = [f.strip() for f in cfg.data.synthetic.families.split(",") if f.strip()]
     evaluation = dict(grid.eval.to_dict(), tasks={f: f"synthetic/{f}" for f in families}, benchmarks={})
-    return GridJob(f"tower-{key}", job_dir, {"stages": [{"name": "tower", "config": cfg.to_dict()}],
-                                             "eval": evaluation, "row": None})
+    return GridJob(f"{kind}-{key}", job_dir, {"stages": [{"name": kind, "config": cfg.to_dict()}],
+                                             "eval": evaluation, "row": None,
+                                             "provides": {"params": params, "llm": llm if kind != "tower" else ""}})
 
 
-def pretrained(grid: ml_collections.ConfigDict, llm: str, tower: GridJob | None) -> list[tuple[str, str]]:
-    """config.init sources of a cell's first stage: the tower (pretrained by the grid, or converted weights under
-    `weights_dir/<vision preset>`) and the LLM (`weights_dir/<LLM preset>`) when `weights_dir` is set."""
-    sources = []
-    if tower is not None:
-        sources.append((tower.spec["stages"][0]["config"]["run_dir"], TOWER_PARAMS))
+def tower_job(grid: ml_collections.ConfigDict, llm_config: Callable) -> GridJob | None:
+    """The vision-tower pretraining job, or None."""
+    t = grid.tower
+    if not t.pretrain:
+        return None
+    return _pretraining_job(grid, llm_config, "tower", t.llm, t.tokens, t.overrides, TOWER_PARAMS)
+
+
+def llm_jobs(grid: ml_collections.ConfigDict, llm_config: Callable) -> list[GridJob]:
+    """One pretraining job per LLM of the grid (`config.llm_pretrain`: the tiny LLMs learn on scenes described in
+    words, as language models learn on text before they see an image), or none."""
+    p = grid.get("llm_pretrain")
+    if p is None or not p.pretrain:
+        return []
+    return [_pretraining_job(grid, llm_config, f"llm-{llm}", llm, p.tokens, p.overrides, LLM_PARAMS)
+            for llm in grid.llms]
+
+
+def pretraining_jobs(grid: ml_collections.ConfigDict, llm_config: Callable) -> list[GridJob]:
+    """Everything the cells start from that the grid trains itself: the tower, then the LLMs."""
+    tower = tower_job(grid, llm_config)
+    return ([tower] if tower else []) + llm_jobs(grid, llm_config)
+
+
+def pretrained(grid: ml_collections.ConfigDict, llm: str, pretraining: Sequence[GridJob]) -> list[tuple[str, str]]:
+    """config.init sources of a cell's first stage: what the grid pretrained (the tower, this LLM), else converted
+    weights under `weights_dir` (`<vision preset>`, `<LLM preset>`) when `weights_dir` is set."""
+    sources, given = [], set()
+    for job in pretraining:
+        provides = job.spec["provides"]
+        if provides["llm"] in ("", llm):
+            sources.append((job.spec["stages"][0]["config"]["run_dir"], provides["params"]))
+            given.add(provides["params"])
     if grid.weights_dir:
-        if tower is None:
+        if TOWER_PARAMS not in given:
             sources.append((os.path.join(grid.weights_dir, grid.cell.model.vision.name), TOWER_PARAMS))
-        sources.append((os.path.join(grid.weights_dir, llm), LLM_PARAMS))
+        if LLM_PARAMS not in given:
+            sources.append((os.path.join(grid.weights_dir, llm), LLM_PARAMS))
     return sources
 
 
 def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: Callable,
-              tower: GridJob | None) -> list[GridJob]:
-    """Every (LLM, V, seed) cell: stage 1 (from the tower / config init sources), stage 2 (from stage 1),
+              pretraining: Sequence[GridJob]) -> list[GridJob]:
+    """Every (LLM, V, seed) cell: stage 1 (from the pretrained parts / config init sources), stage 2 (from stage 1),
     evaluation. `n_params(model_cfg)` is the LLM's parameter count (the scaling law's N)."""
     jobs, llm_params = [], {}
     for llm in grid.llms:
@@ -124,7 +151,7 @@ def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: C
                     cfg.seed = seed
                     cfg.run_dir = os.path.join(job_dir, stage_name)
                     if previous is None:   # the first stage starts from the pretrained parts
-                        init = list(cfg.init) + pretrained(grid, llm, tower)
+                        init = list(cfg.init) + pretrained(grid, llm, pretraining)
                     else:                  # later stages start from the previous stage's weights
                         init = [(previous, ".*")]
                     cfg.init = tuple(tuple(x) if not isinstance(x, str) else x for x in init)
