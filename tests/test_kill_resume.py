@@ -34,10 +34,11 @@ def _finished(run_dir, steps=12) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_after_the_first_checkpoint_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-    reference = _finished(tmp_path / "uninterrupted")
+    steps = 60   # enough that the kill, up to 1.5 s after the first save, still lands before the end
+    reference = _finished(tmp_path / "uninterrupted", steps)
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_command(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(run_dir, steps), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while not helpers.saved_steps(run_dir):
@@ -57,7 +58,7 @@ def test_sigkill_after_the_first_checkpoint_then_resume_is_bitwise_equal_to_an_u
     with open(os.path.join(half, "state", "garbage"), "wb") as f:
         f.write(b"\x00" * 100)
 
-    resumed = _finished(run_dir)
+    resumed = _finished(run_dir, steps)
     assert 999 not in helpers.saved_steps(run_dir)
     assert set(resumed) == set(reference)
     for name, value in reference.items():
