@@ -82,7 +82,8 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch)
 def _launch(g, *flags):
     """`python -m launch.grid` on the grid `helpers.tiny_grid` builds (same overrides, so the same job names)."""
     overrides = {"dir": g.dir, "cell.train.batch_size": 4, "cell.data.read_threads": 1,
-                 "tower.overrides.train.steps": 2, "tower.overrides.train.batch_size": 4, "llm_pretrain.pretrain": False,
+                 "tower.overrides.train.steps": 2, "tower.overrides.train.batch_size": 4,
+                 "llm_pretrain.pretrain": False,
                  "stages.stage1.train.steps": 2, "stages.stage2.train.steps": 3, "eval.synthetic_per_family": 8,
                  "eval.batch_size": 8, "parallel": 1, "fit.bootstrap": 20}
     return [sys.executable, "-m", "launch.grid", "--config=configs/grid.py:smoke,llms=tiny-xs,tokens=1+4",

@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.synthetic.ocr_scale = 2  # each font pixel drawn scale x scale; 1 = the raw 6x11 font (harder to learn)
     c.synthetic.reasoning_kinds = ""  # comma-separated question kinds of the reasoning family ('' = all)
     c.synthetic.reasoning_grid = 4  # reasoning objects sit in a grid x grid layout (2: 32-px objects, up to 4)
-    c.synthetic.detail_kinds = ""  # question kinds of the detail family: inside (''), next, colors (synthetic.py)
+    c.synthetic.detail_kinds = ""  # question kinds of the detail family: inside (''), colors (synthetic.py)
     c.synthetic.describe = False  # detail scenes in words, no image (pretraining a tiny LLM on "text")
     c.synthetic.max_items = 0  # at most this many objects / characters per image (0 = the family's own range)
     c.synthetic.train_questions = 1  # questions per training image (one chat); evaluation asks one at a time

@@ -430,11 +430,8 @@ def _ask_colors(rng, markers, i):
             1: ("colors", "what color is inside the marker?", inner)}.get(i)
 
 
-# detail kind -> (draw the markers, ask question i about them)
-DETAIL_KINDS: dict[str, tuple[Callable, Callable]] = {
-    "inside": (_random_markers, _ask_inside),
-    "colors": (_random_markers, _ask_colors),
-}
+# detail kind -> ask question i about the markers
+DETAIL_KINDS: dict[str, Callable] = {"inside": _ask_inside, "colors": _ask_colors}
 
 
 def parse_detail_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
@@ -490,10 +487,12 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
         ask = _ocr_question
     else:
         kinds = parse_detail_kinds(detail_kinds)
-        draw, ask = DETAIL_KINDS[kinds[int(rng.integers(len(kinds)))] if len(kinds) > 1 else kinds[0]]
-        scene = draw(rng, max_items)
-        img = (describe_markers(rng, scene) if describe
-               else _draw_markers(scene, rng.choice((CANVAS // DETAIL_CELL) ** 2, len(scene), replace=False)))
+        ask = DETAIL_KINDS[kinds[int(rng.integers(len(kinds)))] if len(kinds) > 1 else kinds[0]]
+        scene = _random_markers(rng, max_items)
+        if describe:
+            description, img = describe_markers(rng, scene), None
+        else:
+            img = _draw_markers(scene, rng.choice((CANVAS // DETAIL_CELL) ** 2, len(scene), replace=False))
     kind, question, answer = ask(rng, scene, 0)
     more: list[tuple[str, str]] = []
     for i in range(1, 4 * questions):   # a few redraws to avoid asking the same question twice
@@ -505,8 +504,8 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
         _, q, a = asked
         if q != question and all(q != m for m, _ in more):
             more.append((q, a))
-    if isinstance(img, str):
-        return Example(f"{split}-{family}-{index}", family, kind, None, question, answer, tuple(more), img)
+    if img is None:
+        return Example(f"{split}-{family}-{index}", family, kind, None, question, answer, tuple(more), description)
     if image_size != CANVAS:
         img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return Example(f"{split}-{family}-{index}", family, kind, np.asarray(img, np.uint8), question, answer,

@@ -1,5 +1,5 @@
-"""Run a grid: the pretraining jobs first (cells need them), then every cell through the backend, k at a time; a failing job
-is recorded and never stops the others. Progress (done / running / failed, elapsed, ETA) after every job."""
+"""Run a grid: the pretraining jobs first (cells need them), then every cell through the backend, k at a time; a
+failing job is recorded and never stops the others. Progress (done / running / failed, elapsed, ETA) after every job."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 A grid config (configs/grid.py) holds the axes (`llms`, `tokens`, `seeds`), one run-config template (`cell`: model,
 data, train, mesh, as for `launch.train`), per-stage overrides of it (`stages`), the evaluation (`eval`), an optional
-vision-tower pretraining job (`tower`), optional LLM pretraining jobs (`llm_pretrain`) and the backend. `jobs()` turns it into `Job`s whose `spec` is written to
-`<dir>/job.json` and run by `python -m launch.cell --job_dir=<dir>` (vlm_jax/grid/cell.py), on any backend.
+vision-tower pretraining job (`tower`), optional LLM pretraining jobs (`llm_pretrain`) and the backend. The
+functions below turn it into `GridJob`s whose `spec` is written to `<dir>/job.json` and run by
+`python -m launch.cell --job_dir=<dir>` (vlm_jax/grid/cell.py), on any backend.
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def cell_llm(template_llm: ml_collections.ConfigDict, llm_config: Callable, name
 
 
 def _pretraining_job(grid: ml_collections.ConfigDict, llm_config: Callable, kind: str, llm: str, tokens: int,
-                     overrides, params: str) -> GridJob:
-    """A job that trains once what every cell starts from (`params` of its run), cached under a directory keyed by
-    its config; it is evaluated on its own objective (its synthetic families), as a check that it learnt."""
+                     overrides, params: str, for_llm: str = "") -> GridJob:
+    """A job that trains once what the cells start from (`params` of its run; only `for_llm`'s cells if given),
+    cached under a directory keyed by its config; it is evaluated on its own objective (its synthetic families), as
+    a check that it learnt."""
     cfg = merge(grid.cell, overrides)
     cfg.model.llm = cell_llm(cfg.model.llm, llm_config, llm)
     cfg.model.compressor.num_tokens = tokens
@@ -89,7 +91,7 @@ def _pretraining_job(grid: ml_collections.ConfigDict, llm_config: Callable, kind
     evaluation = dict(grid.eval.to_dict(), tasks={f: f"synthetic/{f}" for f in families}, benchmarks={})
     return GridJob(f"{kind}-{key}", job_dir, {"stages": [{"name": kind, "config": cfg.to_dict()}],
                                              "eval": evaluation, "row": None,
-                                             "provides": {"params": params, "llm": llm if kind != "tower" else ""}})
+                                             "provides": {"params": params, "llm": for_llm}})
 
 
 def tower_job(grid: ml_collections.ConfigDict, llm_config: Callable) -> GridJob | None:
@@ -103,10 +105,10 @@ def tower_job(grid: ml_collections.ConfigDict, llm_config: Callable) -> GridJob 
 def llm_jobs(grid: ml_collections.ConfigDict, llm_config: Callable) -> list[GridJob]:
     """One pretraining job per LLM of the grid (`config.llm_pretrain`: the tiny LLMs learn on scenes described in
     words, as language models learn on text before they see an image), or none."""
-    p = grid.get("llm_pretrain")
-    if p is None or not p.pretrain:
+    p = grid.llm_pretrain
+    if not p.pretrain:
         return []
-    return [_pretraining_job(grid, llm_config, f"llm-{llm}", llm, p.tokens, p.overrides, LLM_PARAMS)
+    return [_pretraining_job(grid, llm_config, f"llm-{llm}", llm, p.tokens, p.overrides, LLM_PARAMS, for_llm=llm)
             for llm in grid.llms]
 
 
