@@ -83,6 +83,11 @@ def _axis(text: str, kind=str) -> tuple:
 # - the tower pretrained with 64 tokens instead of 1: V=1 leaks again (0.41);
 # - tiny-xs learns the text lookup only after ~750 steps at lr 3e-3 (and not reliably: 1,200 steps did not);
 #   1,000 steps at lr 3e-3 with log-uniform row lengths broke all three LLMs' text lookup (0.48-0.51).
+# - learning rates scaled as 1 / width for the LLM pretraining (3e-3 tiny-xs, 1.5e-3 tiny-s, 1e-3 tiny-m), 800 steps:
+#   text lookup 0.48 / 1.00 / 1.00, but the grid took 12.6 minutes and detail error no longer fell with V (tiny-m
+#   0.47, 0.42, 0.65, 0.23; tiny-s 0.52, 0.37, 0.49, 0.36; tiny-xs flat at 0.62): the better readers answer half the
+#   V=1 questions from the bag of centre colours in one pooled token. Probes of tiny-xs alone (800 steps, text
+#   accuracy): lr 1e-2 0.27, 5e-3 0.35, 3e-3 0.45-0.50 (1,500 steps 0.56), 3 layers 0.50, no GQA 0.51, batch 16 0.25.
 
 
 def smoke(arg) -> ml_collections.ConfigDict:

@@ -5,6 +5,7 @@ our model (norms, softmax, AdamW, the masked half of causal attention) stays wit
 
 import flax.linen as nn
 import jax
+import numpy as np
 import pytest
 
 from tests import helpers
@@ -12,17 +13,24 @@ from vlm_jax import flops, sharding, train
 from vlm_jax.models import vlm
 
 
-@pytest.mark.parametrize("compressor,tie", [("avgpool", False), ("quecc", False), ("quecc", True)])
-def test_train_step_flops_match_xla_cost_analysis_of_the_jitted_step(compressor, tie):
+@pytest.mark.parametrize("compressor,tie,packed", [("avgpool", False, 1), ("quecc", False, 1), ("quecc", True, 1),
+                                                   ("quecc", False, 3)])
+def test_train_step_flops_match_xla_cost_analysis_of_the_jitted_step(compressor, tie, packed):
+    """packed=K: rows of K examples (data/packing.py): K images, K questions, K x V slots per row."""
     config = helpers.tiny_config(compressor=compressor, num_tokens=4, seq_len=64, question_len=8, batch_size=4)
     llm = config.model.llm
     llm.vocab_size, llm.tie_embeddings, llm.scan_layers = 4096, tie, False   # embedding a large share; loops unrolled
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     state, _, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
     step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx))
+    batch = helpers.random_batch(config)
+    if packed > 1:   # only shapes matter to the count
+        for key in ("pixels", "question_tokens", "question_mask"):
+            batch[key] = np.repeat(batch[key][:, None], packed, axis=1)
+        batch["image_positions"] = np.tile(batch["image_positions"], (1, packed))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        cost = step.lower(state, helpers.random_batch(config)).compile().cost_analysis()
+        cost = step.lower(state, batch).compile().cost_analysis()
     xla = float(cost["flops"])
     ours = flops.train_step_flops(config.model, batch_size=4, seq_len=64, train_llm=True, train_vision=True,
-                                  query_tokens=8)
+                                  query_tokens=8, images_per_sequence=packed)
     assert ours == pytest.approx(xla, rel=0.05)

@@ -184,8 +184,10 @@ def inference_flops(model_cfg, *, text_tokens: int, llm_only: bool = False, **kw
 
 def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: bool, train_vision: bool,
                      query_tokens: int | None = None, compressor_flops_per_image: float | None = None,
-                     params=None) -> float:
-    """FLOPs of one training step on batch_size sequences of seq_len tokens (visual slots included), one image each.
+                     params=None, images_per_sequence: int = 1) -> float:
+    """FLOPs of one training step on batch_size sequences of seq_len tokens (visual slots included), one image each
+    (`images_per_sequence` K when rows are packed: the image terms below count K times; attention is computed
+    over the whole row whatever the segments, so it counts as it runs).
 
     Per sequence, with N the LLM's parameters that multiply (llm_matmul_params: not the input embedding, a lookup),
     N_body those without the output projection, F_x a part's forward FLOPs, and attention causal:
@@ -206,14 +208,14 @@ def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: boo
     attention = attention_flops(llm_cfg.num_layers, llm_cfg.num_heads, llm_cfg.head_dim, seq_len, causal=True)
     n_matmul, n_body = llm_matmul_params(llm_cfg, counts["llm"])
     per_seq = (6.0 if train_llm else 4.0) * n_matmul * seq_len + 3.0 * attention
-    per_seq += (3.0 if train_vision else 1.0) * _vision_forward(model_cfg.vision, counts["vision"])
+    per_image = (3.0 if train_vision else 1.0) * _vision_forward(model_cfg.vision, counts["vision"])
     if compressor_flops_per_image is None:
         compressor_flops_per_image = compressor_flops(model_cfg)
-    per_seq += 3.0 * compressor_flops_per_image
-    per_seq += 3.0 * llm_linear_flops(counts["projector"], visual_tokens(model_cfg))
+    per_image += 3.0 * compressor_flops_per_image
+    per_image += 3.0 * llm_linear_flops(counts["projector"], visual_tokens(model_cfg))
     if needs_query_pass(model_cfg):
-        per_seq += sum(_llm_forward(llm_cfg, n_body, seq_len if query_tokens is None else query_tokens))
-    return batch_size * per_seq
+        per_image += sum(_llm_forward(llm_cfg, n_body, seq_len if query_tokens is None else query_tokens))
+    return batch_size * (per_seq + images_per_sequence * per_image)
 
 
 def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_second: float) -> float:

@@ -400,7 +400,8 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
     seq_len = config.data.seq_len + m.compressor.num_tokens   # text budget + V image slots
     step_flops = flops.train_step_flops(m, batch_size=t.batch_size, seq_len=seq_len,
                                         train_llm=train_llm, train_vision=train_vision,
-                                        query_tokens=config.data.question_len)
+                                        query_tokens=config.data.question_len,
+                                        images_per_sequence=max(config.data.get("pack_examples", 0), 1))
     peak, peak_source = hardware.peak_flops_per_device(t.peak_flops_per_device)
     logging.info("MFU denominator: %.3g FLOP/s per device (%s); %.3g FLOPs per step", peak, peak_source,
                  step_flops)
@@ -423,7 +424,7 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
     preemption = Preemption()
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     step = int(jax.device_get(state.step))
-    window, window_tokens, window_start, last = [], 0, time.perf_counter(), {}
+    window, window_tokens, window_slots, window_start, last = [], 0, 0, time.perf_counter(), {}
     skipped_updates = 0
 
     def check_finite(window_metrics) -> int:
@@ -443,7 +444,8 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
             while step < t.steps:
                 host_batch = next(data_iter)
-                window_tokens += int(np.sum(host_batch["attention_mask"])) * jax.process_count()
+                window_tokens += int(np.count_nonzero(host_batch["attention_mask"])) * jax.process_count()
+                window_slots += host_batch["attention_mask"].size * jax.process_count()
                 batch = sharding.put_batch(host_batch, mesh)
                 with jax.transfer_guard("disallow"):
                     state, metrics = train_step(state, batch)
@@ -452,7 +454,8 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
                 if first_step:   # keep compilation out of the throughput figures
                     jax.block_until_ready(metrics)
                     logging.info("step %d compiled and ran in %.1fs", step, time.perf_counter() - window_start)
-                    first_step, timed, window_tokens, window_start = False, 0, 0, time.perf_counter()
+                    first_step, timed, window_tokens, window_slots = False, 0, 0, 0
+                    window_start = time.perf_counter()
                 else:
                     timed += 1
                 stopping = preemption.stop_after(step)
@@ -473,6 +476,7 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
                         "step": step, "loss": float(losses[-1]), "loss_avg": float(losses.mean()),
                         "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(lr_at(step - 1)),
                         "tokens_per_s": window_tokens / elapsed if timed else None, "step_s": step_time,
+                        "useful_token_fraction": window_tokens / window_slots if timed else None,
                         "mfu": flops.mfu(step_flops, step_time, peak * mesh.size) if timed else None,
                     }
                     last.update(pipeline_counters(data_iter))
@@ -486,7 +490,7 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
                                  f"{100 * last['mfu']:.2f}%" if timed else "-")
                     if jax.process_index() == 0:
                         append_line(metrics_path, json.dumps(last))
-                    window, window_tokens, window_start, timed = [], 0, time.perf_counter(), 0
+                    window, window_tokens, window_slots, window_start, timed = [], 0, 0, time.perf_counter(), 0
                 elif evaluated and jax.process_index() == 0:   # an eval between log steps gets its own line
                     append_line(metrics_path, json.dumps({"step": step, **evaluated}))
                 if step % t.checkpoint_every == 0 or step == t.steps or stopping:

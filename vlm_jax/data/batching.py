@@ -4,7 +4,8 @@ Batches are assembled here, in the main process, from grain's per-record stream.
 become counts (`skip`) or a `BadInputError` (`error`): a skipped record simply does not fill a batch row, so every
 batch still holds B good examples. The state is grain's (which records were consumed) plus the skip counts; since a
 batch boundary always falls between two consumed records, restoring it yields exactly the batches an uninterrupted
-run would.
+run would. Packing (`pack_examples`) keeps that promise by saving the state from before the record that did not
+fit the last batch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Self
 import numpy as np
 from absl import logging
 
-from vlm_jax.data import errors
+from vlm_jax.data import errors, packing
 
 _LOGGED_SKIPS = 10  # log this many skipped records one by one, then only every 1000th
 
@@ -29,9 +30,13 @@ class BatchIterator:
     """
 
     def __init__(self, loader, batch_size: int, *, policy: str = "skip", max_consecutive_bad: int = 1000,
-                 pad_final: bool = False):
+                 pad_final: bool = False, pack_examples: int = 0):
         if batch_size < 1:
             raise ValueError(f"per-process batch size must be >= 1, got {batch_size}")
+        if pack_examples and pad_final:
+            raise ValueError("packing is for training streams; an evaluation pass keeps one example per row")
+        self.pack_examples = pack_examples  # >0: up to this many examples per row (packing.py)
+        self._pending = None   # packing: a record read that did not fit the last batch, and the state before it
         self._loader = loader
         self._records: Iterator[dict[str, Any]] = iter(loader)
         self.batch_size = batch_size
@@ -67,7 +72,24 @@ class BatchIterator:
                 raise errors.BadInputError(rid, reason, f"{bad_run} bad records in a row; is the data path "
                                            f"right? counts so far: {dict(self.bad_input.counts)}")
 
+    def _state_now(self) -> dict[str, Any]:
+        return {"grain": json.loads(self._records.get_state()), "bad_input": self.bad_input.state()}
+
+    def _next_packed(self) -> dict[str, np.ndarray]:
+        """B rows filled first-fit until a record fits none; that record opens the next batch. The iterator's
+        state stays the one from before that record was read, so a restore replays it."""
+        if self._pending is None:
+            state = self._state_now()
+            self._pending = (self._next_good(), state)
+        packed = packing.PackedBatch(self.batch_size, self.pack_examples, self._pending[0])
+        while packed.add(self._pending[0]):
+            state = self._state_now()
+            self._pending = (self._next_good(), state)
+        return packed.batch()
+
     def __next__(self) -> dict[str, np.ndarray]:
+        if self.pack_examples:
+            return self._next_packed()
         rows = []
         try:
             while len(rows) < self.batch_size:
@@ -96,10 +118,11 @@ class BatchIterator:
         self.close()
 
     def get_state(self) -> dict[str, Any]:
-        return {"grain": json.loads(self._records.get_state()), "bad_input": self.bad_input.state()}
+        return self._pending[1] if self._pending is not None else self._state_now()
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if "grain" not in state:
             raise ValueError(f"not a data iterator state (keys {sorted(state)}); expected 'grain' and 'bad_input'")
+        self._pending = None
         self._records.set_state(json.dumps(state["grain"]).encode())
         self.bad_input.set_state(state.get("bad_input", {}))

@@ -5,6 +5,7 @@
     it = pipeline.make_train_iterator(data_cfg, tokenizer=tok, num_visual_tokens=16, image_size=64, batch_size=16)
     batch = next(it)   # pixels f32[B,S,S,3], tokens/targets i32[B,L], loss_mask f32[B,L], attention_mask i32[B,L],
                        # image_positions i32[B,V], question_tokens/question_mask i32[B,Lq]; L = seq_len + V
+                       # (data.pack_examples=K: K examples per row, pixels f32[B,K,S,S,3], ...: packing.py)
     state = it.get_state(); it.set_state(state)           # JSON-able; exact resume
     it.bad_input.counts; it.bad_input.write(path)         # skipped records per reason
 
@@ -45,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.system_prompt = ""  # ChatML system turn; '' for none (LLaVA-Qwen runs use "You are a helpful assistant.")
     c.template = "chatml"  # 'chatml' (Qwen conversations) | 'plain' (LLaVA pretraining: image slots, caption)
     c.image_aspect_ratio = "pad"  # 'pad' (to square with the CLIP mean colour, as LLaVA) | 'crop' (centre square)
+    c.pack_examples = 0  # training: >0 packs up to this many examples into each row of length L (packing.py)
     c.bad_input = "skip"  # 'skip' (count, log and go on) | 'error' (stop at the first bad record, naming it)
     c.max_consecutive_bad = 1000  # under 'skip', this many bad records in a row is an error (wrong paths, ...)
     c.shuffle_seed = 0  # used when make_train_iterator gets seed=None
@@ -167,7 +169,8 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Token
         shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
         shuffle=True, num_epochs=None, seed=data_cfg.shuffle_seed if seed is None else seed)
     return batching.BatchIterator(_loader(data_cfg, source, sampler), batch_size // process_count,
-                                  policy=data_cfg.bad_input, max_consecutive_bad=data_cfg.max_consecutive_bad)
+                                  policy=data_cfg.bad_input, max_consecutive_bad=data_cfg.max_consecutive_bad,
+                                  pack_examples=data_cfg.get("pack_examples", 0))
 
 
 def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer, num_visual_tokens: int,

@@ -10,6 +10,8 @@ the parameter layout only by the leading 'layers' axis, never the numbers.
 
 Masking is explicit and cache-friendly: sequence *slots* (where a token sits in the buffer) decide causality, RoPE
 *positions* (how many real tokens precede it) decide rotation, so left padding and KV caches need no special case.
+A packed row holds several examples: its attention mask holds segment ids (1, 2, ...; 0 = padding), a token sees
+only its own segment and its RoPE positions restart there (data/packing.py). A plain 0/1 mask is one segment.
 """
 
 import flax.linen as nn
@@ -26,19 +28,29 @@ REMAT_POLICIES = {
 }
 
 
-def causal_mask(q_slots, kv_valid):
-    """bool[B, 1, T, S]: query at slot q may see key slot s iff s <= q and s holds a real token.
+def causal_mask(q_slots, kv_valid, q_segments=None):
+    """bool[B, 1, T, S]: query at slot q may see key slot s iff s <= q and s holds a real token (and, given the
+    queries' segment ids, the key's segment id is the query's: packed examples never see each other).
 
-    q_slots: int[T] or int[B, T]; kv_valid: int/bool[B, S].
+    q_slots: int[T] or int[B, T]; kv_valid: int/bool[B, S] (0/1, or segment ids); q_segments: int[B, T].
     """
     q_slots = jnp.broadcast_to(q_slots, (kv_valid.shape[0],) + q_slots.shape[-1:])
     k_slots = jnp.arange(kv_valid.shape[1])
-    return ((k_slots[None, None, :] <= q_slots[:, :, None]) & kv_valid.astype(bool)[:, None, :])[:, None]
+    mask = (k_slots[None, None, :] <= q_slots[:, :, None]) & (kv_valid != 0)[:, None, :]
+    if q_segments is not None:
+        mask &= kv_valid[:, None, :] == q_segments[:, :, None]
+    return mask[:, None]
 
 
 def positions_from_mask(attention_mask):
-    """RoPE positions int[B, T]: index among the real tokens (left or right padding alike)."""
-    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+    """RoPE positions int[B, T]: index among the real tokens of the token's own segment (left or right padding
+    alike; a 0/1 mask is one segment, segment ids restart the count at each packed example)."""
+    real = (attention_mask != 0).astype(jnp.int32)
+    seen = jnp.cumsum(real, axis=-1)   # real tokens up to and including t
+    previous = jnp.pad(attention_mask[:, :-1], ((0, 0), (1, 0)))
+    starts = (attention_mask != previous) & (attention_mask != 0)
+    before = jax.lax.cummax(jnp.where(starts, seen - real, 0), axis=attention_mask.ndim - 1)
+    return jnp.maximum(seen - before - 1, 0).astype(jnp.int32)
 
 
 class DecoderLayer(nn.Module):
@@ -95,14 +107,14 @@ class LLM(nn.Module):
     def __call__(self, x, attention_mask, positions=None, cache=None, cache_index=None):
         """Final-norm hidden states float[B, T, D] for input embeddings x float[B, T, D].
 
-        Without cache: attention_mask int[B, T] marks real tokens. With cache=(k, v) (each
+        Without cache: attention_mask int[B, T] marks real tokens (or holds packed segment ids). With cache=(k, v) (each
         float[layers, B, S_max, K, Dh]): x holds T new tokens written at slots cache_index..cache_index+T-1,
         attention_mask is int[B, S_max] over the whole cache (new tokens included) and `positions` is required.
         Returns (hidden, new_cache).
         """
         t = x.shape[1]
         if cache is None:
-            mask = causal_mask(jnp.arange(t), attention_mask)
+            mask = causal_mask(jnp.arange(t), attention_mask, q_segments=attention_mask)
             positions = positions_from_mask(attention_mask) if positions is None else positions
         else:
             if positions is None:

@@ -2,7 +2,8 @@
 
 The data pipeline reserves exactly V image slots in the token sequence (`image_positions`); the model writes the V
 projected visual embeddings there (scatter with mode='drop', so a text-only row, whose positions are all out of
-range, is untouched). Shapes never depend on data, so one compiled step serves every batch.
+range, is untouched). A packed row (data/packing.py) holds K examples: K images, K x V slots, segment ids in the
+attention mask. Shapes never depend on data, so one compiled step serves every batch.
 """
 
 import flax.linen as nn
@@ -53,7 +54,13 @@ class VLM(nn.Module):
         return jax.lax.stop_gradient(self.llm.last_hidden(question_tokens, question_mask))
 
     def encode_images(self, pixels, question_tokens=None, question_mask=None):
-        """pixels float[B, S, S, 3] -> visual embeddings float[B, V, D] ready for the LLM."""
+        """pixels float[B, S, S, 3] -> visual embeddings float[B, V, D] ready for the LLM. A packed batch holds K
+        images per row (float[B, K, S, S, 3], questions int[B, K, Lq]) -> float[B, K * V, D], in slot order."""
+        if pixels.ndim == 5:
+            b, k = pixels.shape[:2]
+            flat = lambda x: None if x is None else x.reshape((b * k,) + x.shape[2:])  # noqa: E731
+            visual = self.encode_images(flat(pixels), flat(question_tokens), flat(question_mask))
+            return visual.reshape(b, k * visual.shape[1], visual.shape[2])
         features = self.vision(pixels, self.head_cls.vision_layers(self.cfg.compressor, self.cfg.vision))
         query = None
         if self.head_cls.needs_query:

@@ -69,6 +69,9 @@ def _mult_to_natural(c, log_n0, log_v0):
     return np.stack([np.exp(log_a + alpha * log_n0 + beta * log_v0), alpha, beta, np.exp(log_d)], axis=-1)
 
 
+# A bootstrap resample's extreme exponents can overflow far from the table (inf, or nan where 0 * inf): the
+# frontier and the plots drop those resamples; numpy's warnings about them would only drown the report.
+@np.errstate(over="ignore", invalid="ignore")
 def _mult_predict(theta, n, v):
     a, alpha, beta, d = _split(np.asarray(theta, dtype=np.float64), 4)
     return a * np.power(n, -alpha) * np.power(v, -beta) + d
@@ -85,6 +88,7 @@ def _add_to_natural(c, log_n0, log_v0):
                     axis=-1)
 
 
+@np.errstate(over="ignore", invalid="ignore")
 def _add_predict(theta, n, v):
     e, a, alpha, b, beta = _split(np.asarray(theta, dtype=np.float64), 5)
     return e + a * np.power(n, -alpha) + b * np.power(v, -beta)

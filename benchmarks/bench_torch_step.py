@@ -1,0 +1,172 @@
+"""One LLaVA-style training step of a mid-size VLM: vlm-jax against the same step in PyTorch + transformers.
+
+    python -m benchmarks.bench_torch_step [--steps=5] [--batch=4] [--length=512]
+
+The configuration (both sides built from it): a CLIP-style tower (224 px, patch 14, width 384, 6 layers, frozen,
+LLaVA's penultimate layer), avgpool to V = 64, the mlp2x_gelu projector, a Qwen2-style LLM (hidden 768, 12 layers,
+12 heads, MLP 2048, vocabulary 32,000 untied: 134.1 M parameters); batch 4 x 512 tokens, float32, AdamW on the LLM
+and the projector, loss on each row's last quarter. The reference is transformers' CLIPVisionModel and
+Qwen2ForCausalLM (its default attention, SDPA) with torch.optim.AdamW (fused where available).
+
+Prints each side's best step time, the step FLOPs (vlm_jax.flops, the same model) as a fraction of the f32 matmul
+peak JAX measures in this process, and the ratio PyTorch time / vlm-jax time; then where vlm-jax's step goes
+(forward + backward alone, the output layer + loss alone, AdamW alone), each timed as its own jitted program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from configs import common, models
+from vlm_jax import flops, hardware, optim, sharding, train
+from vlm_jax.models import llm as llm_lib
+from vlm_jax.models import vlm
+
+VISION = dict(image_size=224, patch_size=14, width=384, depth=6, num_heads=6, mlp_dim=1536, layer_norm_eps=1e-5)
+LLM = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=12,
+           tie_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=2048)
+V = 64
+
+
+def jax_config(batch: int, length: int) -> ml_collections.ConfigDict:
+    model = models.model_config("tiny", "tiny", "avgpool", V)
+    model.vision = models.vision_config("tiny", **VISION)
+    model.llm = models.llm_config("tiny", **LLM)
+    return ml_collections.ConfigDict(dict(
+        model=model, mesh=common.mesh_config(), data=dict(seq_len=length - V, question_len=16),
+        train=common.train_config(stage="full", batch_size=batch, warmup_ratio=0.0)))
+
+
+def make_batch(batch: int, length: int, rng) -> dict[str, np.ndarray]:
+    tokens = rng.integers(3, LLM["vocab_size"], (batch, length)).astype(np.int32)
+    loss_mask = np.zeros((batch, length), np.float32)
+    loss_mask[:, -length // 4:-1] = 1
+    return dict(pixels=rng.normal(size=(batch, 224, 224, 3)).astype(np.float32), tokens=tokens,
+                targets=np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], 1), loss_mask=loss_mask,
+                attention_mask=np.ones((batch, length), np.int32),
+                image_positions=np.broadcast_to(1 + np.arange(V, dtype=np.int32), (batch, V)).copy(),
+                question_tokens=np.ones((batch, 16), np.int32), question_mask=np.ones((batch, 16), np.int32))
+
+
+def best_time(fn, steps: int) -> float:
+    jax.block_until_ready(fn())   # compile / warm up
+    best = float("inf")
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def jax_times(config, batch, steps: int) -> dict[str, float]:
+    """The whole step, and its parts each as its own jitted program."""
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    state, _, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
+    model = vlm.VLM(config.model)
+    step = jax.jit(train.make_train_step(model, tx))
+    params = optim.merge(state.params, state.frozen)
+    times = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        times["step"] = best_time(lambda: step(state, batch), steps)
+
+        def loss(trainable, b):
+            logits = model.apply({"params": optim.merge(trainable, state.frozen)}, **train.model_inputs(b))
+            return train.masked_cross_entropy(logits, b["targets"], b["loss_mask"])[0]
+        grads = jax.jit(jax.grad(loss))
+        times["forward + backward"] = best_time(lambda: grads(state.params, batch), steps)
+        hidden = jax.jit(lambda p, b: model.apply({"params": p}, **train.model_inputs(b),
+                                                  method=vlm.VLM.hidden_states))(params, batch)
+        w = llm_lib.output_weights(params["llm"], config.model.llm)
+
+        def head_loss(h, w):
+            return train.masked_cross_entropy(jnp.einsum("btd,dv->btv", h, w), batch["targets"],
+                                              batch["loss_mask"])[0]
+        head = jax.jit(jax.grad(head_loss, argnums=(0, 1)))
+        times["output layer + loss (fwd + bwd)"] = best_time(lambda: head(hidden, w), steps)
+        g = jax.tree.map(jnp.ones_like, state.params)
+        update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
+        times["AdamW update"] = best_time(lambda: update(g, state.opt_state, state.params), steps)
+    return times
+
+
+def torch_time(batch_np, steps: int) -> float:
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=VISION["width"], intermediate_size=VISION["mlp_dim"], num_hidden_layers=VISION["depth"],
+        num_attention_heads=VISION["num_heads"], image_size=VISION["image_size"], patch_size=VISION["patch_size"],
+        hidden_act="quick_gelu")).eval().requires_grad_(False)
+    llm = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=LLM["vocab_size"], hidden_size=LLM["hidden_size"], intermediate_size=LLM["intermediate_size"],
+        num_hidden_layers=LLM["num_layers"], num_attention_heads=LLM["num_heads"],
+        num_key_value_heads=LLM["num_kv_heads"], tie_word_embeddings=False, rope_theta=LLM["rope_theta"],
+        max_position_embeddings=LLM["max_position_embeddings"]))
+    projector = torch.nn.Sequential(torch.nn.Linear(VISION["width"], LLM["hidden_size"]), torch.nn.GELU(),
+                                    torch.nn.Linear(LLM["hidden_size"], LLM["hidden_size"]))
+    opt = torch.optim.AdamW([*llm.parameters(), *projector.parameters()], lr=1e-4, weight_decay=0.0)
+    pixels = torch.from_numpy(batch_np["pixels"]).permute(0, 3, 1, 2).contiguous()
+    tokens = torch.from_numpy(batch_np["tokens"]).long()
+    labels = torch.where(torch.from_numpy(np.roll(batch_np["loss_mask"], 1, axis=1)) > 0, tokens, -100)
+    slots = torch.from_numpy(batch_np["image_positions"]).long()
+    rows = torch.arange(tokens.shape[0])[:, None]
+    g = VISION["image_size"] // VISION["patch_size"]
+
+    def step():
+        with torch.no_grad():   # frozen tower, LLaVA's penultimate layer, patch tokens only
+            feats = vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        b, _, d = feats.shape
+        pooled = torch.nn.functional.avg_pool2d(feats.transpose(1, 2).reshape(b, d, g, g), g // 8)
+        visual = projector(pooled.flatten(2).transpose(1, 2))
+        embeds = llm.get_input_embeddings()(tokens).index_put((rows, slots), visual)
+        loss = llm(inputs_embeds=embeds, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    step()
+    best = float("inf")
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--length", type=int, default=512)
+    args = ap.parse_args()
+    config = jax_config(args.batch, args.length)
+    batch = make_batch(args.batch, args.length, np.random.default_rng(0))
+    n_llm = flops.count_params(jax.eval_shape(vlm.init_fn(config.model), jax.random.key(0))["llm"])
+    step_flops = flops.train_step_flops(config.model, batch_size=args.batch, seq_len=args.length, train_llm=True,
+                                        train_vision=False)
+    peak = hardware.measured_matmul_peak()
+    times = jax_times(config, batch, args.steps)
+    t_torch = torch_time(batch, args.steps)
+    print(f"config: LLM {n_llm / 1e6:.1f} M parameters, batch {args.batch} x {args.length}, V={V}, f32; "
+          f"{step_flops / 1e9:.0f} GFLOPs per step; f32 matmul peak (JAX, measured) {peak / 1e9:.0f} GFLOP/s")
+    print(f"vlm-jax step          {times['step']:7.3f} s   {step_flops / times['step'] / peak:.2f} of peak")
+    print(f"PyTorch+transformers  {t_torch:7.3f} s   {step_flops / t_torch / peak:.2f} of peak")
+    print(f"PyTorch / vlm-jax     {t_torch / times['step']:.2f}x")
+    print("vlm-jax parts, each its own program (fraction of the step):")
+    for name, t in times.items():
+        if name != "step":
+            print(f"  {name:34} {t:7.3f} s  {t / times['step']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
