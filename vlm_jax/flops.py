@@ -122,11 +122,25 @@ class InferenceFlops:
         return self.llm + self.llm_attention + self.vision + self.compressor + self.projector + self.query_pass
 
 
-def _vision_forward(vision_cfg, n_vision: int) -> float:
-    tokens = vision_tokens(vision_cfg)
-    head_dim = vision_cfg.width // vision_cfg.num_heads
-    return (llm_linear_flops(n_vision, tokens)
-            + attention_flops(vision_cfg.depth, vision_cfg.num_heads, head_dim, tokens, causal=False))
+def vision_blocks_run(model_cfg) -> int:
+    """Blocks the tower runs: up to the deepest layer its compressor head reads (LLaVA's penultimate layer skips
+    the last block; models/vision.py)."""
+    from vlm_jax.models.vision import resolve_layer   # pylint: disable=import-outside-toplevel
+    taps = _head_class(model_cfg).vision_layers(model_cfg.compressor, model_cfg.vision)
+    return max((resolve_layer(i, model_cfg.vision.depth) for i in taps), default=0)
+
+
+def _vision_forward(model_cfg, n_vision: int) -> float:
+    """2 N per token for the patch embedding (over the patches) and for each block run (over patches + class
+    token), plus their attention. Position and class embeddings and the norms outside the blocks do not multiply."""
+    v = model_cfg.vision
+    tokens = vision_tokens(v)
+    patch = v.patch_size * v.patch_size * 3 * v.width
+    outside = patch + v.width + tokens * v.width + 4 * v.width   # patch, class and position embeddings, 2 norms
+    per_block = (n_vision - outside) / v.depth
+    blocks = vision_blocks_run(model_cfg)
+    return (llm_linear_flops(patch, tokens - 1) + llm_linear_flops(per_block * blocks, tokens)
+            + attention_flops(blocks, v.num_heads, v.width // v.num_heads, tokens, causal=False))
 
 
 def llm_matmul_params(llm_cfg, n_llm: int) -> tuple[int, int]:
@@ -167,7 +181,7 @@ def inference_breakdown(model_cfg, *, text_tokens: int, question_tokens: int | N
     return InferenceFlops(
         llm=llm,
         llm_attention=llm_attention,
-        vision=_vision_forward(model_cfg.vision, counts["vision"]),
+        vision=_vision_forward(model_cfg, counts["vision"]),
         compressor=float(compressor_flops_per_image),
         projector=llm_linear_flops(counts["projector"], v),
         query_pass=query_pass,
@@ -208,7 +222,7 @@ def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: boo
     attention = attention_flops(llm_cfg.num_layers, llm_cfg.num_heads, llm_cfg.head_dim, seq_len, causal=True)
     n_matmul, n_body = llm_matmul_params(llm_cfg, counts["llm"])
     per_seq = (6.0 if train_llm else 4.0) * n_matmul * seq_len + 3.0 * attention
-    per_image = (3.0 if train_vision else 1.0) * _vision_forward(model_cfg.vision, counts["vision"])
+    per_image = (3.0 if train_vision else 1.0) * _vision_forward(model_cfg, counts["vision"])
     if compressor_flops_per_image is None:
         compressor_flops_per_image = compressor_flops(model_cfg)
     per_image += 3.0 * compressor_flops_per_image

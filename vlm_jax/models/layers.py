@@ -91,11 +91,33 @@ class DenseND(nn.Module):
         return y
 
 
+def grouped_attention(q, k, v, mask=None):
+    """softmax(q k / sqrt(d)) v with masking, as `jax.nn.dot_product_attention` computes it on its XLA path, in two
+    grouped einsums: q float[B, T, N, D], k/v float[B, S, K, D] (K divides N), mask bool[B, 1, T, S]. XLA's CPU
+    backend runs the library's vmapped form about 2x slower forward + backward (benchmarks/bench_torch_step)."""
+    b, t, n, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    if mask is not None:   # a row with nothing to see averages every value, as the library does
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+
+
+def attention(q, k, v, mask=None):
+    """The attention kernel of every layer: the grouped einsums on the CPU, `jax.nn.dot_product_attention`
+    elsewhere (where XLA, or cuDNN on GPUs, picks the kernel)."""
+    if jax.default_backend() == "cpu":
+        return grouped_attention(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with grouped-query support, optional RoPE and an optional KV cache.
 
     Query heads = `num_heads`, key/value heads = `num_kv_heads` (must divide num_heads). Attention itself is
-    `jax.nn.dot_product_attention`, so XLA (or cuDNN on GPUs) picks the kernel.
+    `attention` (above).
 
     Cache: `cache=(k, v)` with k, v float[B, S_max, K, D]; the new keys/values are written at `cache_index` and the
     attention runs over the whole cache (masked by `mask`). Returns (out, new_cache); new_cache is None without cache.
@@ -131,7 +153,7 @@ class MultiHeadAttention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
             new_cache = (k, v)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
         out = DenseND((x_q.shape[-1],), 2, (self.heads_axis, "head_dim", self.embed_axis), self.out_bias,
                       self.dtype, name="o_proj")(out)
         return out, new_cache
