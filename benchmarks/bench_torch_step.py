@@ -8,7 +8,8 @@ LLaVA's penultimate layer), avgpool to V = 64, the mlp2x_gelu projector, a Qwen2
 and the projector, loss on each row's last quarter. The reference is transformers' CLIPVisionModel and
 Qwen2ForCausalLM (its default attention, SDPA) with torch.optim.AdamW (fused where available).
 
-Prints each side's best step time, the step FLOPs (vlm_jax.flops, the same model) as a fraction of the f32 matmul
+Freed memory stays in malloc for both sides, as in the launchers (launch/runtime.py). Prints each side's best
+step time, the step FLOPs (vlm_jax.flops, the same model) as a fraction of the f32 matmul
 peak JAX measures in this process, and the ratio PyTorch time / vlm-jax time; then where vlm-jax's step goes
 (forward + backward alone, the output layer + loss alone, AdamW alone), each timed as its own jitted program.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import optax
 
 from configs import common, models
+from launch import runtime
 from vlm_jax import flops, hardware, optim, sharding, train
 from vlm_jax.models import llm as llm_lib
 from vlm_jax.models import vlm
@@ -144,6 +146,7 @@ def torch_time(batch_np, steps: int) -> float:
 
 
 def main():
+    runtime.keep_freed_memory()   # as the launchers do (launch/runtime.py); both sides allocate through malloc
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
