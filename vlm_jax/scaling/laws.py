@@ -64,6 +64,7 @@ def _mult_log_predict(c, log_n, log_v, xp):
     return xp.logaddexp(log_a - alpha * log_n - beta * log_v, log_d)
 
 
+@np.errstate(over="ignore")   # a resample's extreme exponents (see _mult_predict)
 def _mult_to_natural(c, log_n0, log_v0):
     log_a, alpha, beta, log_d = (c[..., i] for i in range(4))
     return np.stack([np.exp(log_a + alpha * log_n0 + beta * log_v0), alpha, beta, np.exp(log_d)], axis=-1)
@@ -82,6 +83,7 @@ def _add_log_predict(c, log_n, log_v, xp):
     return xp.logaddexp(xp.logaddexp(log_e, log_a - alpha * log_n), log_b - beta * log_v)
 
 
+@np.errstate(over="ignore")
 def _add_to_natural(c, log_n0, log_v0):
     log_e, log_a, alpha, log_b, beta = (c[..., i] for i in range(5))
     return np.stack([np.exp(log_e), np.exp(log_a + alpha * log_n0), alpha, np.exp(log_b + beta * log_v0), beta],
