@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from vlm_jax import checkpoints, flops, hardware, optim, sharding, weights
 from vlm_jax.data import pipeline
-from vlm_jax.models import heads, vlm
+from vlm_jax.models import heads, layers, vlm
 from vlm_jax.models import llm as llm_lib
 
 
@@ -66,7 +66,7 @@ def chunked_cross_entropy(hidden, weights, targets, loss_mask, chunk: int, dtype
     @jax.checkpoint
     def chunk_loss(total, xs):
         h, y, m = xs
-        logits = jnp.dot(h.astype(dtype), weights.astype(dtype)).astype(jnp.float32)
+        logits = layers.contract(h.astype(dtype), weights.astype(dtype), 1).astype(jnp.float32)
         return total + jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * m), None
 
     total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(loss_mask)))

@@ -4,6 +4,7 @@ Every parameter is created with logical axis names (`nn.with_logical_partitionin
 can place it on the mesh by rules; the names used here are the complete vocabulary those rules cover.
 """
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -11,10 +12,34 @@ import jax
 import jax.numpy as jnp
 
 
+def contract(x, kernel, n_in: int, precision=None):
+    """x[..., *in] . kernel[*in, *out] -> [..., *out]: a dense layer's matmul.
+
+    On the CPU it runs as one 2-D matmul [M, K] x [K, N] (leading dims and the contracted/output dims flattened;
+    row-major reshapes, so free). XLA's CPU backend lowers the backward's weight gradient of the N-D form, which
+    contracts over batch and sequence together, through transposing copies of the activations (three per MLP
+    block); the 2-D form's gradient is a plain transposed-operand matmul: the mid-size MLP's forward + backward
+    runs 1.5x faster (benchmarks/README.md). Other backends get the N-D dot_general unchanged.
+    """
+    lead, k_in, k_out = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+    if jax.default_backend() != "cpu":
+        dims = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        return jax.lax.dot_general(x, kernel, (dims, ((), ())), precision=precision)
+    k, n = math.prod(k_in), math.prod(k_out)
+    y = jnp.matmul(x.reshape(-1, k), kernel.reshape(k, n), precision=precision)
+    return y.reshape(*lead, *k_out)
+
+
+def _dense_dot_general(x, kernel, dimension_numbers, precision=None):
+    """nn.Dense's dot_general (last dim of x with the first of kernel), as `contract`."""
+    assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())), dimension_numbers
+    return contract(x, kernel, 1, precision)
+
+
 def dense(features, axes: Sequence[str | None], use_bias: bool, dtype, name: str):
     """Dense layer whose kernel is [in, out] with logical axes `axes` (bias gets the output axis)."""
     return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, name=name,
+        features, use_bias=use_bias, dtype=dtype, name=name, dot_general=_dense_dot_general,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), tuple(axes)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)))
 
@@ -82,8 +107,7 @@ class DenseND(nn.Module):
                                             out_axis=tuple(range(self.n_in, self.n_in + n_out)))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
                             tuple(in_shape) + tuple(self.features))
-        dims = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
+        y = contract(x.astype(self.dtype), kernel.astype(self.dtype), self.n_in)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[-n_out:]),
                               tuple(self.features))
@@ -92,17 +116,28 @@ class DenseND(nn.Module):
 
 
 def grouped_attention(q, k, v, mask=None):
-    """softmax(q k / sqrt(d)) v with masking, as `jax.nn.dot_product_attention` computes it on its XLA path, in two
-    grouped einsums: q float[B, T, N, D], k/v float[B, S, K, D] (K divides N), mask bool[B, 1, T, S]. XLA's CPU
-    backend runs the library's vmapped form about 2x slower forward + backward (benchmarks/bench_torch_step)."""
+    """softmax(q k / sqrt(d)) v with masking, as `jax.nn.dot_product_attention` computes it on its XLA path, as two
+    batched matmuls over heads-major operands: q float[B, T, N, D], k/v float[B, S, K, D] (K divides N), mask
+    bool[B, 1, T, S].
+
+    Each key/value head's G = N/K query heads are stacked along the rows ([B*K, G*T, D] x [B*K, D, S]), so every
+    matmul is a plain 3-D batched one: on XLA's CPU backend the [T, S] probabilities and their gradients are then
+    never copied into another layout (the 5-D einsum form copied them, 1.7x slower forward + backward; the
+    library's vmapped form 2x; benchmarks/README.md). Only q, k, v and the output are transposed.
+    """
     b, t, n, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    qh = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g * t, d)
+    kh = k.transpose(0, 2, 1, 3).reshape(b * kv_heads, s, d)
+    vh = v.transpose(0, 2, 1, 3).reshape(b * kv_heads, s, d)
+    logits = jnp.matmul(qh, kh.transpose(0, 2, 1), preferred_element_type=jnp.float32) * (d ** -0.5)
     if mask is not None:   # a row with nothing to see averages every value, as the library does
-        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(logits.dtype).min)
+        rows = jnp.broadcast_to(mask[:, :, None], (b, kv_heads, g, t, s)).reshape(b * kv_heads, g * t, s)
+        logits = jnp.where(rows, logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+    out = jnp.matmul(probs, vh)                                                    # [B*K, G*T, D]
+    return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
 def attention(q, k, v, mask=None):

@@ -135,7 +135,8 @@ class LLM(nn.Module):
     def logits(self, hidden):
         """float[B, T, D] -> float32[B, T, vocab]."""
         if self.cfg.tie_embeddings:
-            out = self.embed.attend(hidden.astype(self.dtype))
+            embedding = jnp.asarray(self.embed.embedding, self.dtype)   # [vocab, D]: hidden . embedding^T
+            out = layers.contract(hidden.astype(self.dtype), embedding.T, 1)
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)
