@@ -29,6 +29,7 @@ import optax
 from configs import common, models
 from launch import runtime
 from vlm_jax import flops, hardware, optim, sharding, train
+from vlm_jax.models import layers
 from vlm_jax.models import llm as llm_lib
 from vlm_jax.models import vlm
 
@@ -89,7 +90,7 @@ def jax_times(config, batch, steps: int) -> dict[str, float]:
         w = llm_lib.output_weights(params["llm"], config.model.llm)
 
         def head_loss(h, w):
-            return train.masked_cross_entropy(jnp.einsum("btd,dv->btv", h, w), batch["targets"],
+            return train.masked_cross_entropy(layers.contract(h, w, 1), batch["targets"],
                                               batch["loss_mask"])[0]
         head = jax.jit(jax.grad(head_loss, argnums=(0, 1)))
         times["output layer + loss (fwd + bwd)"] = best_time(lambda: head(hidden, w), steps)

@@ -1,5 +1,6 @@
 """Behaviour of the model parts: causality, padding, GQA, RoPE, scan/remat equivalence, image slots, vision taps."""
 
+import functools
 import math
 import re
 
@@ -156,22 +157,26 @@ def test_param_dtype_is_the_storage_of_every_parameter_and_compute_stays_in_dtyp
 
 def test_grouped_attention_equals_the_library_kernel_with_groups_masks_and_gradients():
     """The CPU kernel against jax.nn.dot_product_attention: 6 query heads on 2 kv heads, a causal mask with packed
-    segments and a row that sees nothing (a padding query); outputs and gradients."""
+    segments and rows that see nothing (padding queries); outputs and gradients, whole and in causal query blocks."""
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (2, 7, 6, 8))
     k, v = jax.random.normal(kk, (2, 7, 2, 8)), jax.random.normal(kv, (2, 7, 2, 8))
-    segments = jnp.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    segments = jnp.array([[1, 0, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
     mask = llm.causal_mask(jnp.arange(7), segments, q_segments=segments)
-    assert not mask[0, 0, 6].any()   # the padding query sees nothing
+    assert not mask[0, 0, 1].any() and not mask[0, 0, 6].any()   # padding queries see nothing
 
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v, mask=mask)))
-    np.testing.assert_allclose(layers.grouped_attention(q, k, v, mask),
-                               jax.nn.dot_product_attention(q, k, v, mask=mask), atol=1e-5)
-    ours = jax.grad(lambda *a: loss(layers.grouped_attention, *a), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(lambda *a: loss(jax.nn.dot_product_attention, *a), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(ours, ref):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    for blocks in (1, 3):   # 3: uneven causal query blocks (2, 3, 2 rows), a padding query in the first
+        ours_fn = functools.partial(layers.grouped_attention, query_blocks=blocks)
+        np.testing.assert_allclose(ours_fn(q, k, v, mask), jax.nn.dot_product_attention(q, k, v, mask=mask),
+                                   atol=1e-5)
+        ours = jax.grad(lambda *a: loss(ours_fn, *a), argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(ours, ref):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="causal mask over as many keys"):
+        layers.grouped_attention(q, k[:, :5], v[:, :5], mask[..., :5], query_blocks=2)
 
 
 def test_contract_equals_dot_general_in_values_and_gradients():

@@ -63,7 +63,7 @@ class DecoderLayer(nn.Module):
         h = layers.RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x)
         h, new_cache = layers.MultiHeadAttention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, use_bias=True,
-            out_bias=False, rope_theta=cfg.rope_theta, dtype=self.dtype, name="self_attn",
+            out_bias=False, rope_theta=cfg.rope_theta, causal=True, dtype=self.dtype, name="self_attn",
         )(h, h, mask=mask, positions=positions, cache=layer_cache, cache_index=cache_index)
         x = x + h
         h = layers.RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x)
