@@ -175,6 +175,9 @@ def test_grouped_attention_equals_the_library_kernel_with_groups_masks_and_gradi
         ours = jax.grad(lambda *a: loss(ours_fn, *a), argnums=(0, 1, 2))(q, k, v)
         for a, b in zip(ours, ref):
             np.testing.assert_allclose(a, b, atol=1e-5)
+    # queries over more keys than themselves (decoding with a cache): every key is attended
+    np.testing.assert_allclose(layers.grouped_attention(q[:, 2:], k, v, mask[:, :, 2:]),
+                               jax.nn.dot_product_attention(q[:, 2:], k, v, mask=mask[:, :, 2:]), atol=1e-5)
     with pytest.raises(ValueError, match="causal mask over as many keys"):
         layers.grouped_attention(q, k[:, :5], v[:, :5], mask[..., :5], query_blocks=2)
 

@@ -151,10 +151,10 @@ def grouped_attention(q, k, v, mask=None, *, query_blocks: int = 1):
     rows = jnp.broadcast_to(mask[:, :, None], (b, kv_heads, g, t, s)).reshape(b * kv_heads, g, t, s)
     edges = [round(j * t / query_blocks) for j in range(query_blocks + 1)]
     outs = []
-    for lo, hi in zip(edges[:-1], edges[1:]):   # keys [0, hi) for queries [lo, hi): the rest is masked anyway
-        r = hi - lo
-        out = _attend(qh[:, :, lo:hi].reshape(-1, g * r, d), kh[:, :hi], vh[:, :hi],
-                      rows[:, :, lo:hi, :hi].reshape(-1, g * r, hi))
+    for lo, hi in zip(edges[:-1], edges[1:]):   # blocks: keys [0, hi) for queries [lo, hi), the rest is masked
+        r, keys = hi - lo, hi if query_blocks > 1 else s
+        out = _attend(qh[:, :, lo:hi].reshape(-1, g * r, d), kh[:, :keys], vh[:, :keys],
+                      rows[:, :, lo:hi, :keys].reshape(-1, g * r, keys))
         outs.append(out.reshape(-1, g, r, d))
     out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]            # [B*K, G, T, D]
     if query_blocks > 1:   # a query that sees nothing averages every value (its block saw only the first ones)
