@@ -97,6 +97,13 @@ def _axis(text: str, kind=str) -> tuple:
 #   tiny-s at 800 steps reads every described scene (1.00; its loss falls between steps 300 and 400), and the 741K
 #   `tiny` preset 0.94 at 400 steps, at 19,500 tokens/s alone against tiny-m's 25,500: an N axis of readers only
 #   (a 64-wide ~58K model up to `tiny`, 13x) would cost about 11 minutes, over the smoke budget.
+#   Measured: `smoke,llms=tiny-s-lean+tiny-m+tiny` (58K, 308K, 744K: 12.8x) with 800 pretraining steps (text lookup
+#   0.81, 1.00, 1.00) took 11.5 minutes (pretraining 4.1 of them) and did not show the trade-off: detail error
+#   tiny-s-lean flat at 0.56 (the bag again, though it read 0.81 of the described scenes), tiny-m 0.51, 0.44, 0.53,
+#   0.22 and tiny 0.59, 0.56, 0.55, 0.21 at V = 1, 4, 16, 64; reasoning fell as much with V at the top (tiny 0.47 ->
+#   0.23, tiny-m 0.30 -> 0.24 through 0.46 at V = 16), so neither family's V exponent was resolved (detail beta 0.07
+#   [-0.14, 18], reasoning -0.13 [-17, 2.9]). The jump from V = 16 to 64 in both families says the 800-step readers
+#   read one marker per token, not pooled ones, whatever the question.
 
 
 def smoke(arg) -> ml_collections.ConfigDict:

@@ -42,6 +42,10 @@ LLM_PRESETS = {
                     tie_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
     "tiny-s": dict(vocab_size=128, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=2, num_kv_heads=1,
                    tie_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
+    # tiny-s with a lean MLP: the narrowest width (64) that learns the grid's binding lookup, at 58K parameters
+    "tiny-s-lean": dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=2,
+                        num_kv_heads=1, tie_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
+                        max_position_embeddings=2048),
     "tiny-m": dict(vocab_size=128, hidden_size=96, intermediate_size=256, num_layers=3, num_heads=3, num_kv_heads=1,
                    tie_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
     "tiny-l": dict(vocab_size=128, hidden_size=256, intermediate_size=688, num_layers=6, num_heads=8, num_kv_heads=4,
