@@ -12,6 +12,12 @@ import jax
 import jax.numpy as jnp
 
 
+def _cpu_layouts() -> bool:
+    """Whether to lay matmuls out for XLA's CPU backend (`contract`, `attention`): its code generation copies
+    operands between layouts for forms that other backends run as they are."""
+    return jax.default_backend() == "cpu"
+
+
 def contract(x, kernel, n_in: int, precision=None):
     """x[..., *in] . kernel[*in, *out] -> [..., *out]: a dense layer's matmul.
 
@@ -21,13 +27,12 @@ def contract(x, kernel, n_in: int, precision=None):
     block); the 2-D form's gradient is a plain transposed-operand matmul: the mid-size MLP's forward + backward
     runs 1.5x faster (benchmarks/README.md). Other backends get the N-D dot_general unchanged.
     """
-    lead, k_in, k_out = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
-    if jax.default_backend() != "cpu":
+    if not _cpu_layouts():
         dims = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         return jax.lax.dot_general(x, kernel, (dims, ((), ())), precision=precision)
-    k, n = math.prod(k_in), math.prod(k_out)
-    y = jnp.matmul(x.reshape(-1, k), kernel.reshape(k, n), precision=precision)
-    return y.reshape(*lead, *k_out)
+    k, out = math.prod(kernel.shape[:n_in]), kernel.shape[n_in:]
+    y = jnp.matmul(x.reshape(-1, k), kernel.reshape(k, math.prod(out)), precision=precision)
+    return y.reshape(*x.shape[:x.ndim - n_in], *out)
 
 
 def _dense_dot_general(x, kernel, dimension_numbers, precision=None):
@@ -173,7 +178,7 @@ def attention(q, k, v, mask=None, causal: bool = False):
     """The attention kernel of every layer: the heads-major batched matmuls on the CPU (skipping the blocks a causal
     mask hides), `jax.nn.dot_product_attention` elsewhere (where XLA, or cuDNN on GPUs, picks the kernel).
     `causal`: the mask is causal over the same T queries and keys (it holds the causality either way)."""
-    if jax.default_backend() == "cpu":
+    if _cpu_layouts():
         blocks = 2 if causal and q.shape[1] >= TWO_QUERY_BLOCKS_FROM else 1
         return grouped_attention(q, k, v, mask, query_blocks=blocks)
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
