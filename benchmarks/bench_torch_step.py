@@ -5,7 +5,8 @@
 The configuration (both sides built from it): a CLIP-style tower (224 px, patch 14, width 384, 6 layers, frozen,
 LLaVA's penultimate layer), avgpool to V = 64, the mlp2x_gelu projector, a Qwen2-style LLM (hidden 768, 12 layers,
 12 heads, MLP 2048, vocabulary 32,000 untied: 134.1 M parameters); batch 4 x 512 tokens, float32, AdamW on the LLM
-and the projector, loss on each row's last quarter. The reference is transformers' CLIPVisionModel and
+and the projector, loss on each row's last quarter (vlm-jax: the output layer 128 positions at a time, skipping
+chunks without answer tokens, `train.loss_chunk`; `--loss_chunk=0` computes it everywhere, as the reference does). The reference is transformers' CLIPVisionModel and
 Qwen2ForCausalLM (its default attention, SDPA) with torch.optim.AdamW (fused where available).
 
 Freed memory stays in malloc for both sides, as in the launchers (launch/runtime.py). Prints each side's best
@@ -39,13 +40,13 @@ LLM = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers
 V = 64
 
 
-def jax_config(batch: int, length: int) -> ml_collections.ConfigDict:
+def jax_config(batch: int, length: int, loss_chunk: int) -> ml_collections.ConfigDict:
     model = models.model_config("tiny", "tiny", "avgpool", V)
     model.vision = models.vision_config("tiny", **VISION)
     model.llm = models.llm_config("tiny", **LLM)
     return ml_collections.ConfigDict(dict(
         model=model, mesh=common.mesh_config(), data=dict(seq_len=length - V, question_len=16),
-        train=common.train_config(stage="full", batch_size=batch, warmup_ratio=0.0)))
+        train=common.train_config(stage="full", batch_size=batch, warmup_ratio=0.0, loss_chunk=loss_chunk)))
 
 
 def make_batch(batch: int, length: int, rng) -> dict[str, np.ndarray]:
@@ -57,6 +58,15 @@ def make_batch(batch: int, length: int, rng) -> dict[str, np.ndarray]:
                 attention_mask=np.ones((batch, length), np.int32),
                 image_positions=np.broadcast_to(1 + np.arange(V, dtype=np.int32), (batch, V)).copy(),
                 question_tokens=np.ones((batch, 16), np.int32), question_mask=np.ones((batch, 16), np.int32))
+
+
+def skipped_output_flops(loss_mask: np.ndarray, chunk: int) -> float:
+    """Output-layer FLOPs (forward + backward) of the chunks that hold no answer token, which the step skips."""
+    if not chunk:
+        return 0.0
+    b, t = loss_mask.shape
+    holds = np.pad(loss_mask, ((0, 0), (0, -t % chunk))).reshape(b, -1, chunk).any(axis=(0, 2))
+    return 6.0 * b * chunk * float((~holds).sum()) * LLM["hidden_size"] * LLM["vocab_size"]
 
 
 def best_time(fn, steps: int) -> float:
@@ -74,7 +84,7 @@ def jax_times(config, batch, steps: int) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     state, _, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
     model = vlm.VLM(config.model)
-    step = jax.jit(train.make_train_step(model, tx))
+    step = jax.jit(train.make_train_step(model, tx, config.train.loss_chunk))
     params = optim.merge(state.params, state.frozen)
     times = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
@@ -90,6 +100,9 @@ def jax_times(config, batch, steps: int) -> dict[str, float]:
         w = llm_lib.output_weights(params["llm"], config.model.llm)
 
         def head_loss(h, w):
+            if config.train.loss_chunk:
+                return train.chunked_cross_entropy(h, w, batch["targets"], batch["loss_mask"],
+                                                   config.train.loss_chunk)[0]
             return train.masked_cross_entropy(layers.contract(h, w, 1), batch["targets"],
                                               batch["loss_mask"])[0]
         head = jax.jit(jax.grad(head_loss, argnums=(0, 1)))
@@ -152,8 +165,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--loss_chunk", type=int, default=128, help="train.loss_chunk (0: the whole output layer)")
     args = ap.parse_args()
-    config = jax_config(args.batch, args.length)
+    config = jax_config(args.batch, args.length, args.loss_chunk)
     batch = make_batch(args.batch, args.length, np.random.default_rng(0))
     n_llm = flops.count_params(jax.eval_shape(vlm.init_fn(config.model), jax.random.key(0))["llm"])
     step_flops = flops.train_step_flops(config.model, batch_size=args.batch, seq_len=args.length, train_llm=True,
@@ -163,7 +177,10 @@ def main():
     t_torch = torch_time(batch, args.steps)
     print(f"config: LLM {n_llm / 1e6:.1f} M parameters, batch {args.batch} x {args.length}, V={V}, f32; "
           f"{step_flops / 1e9:.0f} GFLOPs per step; f32 matmul peak (JAX, measured) {peak / 1e9:.0f} GFLOP/s")
-    print(f"vlm-jax step          {times['step']:7.3f} s   {step_flops / times['step'] / peak:.2f} of peak")
+    run_flops = step_flops - skipped_output_flops(batch["loss_mask"], args.loss_chunk)
+    print(f"vlm-jax step          {times['step']:7.3f} s   {step_flops / times['step'] / peak:.2f} of peak "
+          f"(model FLOPs); {run_flops / times['step'] / peak:.2f} counting only the FLOPs it runs "
+          f"(loss_chunk={args.loss_chunk})")
     print(f"PyTorch+transformers  {t_torch:7.3f} s   {step_flops / t_torch / peak:.2f} of peak")
     print(f"PyTorch / vlm-jax     {t_torch / times['step']:.2f}x")
     print("vlm-jax parts, each its own program (fraction of the step):")

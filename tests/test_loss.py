@@ -62,3 +62,35 @@ def test_a_train_step_with_loss_chunk_matches_one_without():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
     moved = np.abs(np.asarray(chunked.params["llm"]["lm_head"]["kernel"] - params["llm"]["lm_head"]["kernel"]))
     assert moved.max() > 1e-4
+
+
+def test_chunks_without_answer_tokens_equal_the_whole_sequence_and_are_skipped():
+    _, model, params, batch = _setup(tie=False)
+    mask = np.zeros_like(batch["loss_mask"])
+    mask[:, 11:14] = batch["loss_mask"][:, 11:14]   # with chunks of 5, only positions 10-14 hold answer tokens
+    mask[0, 12] = 1.0
+    batch = dict(batch, loss_mask=mask)
+    (loss, grads), (c_loss, c_grads) = _losses(model, params, batch, 5)
+    assert float(c_loss) == pytest.approx(float(loss), rel=1e-6)
+    scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(grads))
+    for g, c in zip(jax.tree.leaves(grads), jax.tree.leaves(c_grads)):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(g), rtol=0, atol=1e-5 * scale)
+
+    # A chunk without answer tokens never runs its output layer: non-finite hidden states there cannot reach the
+    # loss or the gradients (computed and then masked, inf logits would make them NaN).
+    hidden = np.random.default_rng(0).normal(size=(3, 23, 16)).astype(np.float32)
+    hidden[:, 20:] = np.inf
+    w = np.random.default_rng(1).normal(size=(16, 128)).astype(np.float32)
+    value, (g_h, g_w) = jax.value_and_grad(
+        lambda h, w: train.chunked_cross_entropy(h, w, batch["targets"], mask, 5)[0], argnums=(0, 1))(hidden, w)
+    assert np.isfinite(float(value)) and float(value) > 0
+    assert np.isfinite(np.asarray(g_w)).all() and np.abs(np.asarray(g_w)).max() > 0
+    assert np.isfinite(np.asarray(g_h)).all() and not np.asarray(g_h)[:, 15:].any()
+
+
+def test_no_answer_tokens_at_all_gives_zero_loss_and_gradients():
+    _, model, params, batch = _setup(tie=False)
+    batch = dict(batch, loss_mask=np.zeros_like(batch["loss_mask"]))
+    (loss, grads), (c_loss, c_grads) = _losses(model, params, batch, 5)
+    assert float(c_loss) == float(loss) == 0.0
+    assert not any(np.asarray(g).any() for g in jax.tree.leaves(c_grads))

@@ -52,6 +52,8 @@ def chunked_cross_entropy(hidden, weights, targets, loss_mask, chunk: int, dtype
     float[B, T, D], float[D, vocab], int[B, T], float[B, T] -> (loss, n_tokens). Each chunk's logits are recomputed
     in the backward pass (jax.checkpoint inside lax.scan), so at most one chunk's float32[B, chunk, vocab] logits are
     alive instead of the whole float32[B, T, vocab] (2.5 GB per example for Qwen's 151,936 tokens at T = 2048).
+    A chunk where no row has an answer token skips its output layer, forward and backward: in LLaVA's
+    conversations most positions are image slots, prompt or padding.
     """
     b, t, _ = hidden.shape
     pad = -t % chunk
@@ -63,11 +65,14 @@ def chunked_cross_entropy(hidden, weights, targets, loss_mask, chunk: int, dtype
     def split(x):  # [B, T, ...] -> [n_chunks, B, chunk, ...]
         return jnp.moveaxis(x.reshape(b, n_chunks, chunk, *x.shape[2:]), 1, 0)
 
+    def loss_of(h, y, m):
+        logits = layers.contract(h.astype(dtype), weights.astype(dtype), 1).astype(jnp.float32)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * m)
+
     @jax.checkpoint
     def chunk_loss(total, xs):
-        h, y, m = xs
-        logits = layers.contract(h.astype(dtype), weights.astype(dtype), 1).astype(jnp.float32)
-        return total + jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * m), None
+        h, y, m = xs   # a chunk without answer tokens (prompt, image slots, padding) skips the output layer
+        return total + jax.lax.cond(jnp.any(m != 0), loss_of, lambda *_: jnp.zeros((), jnp.float32), h, y, m), None
 
     total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(loss_mask)))
     n = jnp.sum(loss_mask)
