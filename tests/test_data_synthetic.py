@@ -110,9 +110,14 @@ def test_all_question_kinds_occur_with_short_balanced_answers():
     longer = synthetic.make_examples("train", "ocr", 300, ocr_length=2)
     assert {e.kind for e in longer} == {"read", "where", "char"}
     assert max(len(e.answer) for e in longer if e.kind == "read") == 2
-    # compare_color is left out: a scene of 5 objects in 5 colours allows only "no".
-    yes_no = collections.Counter(e.answer for e in exs if e.answer in ("yes", "no") and e.kind != "compare_color")
+    # compare_color is left out: a scene of 5 objects in 5 colours allows only "no"; has_shape: a scene holding all
+    # three shapes allows only "yes" (checked below on the smoke grid's scenes of 2-4 objects).
+    yes_no = collections.Counter(e.answer for e in exs if e.answer in ("yes", "no")
+                                 and e.kind not in ("compare_color", "has_shape"))
     assert abs(yes_no["yes"] - yes_no["no"]) < 0.15 * sum(yes_no.values())
+    shapes = collections.Counter(e.answer for e in synthetic.make_examples(
+        "train", "reasoning", 300, reasoning_kinds="has_shape", reasoning_grid=2))
+    assert set(shapes) == {"yes", "no"} and shapes["yes"] < 0.65 * sum(shapes.values())
     assert max(len(e.answer.split()) for e in exs) <= 2
 
 
@@ -240,6 +245,55 @@ def test_a_described_detail_scene_holds_each_marker_as_one_word_and_the_same_ans
             outer = question.split()[-2]
             assert split[outer] == outer + answer and answer in synthetic.INNER_COLORS
     with pytest.raises(ValueError, match="described"):
-        synthetic.make_example("train", "reasoning", 0, describe=True)
+        synthetic.make_example("train", "ocr", 0, describe=True)
     with pytest.raises(ValueError, match="detail_kinds"):
         synthetic.make_example("train", "detail", 0, detail_kinds="nope")
+
+
+def test_corner_scenes_ask_the_centre_of_the_top_left_marker_in_three_sizes_and_tell_the_same_cells_in_words():
+    """The `corner` kind: the answer is the centre colour of the marker drawn in the top-left corner, 8, 16 or 32 px
+    wide (read off the pixels: the widest square whose 2-px ring and centre are one colour each); other 8-px markers
+    sit in some of the cells it leaves free; told in words, word k is cell k in reading order."""
+    others, sizes = [], []
+    for j in range(90):
+        ex = synthetic.make_example("validation", "detail", j, detail_kinds="corner")
+        assert ex.question == "what color is inside the top left marker?"
+        img = ex.image.astype(int)
+
+        def one_colour(region):
+            return len({tuple(c) for c in region.reshape(-1, 3)}) == 1
+        size = max(s for s in (8, 16, 32) if one_colour(img[2:s - 2, 2:s - 2]) and one_colour(
+            np.concatenate([img[:2, :s].reshape(-1, 3), img[s - 2:s, :s].reshape(-1, 3),
+                            img[:s, :2].reshape(-1, 3), img[:s, s - 2:s].reshape(-1, 3)])))
+        sizes.append(size)
+        assert tuple(img[4, 4]) == synthetic.INNER_COLORS[ex.answer], ex.id
+        assert tuple(img[0, 0]) in synthetic.COLORS.values(), ex.id
+        span = size // 8
+        painted = [c for c in range(64) if (img[c // 8 * 8, c % 8 * 8] != synthetic.BACKGROUND).any()]
+        outside = [c for c in painted if c // 8 >= span or c % 8 >= span]
+        others.append(len(outside))
+        told = synthetic.make_example("validation", "detail", j, detail_kinds="corner", describe=True)
+        words = told.description.split()
+        assert len(words) == 64 and told.answer == ex.answer
+        assert [c for c, w in enumerate(words) if w != synthetic.EMPTY_SLOT] == [0] + outside, ex.id
+        assert words[0].endswith(ex.answer)
+    assert set(sizes) == {8, 16, 32} and min(sizes.count(s) for s in (8, 16, 32)) > 15
+    assert 3 < np.mean(others) < 30 and min(others) < max(others)   # neighbours to pool with, in varying number
+
+
+def test_a_described_reasoning_scene_names_its_objects_and_keeps_the_questions_of_the_drawn_one():
+    for j in range(40):
+        drawn = synthetic.make_example("train", "reasoning", j, reasoning_grid=2, questions=3,
+                                       reasoning_kinds="has_color,has_shape")
+        told = synthetic.make_example("train", "reasoning", j, reasoning_grid=2, questions=3,
+                                      reasoning_kinds="has_color,has_shape", describe=True)
+        assert told.image is None and (told.question, told.answer, told.more) == (drawn.question, drawn.answer,
+                                                                                drawn.more)
+        words = told.description.split()
+        colours, shapes = set(words[0::2]), {w for w in words[1::2]}
+        assert colours <= set(synthetic.COLORS) and shapes <= set(synthetic.SHAPES)
+        painted = {tuple(c) for c in drawn.image.reshape(-1, 3)} - {synthetic.BACKGROUND}
+        assert {synthetic.COLORS[c] for c in colours} <= painted   # every colour told is drawn
+        for question, answer in [(told.question, told.answer), *told.more]:
+            asked = question.removeprefix("is there a ").removesuffix("?").removesuffix(" shape")
+            assert answer == ("yes" if asked in colours | shapes else "no"), (question, words)

@@ -72,9 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.synthetic.ocr_scale = 2  # each font pixel drawn scale x scale; 1 = the raw 6x11 font (harder to learn)
     c.synthetic.reasoning_kinds = ""  # comma-separated question kinds of the reasoning family ('' = all)
     c.synthetic.reasoning_grid = 4  # reasoning objects sit in a grid x grid layout (2: 32-px objects, up to 4)
-    c.synthetic.detail_kinds = ""  # question kinds of the detail family: inside (''), colors (synthetic.py)
-    c.synthetic.describe = False  # detail scenes in words, no image (pretraining a tiny LLM on "text")
+    c.synthetic.detail_kinds = ""  # question kinds of the detail family: inside (''), colors, corner (synthetic.py)
+    c.synthetic.describe = False  # reasoning/detail scenes in words, no image (pretraining a tiny LLM on "text")
     c.synthetic.max_items = 0  # at most this many objects / characters per image (0 = the family's own range)
+    c.synthetic.reasoning_objects = 0  # at most this many objects in a reasoning scene (0 = max_items)
     c.synthetic.train_questions = 1  # questions per training image (one chat); evaluation asks one at a time
 
     c.llava = ml_collections.ConfigDict()
@@ -131,7 +132,8 @@ def _synthetic_source(data_cfg, split, image_size):
                                      ocr_scale=s.ocr_scale, reasoning_kinds=s.reasoning_kinds,
                                      reasoning_grid=s.reasoning_grid, detail_kinds=s.get("detail_kinds", ""),
                                      describe=s.get("describe", False),
-                                     max_items=s.max_items, questions=s.train_questions if split == "train" else 1,
+                                     max_items=s.max_items, reasoning_objects=s.get("reasoning_objects", 0),
+                                     questions=s.train_questions if split == "train" else 1,
                                      family_weights=s.family_weights if split == "train" else ""), []
 
 

@@ -21,8 +21,11 @@
   together, which a visual token that pools several markers loses (it keeps the bag of outer colours and the bag of
   centres): 64 tokens keep every marker apart, 16 tokens (16 x 16 px) rarely mix two, 4 tokens often, 1 token
   always. The fine-detail stand-in for the paper's OCR group. Kinds (`detail_kinds`): `inside` (the default),
-  `colors` (one marker's two colours asked apart: what a tower is pretrained on). `describe=True` tells the scene in
-  words instead of drawing it (one word per marker, e.g. "redwhite"), for pretraining a tiny LLM on "text".
+  `colors` (one marker's two colours asked apart: what a tower is pretrained on), `corner` (the colour inside the
+  marker in the top-left corner, drawn 8, 16 or 32 px wide among other 8-px markers: small, medium and large print;
+  a read at one fixed place, whose error is set by the size of print the visual tokens resolve, not by a lookup).
+  `describe=True` tells the scene in words instead of drawing it (one word per marker, e.g. "redwhite"; for
+  reasoning scenes two per object, "red circle"), for pretraining a tiny LLM on "text".
 
 Answers are 1-3 tokens, scored by exact match. Item j of family f in a split is drawn from
 `np.random.default_rng([seed, split, f, j])`, so train and validation come from disjoint seed streams and any item
@@ -88,6 +91,9 @@ OCR_STEP = 8  # lattice of string positions, in canvas pixels (= the tiny tower'
 DETAIL_CELL = 8   # detail markers fill one cell of an 8-px lattice (one patch of the tiny tower)
 EMPTY_SLOT = "empty"   # a described scene's empty cell; a marker is one word, e.g. "redgreen" (outer, then centre)
 MIN_MARKERS = 4   # at least four: the bag of colours one pooled token keeps rarely tells the answer
+# `corner` scenes: the corner marker's sizes, and the chance that a free cell holds another (8-px) marker
+CORNER_SIZES = (8, 16, 32)
+CORNER_DENSITY = 0.15
 
 # Every word a synthetic question or answer uses (digits and the OCR alphabet are spelled as characters).
 VOCAB_WORDS = tuple(sorted(set(
@@ -185,6 +191,14 @@ def _has_color(rng, objs):
     return f"is there a {pool[rng.integers(len(pool))]} shape?", "yes" if want else "no"
 
 
+def _has_shape(rng, objs):
+    """'is there a circle?', yes and no equally likely (where the scene allows both)."""
+    present = sorted({o.shape for o in objs})
+    want = bool(rng.integers(2)) or len(present) == len(SHAPES)
+    pool = present if want else sorted(set(SHAPES) - set(present))
+    return f"is there a {pool[rng.integers(len(pool))]}?", "yes" if want else "no"
+
+
 def _exists(rng, objs):
     present = {(o.color, o.shape) for o in objs}
     want = bool(rng.integers(2))
@@ -256,6 +270,7 @@ REASONING_KINDS = {
     "count_shape": _count_shape,
     "exists": _exists,
     "has_color": _has_color,
+    "has_shape": _has_shape,
     "compare": _compare,
     "compare_color": functools.partial(_compare, attrs=("color",)),
     "relation": _relation,
@@ -295,7 +310,8 @@ def _draw_reasoning(rng: np.random.Generator, max_items: int = 0, grid: int = GR
     return img, objs
 
 
-ALWAYS_APPLY = ("count_all", "count_color", "count_shape", "exists", "has_color", "compare", "compare_color")
+ALWAYS_APPLY = ("count_all", "count_color", "count_shape", "exists", "has_color", "has_shape", "compare",
+                "compare_color")
 
 
 def parse_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
@@ -309,6 +325,12 @@ def parse_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
     if not set(names) & set(ALWAYS_APPLY):
         raise ValueError(f"reasoning_kinds {kinds!r} may fit no scene: include one of {ALWAYS_APPLY}")
     return names
+
+
+def describe_objects(rng: np.random.Generator, objs: list[_Obj]) -> str:
+    """A reasoning scene in words, for pretraining a tiny LLM on "text": its objects in random order, two words each
+    ("red circle blue square"), the bag of facts a pooled visual token keeps."""
+    return " ".join(objs[int(k)].name for k in rng.permutation(len(objs)))
 
 
 def _reasoning_question(rng: np.random.Generator, objs: list[_Obj], kinds: tuple[str, ...]
@@ -380,15 +402,17 @@ def _ocr_question(rng: np.random.Generator, written: list[tuple[str, str]], i: i
 # detail family
 
 
-def _draw_markers(markers: list[tuple[str, str]], cells) -> Image.Image:
-    """Each (outer, inner) marker as an 8-px square with a 4-px centre, in its cell of the 8 x 8 lattice."""
+def _draw_markers(markers: list[tuple[str, str]], cells, first_size: int = DETAIL_CELL) -> Image.Image:
+    """Each (outer, inner) marker as an 8-px square (the first one `first_size` px) with a 2-px ring around its
+    centre, from the top-left corner of its cell of the 8 x 8 lattice."""
     img = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
     draw = ImageDraw.Draw(img)
     per_row = CANVAS // DETAIL_CELL
-    for cell, (outer, inner) in zip(cells, markers):
+    for j, (cell, (outer, inner)) in enumerate(zip(cells, markers)):
         x, y = int(cell) % per_row * DETAIL_CELL, int(cell) // per_row * DETAIL_CELL
-        draw.rectangle((x, y, x + DETAIL_CELL - 1, y + DETAIL_CELL - 1), fill=COLORS[outer])
-        draw.rectangle((x + 2, y + 2, x + DETAIL_CELL - 3, y + DETAIL_CELL - 3), fill=INNER_COLORS[inner])
+        size = first_size if j == 0 else DETAIL_CELL
+        draw.rectangle((x, y, x + size - 1, y + size - 1), fill=COLORS[outer])
+        draw.rectangle((x + 2, y + 2, x + size - 3, y + size - 3), fill=INNER_COLORS[inner])
     return img
 
 
@@ -411,6 +435,30 @@ def _random_markers(rng: np.random.Generator, max_items: int) -> list[tuple[str,
     return [(o, inners[int(rng.integers(len(inners)))]) for o in outers]
 
 
+def _corner_scene(rng: np.random.Generator, max_items: int) -> tuple[list[tuple[str, str]], list[int], int]:
+    """The `corner` scene: a marker in the top-left corner, 8, 16 or 32 px wide (CORNER_SIZES: small, medium and
+    large print), and an 8-px one in each cell it leaves free with probability CORNER_DENSITY (colours drawn with
+    repeats; under max_items, at most that many markers). Returns the markers and their cells, the corner one
+    first, and the corner marker's size. Its 2-px ring and centre always meet in the top-left 8-px patch."""
+    size = CORNER_SIZES[int(rng.integers(len(CORNER_SIZES)))]
+    per_row, span = CANVAS // DETAIL_CELL, size // DETAIL_CELL
+    free = [c for c in range(1, per_row ** 2) if c // per_row >= span or c % per_row >= span]
+    cells = [0] + [c for c in free if rng.random() < CORNER_DENSITY]
+    cells = cells[:max_items] if max_items else cells
+    names, inners = list(COLORS), list(INNER_COLORS)
+    return ([(names[int(rng.integers(len(names)))], inners[int(rng.integers(len(inners)))]) for _ in cells], cells,
+            size)
+
+
+def _ask_corner(rng, markers, i):
+    """'what color is inside the top left marker?': a read at one fixed place, no lookup by content. A visual token
+    at least as wide as the corner marker holds it alone; a wider one pools it with background and with other
+    markers' centres, so the size of print a token count can read sets the error (V = 64: all three sizes;
+    16: 16 and 32 px; 4: 32 px; 1: none)."""
+    del rng
+    return ("corner", "what color is inside the top left marker?", markers[0][1]) if i == 0 else None
+
+
 def _ask_inside(rng, markers, i):
     """Question i is about marker i: 'what color is inside the red one?' (a lookup by the question's colour)."""
     del rng
@@ -431,7 +479,9 @@ def _ask_colors(rng, markers, i):
 
 
 # detail kind -> ask question i about the markers
-DETAIL_KINDS: dict[str, Callable] = {"inside": _ask_inside, "colors": _ask_colors}
+DETAIL_KINDS: dict[str, Callable] = {"inside": _ask_inside, "colors": _ask_colors, "corner": _ask_corner}
+# detail kind -> its scene (markers, their cells), where it is not `_random_markers` in random cells
+DETAIL_SCENES: dict[str, Callable] = {"corner": _corner_scene}
 
 
 def parse_detail_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
@@ -468,18 +518,23 @@ def _check(split: str, family: str, alphabet: str, length: int, scale: int, grid
 def make_example(split: str, family: str, index: int, *, seed: int = 0, image_size: int = CANVAS,
                  ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1, ocr_scale: int = 2,
                  reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
-                 questions: int = 1, detail_kinds: str = "", describe: bool = False) -> Example:
+                 questions: int = 1, detail_kinds: str = "", describe: bool = False,
+                 reasoning_objects: int = 0) -> Example:
     """Item `index` of `family` in `split`: a pure function of its arguments. `questions` > 1 adds follow-up
     questions about the same image (distinct where the scene allows; for ocr and detail one per string or
-    marker; the first is the same as with 1). `describe`: the scene in words instead of an image (detail only)."""
+    marker; the first is the same as with 1). `describe`: the scene in words instead of an image (not ocr).
+    `reasoning_objects` caps the reasoning family's objects alone (0: max_items)."""
     _check(split, family, ocr_alphabet, ocr_length, ocr_scale, reasoning_grid)
-    if describe and family != "detail":
-        raise ValueError(f"only the detail family's scenes can be described in words, not {family!r}")
+    if describe and family == "ocr":
+        raise ValueError("only the reasoning and detail families' scenes can be described in words, not 'ocr'")
     if questions < 1:
         raise ValueError(f"synthetic questions per image must be >= 1, got {questions}")
     rng = np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index])
     if family == "reasoning":
-        img, scene = _draw_reasoning(rng, max_items, reasoning_grid)
+        img, scene = _draw_reasoning(rng, reasoning_objects or max_items, reasoning_grid)
+        if describe:   # its own generator: the questions stay those of the drawn scene
+            description = describe_objects(np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index, 1]), scene)
+            img = None
         kinds = parse_kinds(reasoning_kinds)
         ask = lambda rng, objs, i: _reasoning_question(rng, objs, kinds)  # noqa: E731  (any question, any order)
     elif family == "ocr":
@@ -487,12 +542,19 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
         ask = _ocr_question
     else:
         kinds = parse_detail_kinds(detail_kinds)
-        ask = DETAIL_KINDS[kinds[int(rng.integers(len(kinds)))] if len(kinds) > 1 else kinds[0]]
-        scene = _random_markers(rng, max_items)
-        if describe:
-            description, img = describe_markers(rng, scene), None
+        kind = kinds[int(rng.integers(len(kinds)))] if len(kinds) > 1 else kinds[0]
+        ask = DETAIL_KINDS[kind]
+        if kind in DETAIL_SCENES:   # markers in fixed cells: told in words cell by cell, in reading order
+            scene, cells, first_size = DETAIL_SCENES[kind](rng, max_items)
+            words = dict(zip(cells, (outer + inner for outer, inner in scene)))
+            description = " ".join(words.get(c, EMPTY_SLOT) for c in range((CANVAS // DETAIL_CELL) ** 2))
+            img = None if describe else _draw_markers(scene, cells, first_size)
         else:
-            img = _draw_markers(scene, rng.choice((CANVAS // DETAIL_CELL) ** 2, len(scene), replace=False))
+            scene = _random_markers(rng, max_items)
+            if describe:
+                description, img = describe_markers(rng, scene), None
+            else:
+                img = _draw_markers(scene, rng.choice((CANVAS // DETAIL_CELL) ** 2, len(scene), replace=False))
     kind, question, answer = ask(rng, scene, 0)
     more: list[tuple[str, str]] = []
     for i in range(1, 4 * questions):   # a few redraws to avoid asking the same question twice
@@ -515,12 +577,12 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
 def make_examples(split: str, family: str, n: int, *, seed: int = 0, image_size: int = CANVAS,
                   ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1, ocr_scale: int = 2,
                   reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
-                  detail_kinds: str = "", describe: bool = False) -> list[Example]:
+                  detail_kinds: str = "", describe: bool = False, reasoning_objects: int = 0) -> list[Example]:
     """Items 0..n-1 of `family` in `split`: the same examples the training/eval sources draw."""
     return [make_example(split, family, j, seed=seed, image_size=image_size, ocr_alphabet=ocr_alphabet,
                          ocr_length=ocr_length, ocr_scale=ocr_scale, reasoning_kinds=reasoning_kinds,
                          reasoning_grid=reasoning_grid, max_items=max_items, detail_kinds=detail_kinds,
-                         describe=describe) for j in range(n)]
+                         describe=describe, reasoning_objects=reasoning_objects) for j in range(n)]
 
 
 def parse_families(families: str | Sequence[str]) -> tuple[str, ...]:
@@ -558,7 +620,7 @@ class SyntheticSource:
                  image_size: int = CANVAS, ocr_alphabet: str = DEFAULT_ALPHABET, ocr_length: int = 1,
                  ocr_scale: int = 2, reasoning_kinds: str = "", reasoning_grid: int = GRID, max_items: int = 0,
                  questions: int = 1, family_weights: str | Sequence[int] = "", detail_kinds: str = "",
-                 describe: bool = False):
+                 describe: bool = False, reasoning_objects: int = 0):
         self.families = parse_families(families)
         self.weights = parse_weights(family_weights, len(self.families))
         # cycle position -> (family, its rank among that family's positions in the cycle)
@@ -569,7 +631,7 @@ class SyntheticSource:
         self.split, self.num_examples, self.seed, self.image_size = split, int(num_examples), seed, image_size
         self.ocr_alphabet, self.ocr_length, self.ocr_scale = ocr_alphabet, ocr_length, ocr_scale
         self.reasoning_kinds, self.reasoning_grid = ",".join(parse_kinds(reasoning_kinds)), int(reasoning_grid)
-        self.questions, self.max_items = int(questions), int(max_items)
+        self.questions, self.max_items, self.reasoning_objects = int(questions), int(max_items), int(reasoning_objects)
         self.detail_kinds, self.describe = ",".join(parse_detail_kinds(detail_kinds)), bool(describe)
 
     def __len__(self) -> int:
@@ -585,6 +647,7 @@ class SyntheticSource:
                           ocr_alphabet=self.ocr_alphabet, ocr_length=self.ocr_length, ocr_scale=self.ocr_scale,
                           reasoning_kinds=self.reasoning_kinds, reasoning_grid=self.reasoning_grid,
                           max_items=self.max_items, questions=self.questions, detail_kinds=self.detail_kinds,
+                          reasoning_objects=self.reasoning_objects,
                           describe=self.describe)
         return {"id": ex.id, "image": ex.image, "turns": ex.turns()}
 
@@ -593,7 +656,8 @@ class SyntheticSource:
                 f"seed={self.seed}, image_size={self.image_size}, ocr_alphabet={self.ocr_alphabet!r}, "
                 f"ocr_length={self.ocr_length}, ocr_scale={self.ocr_scale}, reasoning_kinds={self.reasoning_kinds!r}, "
                 f"reasoning_grid={self.reasoning_grid}, detail_kinds={self.detail_kinds!r}, describe={self.describe}, "
-                f"max_items={self.max_items}, questions={self.questions}, weights={self.weights})")
+                f"max_items={self.max_items}, reasoning_objects={self.reasoning_objects}, questions={self.questions}, "
+                f"weights={self.weights})")
 
 
 def write_llava(out_dir: str | os.PathLike, examples: Sequence[Example], *, json_name: str = "data.json") -> str:
