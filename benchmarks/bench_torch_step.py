@@ -6,8 +6,9 @@ The configuration (both sides built from it): a CLIP-style tower (224 px, patch 
 LLaVA's penultimate layer), avgpool to V = 64, the mlp2x_gelu projector, a Qwen2-style LLM (hidden 768, 12 layers,
 12 heads, MLP 2048, vocabulary 32,000 untied: 134.1 M parameters); batch 4 x 512 tokens, float32, AdamW on the LLM
 and the projector, loss on each row's last quarter (vlm-jax: the output layer 128 positions at a time, skipping
-chunks without answer tokens, `train.loss_chunk`; `--loss_chunk=0` computes it everywhere, as the reference does). The reference is transformers' CLIPVisionModel and
-Qwen2ForCausalLM (its default attention, SDPA) with torch.optim.AdamW (fused where available).
+chunks without answer tokens, `train.loss_chunk`; `--loss_chunk=0` computes it everywhere, as the reference
+does). The reference is transformers' CLIPVisionModel and Qwen2ForCausalLM (its default attention, SDPA) with
+torch.optim.AdamW (fused where available).
 
 Freed memory stays in malloc for both sides, as in the launchers (launch/runtime.py). Prints each side's best
 step time, the step FLOPs (vlm_jax.flops, the same model) as a fraction of the f32 matmul

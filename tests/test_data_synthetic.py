@@ -39,9 +39,7 @@ def test_image_size_follows_the_argument():
 
 def test_colour_count_answers_match_the_blobs_in_the_image():
     checked = 0
-    for ex in synthetic.make_examples("validation", "reasoning", 400):
-        if ex.kind != "count_color":
-            continue
+    for ex in synthetic.make_examples("validation", "reasoning", 200, reasoning_kinds="count_color"):
         color = ex.question.split()[2]  # "how many <color> shapes are there?"
         mask = np.all(ex.image == np.asarray(synthetic.COLORS[color], np.uint8), axis=-1)
         _, n_blobs = ndimage.label(mask)
@@ -297,3 +295,25 @@ def test_a_described_reasoning_scene_names_its_objects_and_keeps_the_questions_o
         for question, answer in [(told.question, told.answer), *told.more]:
             asked = question.removeprefix("is there a ").removesuffix("?").removesuffix(" shape")
             assert answer == ("yes" if asked in colours | shapes else "no"), (question, words)
+
+
+def test_value_questions_answer_one_value_per_drawn_colour_plus_or_times_the_asked_number():
+    """Invariants, not the table: the answer minus the asked number (mod 10) depends on the drawn colour alone, the
+    five colours have five different values, times 1 is that value and times 0 is 0."""
+    value_of: dict[tuple, set] = collections.defaultdict(set)
+    times: list[tuple] = []
+    for ex in synthetic.make_examples("validation", "reasoning", 600, reasoning_grid=2, reasoning_objects=1,
+                                      reasoning_kinds="has_color,value_plus,value_times"):
+        if ex.kind == "has_color":
+            continue
+        k = int(ex.question.removesuffix("?").split()[-1])
+        colours = {tuple(c) for c in ex.image.reshape(-1, 3)} - {synthetic.BACKGROUND}
+        drawn = max(colours, key=lambda c: (ex.image.reshape(-1, 3) == c).all(1).sum())   # edges blend a little
+        if ex.kind == "value_plus":
+            value_of[drawn].add((int(ex.answer) - k) % 10)
+        else:
+            times.append((drawn, k, int(ex.answer)))
+    assert set(value_of) == {tuple(c) for c in synthetic.COLORS.values()}
+    assert all(len(v) == 1 for v in value_of.values()) and len({min(v) for v in value_of.values()}) == 5
+    ones, zeros = [(c, a) for c, k, a in times if k == 1], [a for _, k, a in times if k == 0]
+    assert ones and zeros and all({a} == value_of[c] for c, a in ones) and set(zeros) == {0}

@@ -71,6 +71,8 @@ INNER_COLORS = {
     "pink": (255, 130, 200),
 }
 SHAPES = ("circle", "square", "triangle")
+# What each colour is worth in the `value_plus` questions: a fact of this world, learnt from its questions alone.
+COLOR_VALUES = {"red": 1, "green": 2, "blue": 3, "yellow": 4, "purple": 5}
 # One light background. Not mid-grey: that is near the CLIP mean, so it normalises to ~0, a patch becomes
 # fill x colour, and the tower's pre-LayerNorm divides the fill (the shape's cue) away. A random shade was worse still.
 BACKGROUND = (235, 235, 235)
@@ -98,7 +100,8 @@ CORNER_DENSITY = 0.15
 # Every word a synthetic question or answer uses (digits and the OCR alphabet are spelled as characters).
 VOCAB_WORDS = tuple(sorted(set(
     ["how", "many", "shapes", "are", "there", "is", "a", "the", "what", "color", "shape", "one", "more", "than",
-     "of", "written", "in", "character", "first", "last", "where", "yes", "no", "inside", "marker"]
+     "of", "written", "in", "character", "first", "last", "where", "yes", "no", "inside", "marker", "value", "plus",
+     "times"]
     + " ".join(RELATIONS).split() + " ".join(QUADRANTS).split() + list(COLORS)
     + [s for shape in SHAPES for s in (shape, shape + "s")]
     + list(INNER_COLORS) + [EMPTY_SLOT] + [outer + inner for outer in COLORS for inner in INNER_COLORS])))
@@ -171,6 +174,17 @@ def _shape_of(rng, objs):
     """'what shape is the <color> one?', asked of a colour that occurs once."""
     o = _only_one(rng, objs, "color")
     return None if o is None else (f"what shape is the {o.color} one?", o.shape)
+
+
+def _value_arithmetic(rng, objs, op: str):
+    """'what is the value of the circle plus 3?' (or 'times 3'), asked of a shape that occurs once: its colour's
+    value (COLOR_VALUES, known only from training) plus / times a number, modulo 10. Perception gives the colour;
+    the rest is knowledge and arithmetic, the LLM's work."""
+    o = _only_one(rng, objs, "shape")
+    if o is None:
+        return None
+    k, value = int(rng.integers(10)), COLOR_VALUES[o.color]
+    return f"what is the value of the {o.shape} {op} {k}?", str((value + k if op == "plus" else value * k) % 10)
 
 
 def _count_color(rng, objs):
@@ -267,6 +281,8 @@ REASONING_KINDS = {
     "color_of": _color_of,
     "shape_of": _shape_of,
     "count_color": _count_color,
+    "value_plus": functools.partial(_value_arithmetic, op="plus"),
+    "value_times": functools.partial(_value_arithmetic, op="times"),
     "count_shape": _count_shape,
     "exists": _exists,
     "has_color": _has_color,
@@ -497,9 +513,11 @@ def parse_detail_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
 # public API
 
 
-def _check(split: str, family: str, alphabet: str, length: int, scale: int, grid: int = GRID) -> None:
-    if grid not in (1, 2, 4, 8) or grid * grid < MIN_OBJECTS:
-        raise ValueError(f"reasoning_grid must be 2, 4 or 8 (cells per side of the 64-px canvas), got {grid}")
+def _check(split: str, family: str, alphabet: str, length: int, scale: int, grid: int = GRID,
+           objects: int = 0) -> None:
+    if grid not in (1, 2, 4, 8) or grid * grid < (1 if objects == 1 else MIN_OBJECTS):
+        raise ValueError(f"reasoning_grid must be 2, 4 or 8 (cells per side of the 64-px canvas; 1 with "
+                         f"reasoning_objects=1: one object filling it), got {grid}")
     if split not in SPLITS:
         raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
     if family not in FAMILIES:
@@ -524,7 +542,7 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
     questions about the same image (distinct where the scene allows; for ocr and detail one per string or
     marker; the first is the same as with 1). `describe`: the scene in words instead of an image (not ocr).
     `reasoning_objects` caps the reasoning family's objects alone (0: max_items)."""
-    _check(split, family, ocr_alphabet, ocr_length, ocr_scale, reasoning_grid)
+    _check(split, family, ocr_alphabet, ocr_length, ocr_scale, reasoning_grid, reasoning_objects or max_items)
     if describe and family == "ocr":
         raise ValueError("only the reasoning and detail families' scenes can be described in words, not 'ocr'")
     if questions < 1:
@@ -533,7 +551,8 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
     if family == "reasoning":
         img, scene = _draw_reasoning(rng, reasoning_objects or max_items, reasoning_grid)
         if describe:   # its own generator: the questions stay those of the drawn scene
-            description = describe_objects(np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index, 1]), scene)
+            told = np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index, 1])
+            description = describe_objects(told, scene)
             img = None
         kinds = parse_kinds(reasoning_kinds)
         ask = lambda rng, objs, i: _reasoning_question(rng, objs, kinds)  # noqa: E731  (any question, any order)

@@ -63,6 +63,9 @@ def plot_error_vs_flops(fit: FitResult, path: str, *, text_tokens: float = 0.0,
     if np.isfinite(err_lo).all():
         ax.fill_between(budgets, err_lo, err_hi, color="k", alpha=0.15, lw=0,
                         label=f"frontier {fit.level:.0%} interval")
+    # Keep the measured errors in view: a wide interval band (or a law that diverges at small N) would otherwise
+    # set the scale and flatten every curve and point onto the axis.
+    ax.set_ylim(0.0, 1.25 * max(float(np.max(table.error)), 1e-3))
     ax.set_xscale("log")
     ax.set_xlabel(f"inference FLOPs  2·N·(Q+V),  Q = {text_tokens:g}")
     ax.set_ylabel("downstream error")
