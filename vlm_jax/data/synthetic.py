@@ -177,14 +177,14 @@ def _shape_of(rng, objs):
 
 
 def _value_arithmetic(rng, objs, op: str):
-    """'what is the value of the circle plus 3?' (or 'times 3'), asked of a shape that occurs once: its colour's
-    value (COLOR_VALUES, known only from training) plus / times a number, modulo 10. Perception gives the colour;
-    the rest is knowledge and arithmetic, the LLM's work."""
+    """'what is the value of the circle plus 37?' (0-89) or 'times 12' (0-19), asked of a shape that occurs once:
+    its colour's value (COLOR_VALUES, known only from training) plus / times the number, one or two digits.
+    Perception gives the colour; the rest is knowledge and multi-digit arithmetic, the LLM's work."""
     o = _only_one(rng, objs, "shape")
     if o is None:
         return None
-    k, value = int(rng.integers(10)), COLOR_VALUES[o.color]
-    return f"what is the value of the {o.shape} {op} {k}?", str((value + k if op == "plus" else value * k) % 10)
+    k, value = int(rng.integers(90 if op == "plus" else 20)), COLOR_VALUES[o.color]
+    return f"what is the value of the {o.shape} {op} {k}?", str(value + k if op == "plus" else value * k)
 
 
 def _count_color(rng, objs):
