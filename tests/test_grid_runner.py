@@ -201,3 +201,11 @@ def test_each_cell_starts_from_its_own_pretrained_llm_and_the_shared_tower():
     source, _ = pipeline.make_source(data, "train", 64)
     item = source[0]
     assert item["image"] is None and "<image>" not in item["turns"][0][1]
+
+
+def test_a_cell_error_is_one_minus_accuracy_or_half_a_question_when_none_was_wrong():
+    from vlm_jax.grid import cell
+    assert cell.measured_error(1.0, 500) == pytest.approx(0.001)
+    assert cell.measured_error(1.0, 40) == pytest.approx(0.0125)
+    for wrong in (1, 2, 37, 500):   # any error the evaluation can measure is kept as measured
+        assert cell.measured_error(1.0 - wrong / 500, 500) == pytest.approx(wrong / 500)

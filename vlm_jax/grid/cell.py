@@ -74,8 +74,17 @@ def evaluate_cell(spec: dict) -> dict:
             raise ValueError(f"eval.tasks.{task} names benchmarks that were not evaluated: {missing}; "
                              f"evaluated: {sorted(summary['scores'])}")
         tasks[task] = {"accuracy": float(np.mean([summary["scores"][n] for n in names])),
-                       "benchmarks": {n: summary["scores"][n] for n in names}}
+                       "benchmarks": {n: summary["scores"][n] for n in names},
+                       "questions": int(sum(summary["num_questions"][n] for n in names))}
     return tasks
+
+
+def measured_error(accuracy: float, questions: int) -> float:
+    """1 - accuracy, or half a question when no answer was wrong: the law is fitted in log error, and a zero error
+    measured on n questions says only that the rate is below about 1/n (0.5 / n is the usual correction for a zero
+    count). A floor far below 1/n would claim a precision the evaluation does not have and let those cells
+    dominate the fit; at or above one wrong answer, the measured error is kept as it is."""
+    return max(1.0 - accuracy, 0.5 / max(questions, 1))
 
 
 def run_job(job_dir: str) -> dict:
@@ -91,8 +100,9 @@ def run_job(job_dir: str) -> dict:
         model_cfg = ml_collections.ConfigDict(spec["stages"][-1]["config"]["model"])
         q = int(spec["eval"]["text_tokens"])
         infer = flops.inference_flops(model_cfg, text_tokens=q)
-        result["rows"] = [dict(spec["row"], task=task, error=max(1.0 - t["accuracy"], 1e-4),
-                               accuracy=t["accuracy"], benchmarks=t["benchmarks"], inference_flops=infer,
+        result["rows"] = [dict(spec["row"], task=task, error=measured_error(t["accuracy"], t["questions"]),
+                               accuracy=t["accuracy"], benchmarks=t["benchmarks"], questions=t["questions"],
+                               inference_flops=infer,
                                text_tokens=q, train_s=round(train_s, 1)) for task, t in tasks.items()]
     result["wall_s"] = round(time.perf_counter() - start, 1)
     results.write_json_atomic(os.path.join(job_dir, "result.json"), result)
