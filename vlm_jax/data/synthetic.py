@@ -71,7 +71,7 @@ INNER_COLORS = {
     "pink": (255, 130, 200),
 }
 SHAPES = ("circle", "square", "triangle")
-# What each colour is worth in the `value_plus` questions: a fact of this world, learnt from its questions alone.
+# What each colour is worth in the `value_plus` / `value_times` questions: a fact of this world, learnt from its questions alone.
 COLOR_VALUES = {"red": 1, "green": 2, "blue": 3, "yellow": 4, "purple": 5}
 # One light background. Not mid-grey: that is near the CLIP mean, so it normalises to ~0, a patch becomes
 # fill x colour, and the tower's pre-LayerNorm divides the fill (the shape's cue) away. A random shade was worse still.
@@ -197,20 +197,14 @@ def _count_shape(rng, objs):
     return f"how many {shape}s are there?", str(sum(o.shape == shape for o in objs))
 
 
-def _has_color(rng, objs):
-    """'is there a red shape?', yes and no equally likely (where the scene allows both)."""
-    present = sorted({o.color for o in objs})
-    want = bool(rng.integers(2)) or len(present) == len(COLORS)
-    pool = present if want else sorted(set(COLORS) - set(present))
-    return f"is there a {pool[rng.integers(len(pool))]} shape?", "yes" if want else "no"
-
-
-def _has_shape(rng, objs):
-    """'is there a circle?', yes and no equally likely (where the scene allows both)."""
-    present = sorted({o.shape for o in objs})
-    want = bool(rng.integers(2)) or len(present) == len(SHAPES)
-    pool = present if want else sorted(set(SHAPES) - set(present))
-    return f"is there a {pool[rng.integers(len(pool))]}?", "yes" if want else "no"
+def _has(rng, objs, attr: str):
+    """'is there a red shape?' (attr 'color') or 'is there a circle?' ('shape'), yes and no equally likely (where
+    the scene allows both)."""
+    names, phrase = (COLORS, "is there a {} shape?") if attr == "color" else (SHAPES, "is there a {}?")
+    present = sorted({getattr(o, attr) for o in objs})
+    want = bool(rng.integers(2)) or len(present) == len(names)
+    pool = present if want else sorted(set(names) - set(present))
+    return phrase.format(pool[rng.integers(len(pool))]), "yes" if want else "no"
 
 
 def _exists(rng, objs):
@@ -285,8 +279,8 @@ REASONING_KINDS = {
     "value_times": functools.partial(_value_arithmetic, op="times"),
     "count_shape": _count_shape,
     "exists": _exists,
-    "has_color": _has_color,
-    "has_shape": _has_shape,
+    "has_color": functools.partial(_has, attr="color"),
+    "has_shape": functools.partial(_has, attr="shape"),
     "compare": _compare,
     "compare_color": functools.partial(_compare, attrs=("color",)),
     "relation": _relation,
@@ -496,7 +490,8 @@ def _ask_colors(rng, markers, i):
 
 # detail kind -> ask question i about the markers
 DETAIL_KINDS: dict[str, Callable] = {"inside": _ask_inside, "colors": _ask_colors, "corner": _ask_corner}
-# detail kind -> its scene (markers, their cells), where it is not `_random_markers` in random cells
+# detail kind -> its scene (markers, their cells, the first marker's size), where it is not `_random_markers` in
+# random cells
 DETAIL_SCENES: dict[str, Callable] = {"corner": _corner_scene}
 
 
@@ -565,9 +560,12 @@ def make_example(split: str, family: str, index: int, *, seed: int = 0, image_si
         ask = DETAIL_KINDS[kind]
         if kind in DETAIL_SCENES:   # markers in fixed cells: told in words cell by cell, in reading order
             scene, cells, first_size = DETAIL_SCENES[kind](rng, max_items)
-            words = dict(zip(cells, (outer + inner for outer, inner in scene)))
-            description = " ".join(words.get(c, EMPTY_SLOT) for c in range((CANVAS // DETAIL_CELL) ** 2))
-            img = None if describe else _draw_markers(scene, cells, first_size)
+            if describe:
+                words = dict(zip(cells, (outer + inner for outer, inner in scene)))
+                description = " ".join(words.get(c, EMPTY_SLOT) for c in range((CANVAS // DETAIL_CELL) ** 2))
+                img = None
+            else:
+                img = _draw_markers(scene, cells, first_size)
         else:
             scene = _random_markers(rng, max_items)
             if describe:
