@@ -71,7 +71,8 @@ INNER_COLORS = {
     "pink": (255, 130, 200),
 }
 SHAPES = ("circle", "square", "triangle")
-# What each colour is worth in the `value_plus` / `value_times` questions: a fact of this world, learnt from its questions alone.
+# What each colour is worth in the `value_plus` / `value_times` questions: a fact of this world, learnt from its
+# questions alone.
 COLOR_VALUES = {"red": 1, "green": 2, "blue": 3, "yellow": 4, "purple": 5}
 # One light background. Not mid-grey: that is near the CLIP mean, so it normalises to ~0, a patch becomes
 # fill x colour, and the tower's pre-LayerNorm divides the fill (the shape's cue) away. A random shade was worse still.
