@@ -1,19 +1,22 @@
 """One LLaVA-style training step of a mid-size VLM: vlm-jax against the same step in PyTorch + transformers.
 
-    python -m benchmarks.bench_torch_step [--steps=5] [--batch=4] [--length=512]
+    python -m benchmarks.bench_torch_step [--steps=5] [--batch=4] [--length=512] [--loss_chunk=128] [--scan_layers]
 
 The configuration (both sides built from it): a CLIP-style tower (224 px, patch 14, width 384, 6 layers, frozen,
 LLaVA's penultimate layer), avgpool to V = 64, the mlp2x_gelu projector, a Qwen2-style LLM (hidden 768, 12 layers,
 12 heads, MLP 2048, vocabulary 32,000 untied: 134.1 M parameters); batch 4 x 512 tokens, float32, AdamW on the LLM
 and the projector, loss on each row's last quarter (vlm-jax: the output layer 128 positions at a time, skipping
 chunks without answer tokens, `train.loss_chunk`; `--loss_chunk=0` computes it everywhere, as the reference
-does). The reference is transformers' CLIPVisionModel and Qwen2ForCausalLM (its default attention, SDPA) with
+does). The LLM's layers run as a loop (`llm.scan_layers=False`), as PyTorch runs them; `--scan_layers` runs them
+under `nn.scan`, which on the CPU costs the slicing of stacked weights and residuals and the zeroing of stacked
+gradients (benchmarks/README.md). The reference is transformers' CLIPVisionModel and Qwen2ForCausalLM (its default attention, SDPA) with
 torch.optim.AdamW (fused where available).
 
 Freed memory stays in malloc for both sides, as in the launchers (launch/runtime.py). Prints each side's best
 step time, the step FLOPs (vlm_jax.flops, the same model) as a fraction of the f32 matmul
 peak JAX measures in this process, and the ratio PyTorch time / vlm-jax time; then where vlm-jax's step goes
-(forward + backward alone, the output layer + loss alone, AdamW alone), each timed as its own jitted program.
+(forward + backward with the step's loss, the output layer + loss alone, AdamW alone), each timed as its own jitted
+program.
 """
 
 from __future__ import annotations
@@ -41,10 +44,10 @@ LLM = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers
 V = 64
 
 
-def jax_config(batch: int, length: int, loss_chunk: int) -> ml_collections.ConfigDict:
+def jax_config(batch: int, length: int, loss_chunk: int, scan_layers: bool = False) -> ml_collections.ConfigDict:
     model = models.model_config("tiny", "tiny", "avgpool", V)
     model.vision = models.vision_config("tiny", **VISION)
-    model.llm = models.llm_config("tiny", **LLM)
+    model.llm = models.llm_config("tiny", scan_layers=scan_layers, **LLM)
     return ml_collections.ConfigDict(dict(
         model=model, mesh=common.mesh_config(), data=dict(seq_len=length - V, question_len=16),
         train=common.train_config(stage="full", batch_size=batch, warmup_ratio=0.0, loss_chunk=loss_chunk)))
@@ -91,21 +94,22 @@ def jax_times(config, batch, steps: int) -> dict[str, float]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         times["step"] = best_time(lambda: step(state, batch), steps)
 
-        def loss(trainable, b):
-            logits = model.apply({"params": optim.merge(trainable, state.frozen)}, **train.model_inputs(b))
-            return train.masked_cross_entropy(logits, b["targets"], b["loss_mask"])[0]
-        grads = jax.jit(jax.grad(loss))
-        times["forward + backward"] = best_time(lambda: grads(state.params, batch), steps)
-        hidden = jax.jit(lambda p, b: model.apply({"params": p}, **train.model_inputs(b),
-                                                  method=vlm.VLM.hidden_states))(params, batch)
-        w = llm_lib.output_weights(params["llm"], config.model.llm)
-
-        def head_loss(h, w):
+        def head_loss(h, w):   # the output layer + loss as the step computes them
             if config.train.loss_chunk:
                 return train.chunked_cross_entropy(h, w, batch["targets"], batch["loss_mask"],
                                                    config.train.loss_chunk)[0]
             return train.masked_cross_entropy(layers.contract(h, w, 1), batch["targets"],
                                               batch["loss_mask"])[0]
+
+        def loss(trainable, b):
+            p = optim.merge(trainable, state.frozen)
+            h = model.apply({"params": p}, **train.model_inputs(b), method=vlm.VLM.hidden_states)
+            return head_loss(h, llm_lib.output_weights(p["llm"], config.model.llm))
+        grads = jax.jit(jax.grad(loss))
+        times["forward + backward"] = best_time(lambda: grads(state.params, batch), steps)
+        hidden = jax.jit(lambda p, b: model.apply({"params": p}, **train.model_inputs(b),
+                                                  method=vlm.VLM.hidden_states))(params, batch)
+        w = llm_lib.output_weights(params["llm"], config.model.llm)
         head = jax.jit(jax.grad(head_loss, argnums=(0, 1)))
         times["output layer + loss (fwd + bwd)"] = best_time(lambda: head(hidden, w), steps)
         g = jax.tree.map(jnp.ones_like, state.params)
@@ -167,8 +171,9 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--loss_chunk", type=int, default=128, help="train.loss_chunk (0: the whole output layer)")
+    ap.add_argument("--scan_layers", action="store_true", help="llm.scan_layers (default: a loop, as PyTorch runs)")
     args = ap.parse_args()
-    config = jax_config(args.batch, args.length, args.loss_chunk)
+    config = jax_config(args.batch, args.length, args.loss_chunk, args.scan_layers)
     batch = make_batch(args.batch, args.length, np.random.default_rng(0))
     n_llm = flops.count_params(jax.eval_shape(vlm.init_fn(config.model), jax.random.key(0))["llm"])
     step_flops = flops.train_step_flops(config.model, batch_size=args.batch, seq_len=args.length, train_llm=True,
@@ -176,7 +181,8 @@ def main():
     peak = hardware.measured_matmul_peak()
     times = jax_times(config, batch, args.steps)
     t_torch = torch_time(batch, args.steps)
-    print(f"config: LLM {n_llm / 1e6:.1f} M parameters, batch {args.batch} x {args.length}, V={V}, f32; "
+    print(f"config: LLM {n_llm / 1e6:.1f} M parameters, batch {args.batch} x {args.length}, V={V}, f32, "
+          f"scan_layers={args.scan_layers}; "
           f"{step_flops / 1e9:.0f} GFLOPs per step; f32 matmul peak (JAX, measured) {peak / 1e9:.0f} GFLOP/s")
     run_flops = step_flops - skipped_output_flops(batch["loss_mask"], args.loss_chunk)
     print(f"vlm-jax step          {times['step']:7.3f} s   {step_flops / times['step'] / peak:.2f} of peak "
