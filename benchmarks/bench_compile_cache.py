@@ -91,7 +91,8 @@ def main():
         print(f"cell {args.llm} V={args.tokens}, {args.steps} steps per stage, {args.questions} questions per family: "
               f"re-run / cold wall time {warm['wall_s'] / cold['wall_s']:.2f}, compile time "
               f"{warm['compile_s'] / max(cold['compile_s'], 1e-9):.2f}; cold / off wall time "
-              f"{cold['wall_s'] / runs['cache off']['wall_s']:.2f} (writing the cache, less the programs a cell compiles twice, loaded the second time)")
+              f"{cold['wall_s'] / runs['cache off']['wall_s']:.2f} (writing the cache, less the programs a cell "
+              f"compiles twice, loaded the second time)")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ and the projector, loss on each row's last quarter (vlm-jax: the output layer 12
 chunks without answer tokens, `train.loss_chunk`; `--loss_chunk=0` computes it everywhere, as the reference
 does). The LLM's layers run as a loop (`llm.scan_layers=False`), as PyTorch runs them; `--scan_layers` runs them
 under `nn.scan`, which on the CPU costs the slicing of stacked weights and residuals and the zeroing of stacked
-gradients (benchmarks/README.md). The reference is transformers' CLIPVisionModel and Qwen2ForCausalLM (its default attention, SDPA) with
-torch.optim.AdamW (fused where available).
+gradients (benchmarks/README.md). The reference is transformers' CLIPVisionModel and Qwen2ForCausalLM (its default
+attention, SDPA) with torch.optim.AdamW (fused where available).
 
-Freed memory stays in malloc for both sides, as in the launchers (launch/runtime.py). Prints each side's best
-step time, the step FLOPs (vlm_jax.flops, the same model) as a fraction of the f32 matmul
+Both sides allocate through glibc's malloc with transparent huge pages, as the launchers do (launch/runtime.py).
+Prints each side's best step time, the step FLOPs (vlm_jax.flops, the same model) as a fraction of the f32 matmul
 peak JAX measures in this process, and the ratio PyTorch time / vlm-jax time; then where vlm-jax's step goes
 (forward + backward with the step's loss, the output layer + loss alone, AdamW alone), each timed as its own jitted
 program.
@@ -165,7 +165,6 @@ def torch_time(batch_np, steps: int) -> float:
 
 
 def main():
-    runtime.keep_freed_memory()   # as the launchers do (launch/runtime.py); both sides allocate through malloc
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
@@ -197,4 +196,5 @@ def main():
 
 
 if __name__ == "__main__":
+    runtime.use_huge_pages()   # as the launchers do; both sides allocate through malloc (re-executes the process)
     main()

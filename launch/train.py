@@ -37,4 +37,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from launch import runtime
+    runtime.use_huge_pages()   # first, before the config loads: it re-executes this process
     app.run(main)

@@ -137,7 +137,8 @@ class StagePlan:
         return self.hours * self.chips
 
 
-def _abstract_batch(run_cfg, mesh):
+def abstract_batch(run_cfg, mesh):
+    """A run config's batch as abstract arrays on the batch sharding: what its train step is lowered over."""
     from vlm_jax import sharding  # pylint: disable=import-outside-toplevel
     from vlm_jax.models import vlm  # pylint: disable=import-outside-toplevel
     b = run_cfg.train.batch_size
@@ -177,7 +178,7 @@ def plan_stage(run_cfg: ml_collections.ConfigDict, slice_name: str, mfu: float =
                        in_shardings=(shardings, sharding.batch_sharding(mesh)),
                        out_shardings=(shardings, sharding.replicated(mesh)))
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-            compiled = step.lower(abstract, _abstract_batch(run_cfg, mesh)).compile()
+            compiled = step.lower(abstract, abstract_batch(run_cfg, mesh)).compile()
         ma = compiled.memory_analysis()
     except Exception as e:  # a cell that cannot compile (e.g. a dimension the mesh cannot split) is a finding
         message = str(e).splitlines()[0][:300]
