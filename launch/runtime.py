@@ -16,7 +16,7 @@ DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "vlm
 # a block that large afresh and unmaps it on free, so the kernel faults every 4 KiB page in and zero-fills it again:
 # 44,000 page faults a step, a third of the smoke run's CPU time. Asked to back its memory with transparent huge pages
 # (a glibc tunable, read only when a process starts), malloc gets 2 MiB pages: 512 times fewer faults, and the smoke
-# run is 1.4x faster (benchmarks/README.md). Keeping freed blocks in one arena instead (mallopt) removed the faults
+# run is 1.35x faster (benchmarks/README.md). Keeping freed blocks in one arena instead (mallopt) removed the faults
 # too, but its lock cost as much user time as the kernel saved.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
@@ -27,7 +27,8 @@ def use_huge_pages() -> None:
     first: whatever the process did before is done again."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (os.environ.get("VLM_JAX_HUGE_PAGES", "1") != "1" or "glibc.malloc.hugetlb" in tunables
-            or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc"):
+            or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc"
+            or len(sys.orig_argv) < 2):   # an embedded interpreter: no command line to run again
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE))))
     sys.stdout.flush()
