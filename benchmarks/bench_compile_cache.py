@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
+from benchmarks.fresh_process import run_python
 from vlm_jax.grid.backends import REPO_ROOT
 
 RUN_CELL = """
@@ -62,12 +61,8 @@ def run_cell(job, cache: str) -> dict:
         json.dump(job.spec, f)
     env = dict(os.environ, VLM_JAX_COMPILATION_CACHE=cache, PYTHONPATH=REPO_ROOT)
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", RUN_CELL, job.dir], env=env, cwd=REPO_ROOT, capture_output=True,
-                         text=True)
-    wall = time.perf_counter() - start
-    if out.returncode:
-        raise RuntimeError(f"the cell failed:\n{out.stderr[-3000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]), wall_s=wall)
+    counts = json.loads(run_python(["-c", RUN_CELL, job.dir], env, "the cell"))
+    return dict(counts, wall_s=time.perf_counter() - start)
 
 
 def main():

@@ -5,9 +5,8 @@
 Runs `python -m launch.train --config=configs/smoke.py` for `--steps` steps twice, each in a fresh process and run
 folder, once with `VLM_JAX_HUGE_PAGES=0` (glibc's defaults: XLA's step temporaries are mapped and zero-filled in
 4 KiB pages anew on every step) and once as the launchers run (`launch/runtime.py`: malloc with transparent huge
-pages). Prints each run's kernel (system) and user
-CPU time, wall time, minor page faults and peak resident memory (the child's rusage), the kernel's share of the CPU
-time, and the ratios.
+pages). Prints each run's kernel (system) and user CPU time, wall time, minor page faults and peak resident memory
+(the child's rusage), the kernel's share of the CPU time, and the ratios.
 """
 
 from __future__ import annotations
@@ -15,11 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
+from benchmarks.fresh_process import run_python
 from vlm_jax.grid.backends import REPO_ROOT
 
 
@@ -28,12 +26,9 @@ def run(steps: int, huge_pages: str, run_dir: str) -> dict:
     env = dict(os.environ, VLM_JAX_HUGE_PAGES=huge_pages, VLM_JAX_COMPILATION_CACHE="", PYTHONPATH=REPO_ROOT)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/smoke.py",
-                          f"--config.train.steps={steps}", f"--config.run_dir={run_dir}"],
-                         env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    run_python(["-m", "launch.train", "--config=configs/smoke.py", f"--config.train.steps={steps}",
+                f"--config.run_dir={run_dir}"], env, "the smoke run")
     wall = time.perf_counter() - start
-    if out.returncode:
-        raise RuntimeError(f"the smoke run failed:\n{out.stderr[-3000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return dict(system=after.ru_stime - before.ru_stime, user=after.ru_utime - before.ru_utime, wall=wall,
                 faults=after.ru_minflt - before.ru_minflt, peak_mib=after.ru_maxrss / 1024)

@@ -14,7 +14,7 @@ attention, SDPA) with torch.optim.AdamW (fused where available).
 
 vlm-jax allocates through glibc's malloc on transparent huge pages, as the launchers run (launch/runtime.py); the
 reference runs in a process of its own with malloc as suits it best on this machine (one arena that keeps freed
-memory: 8.1-8.3 s a step, against 10.9 s with glibc's defaults and 12.0 s on huge pages). Prints each side's best
+memory: 8.1-8.5 s a step, against 10.9 s with glibc's defaults and 12.0 s on huge pages). Prints each side's best
 step time, the step FLOPs (vlm_jax.flops, the same model) as a fraction of the f32 matmul peak JAX measures in this
 process, and the ratio PyTorch time / vlm-jax time; then where vlm-jax's step goes
 (forward + backward with the step's loss, the output layer + loss alone, AdamW alone), each timed as its own jitted
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -36,10 +34,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from benchmarks.fresh_process import run_python
 from configs import common, models
 from launch import runtime
 from vlm_jax import flops, hardware, optim, sharding, train
-from vlm_jax.grid.backends import REPO_ROOT
 from vlm_jax.models import layers
 from vlm_jax.models import llm as llm_lib
 from vlm_jax.models import vlm
@@ -175,7 +173,7 @@ _ONE_ARENA = ((-8, 1), (-4, 0), (-1, 2**31 - 1))   # M_ARENA_MAX, M_MMAP_MAX, M_
 
 
 def keep_freed_memory_in_one_arena() -> None:
-    """The malloc settings under which the reference's step ran fastest here: 8.1-8.3 s, against 10.9 s with glibc's
+    """The malloc settings under which the reference's step ran fastest here: 8.1-8.5 s, against 10.9 s with glibc's
     defaults and 12.0 s with the huge pages vlm-jax's launchers use (benchmarks/README.md)."""
     import ctypes   # pylint: disable=import-outside-toplevel
     libc = ctypes.CDLL("libc.so.6")
@@ -189,10 +187,7 @@ def reference_time(batch: int, length: int, steps: int) -> float:
             f"import numpy as np; "
             f"print(b.torch_time(b.make_batch({batch}, {length}, np.random.default_rng(0)), {steps}))")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"the PyTorch reference failed:\n{out.stderr[-3000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(run_python(["-c", code], env, "the PyTorch reference"))
 
 
 def main():
