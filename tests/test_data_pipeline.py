@@ -152,7 +152,7 @@ def test_a_registered_source_is_what_data_source_selects(monkeypatch):
 
     def few(data_cfg, split, image_size):
         calls.append(split)
-        return synthetic.SyntheticSource(split, 6, image_size=image_size), []
+        return synthetic.SyntheticSource(split, 6, synthetic.SyntheticOptions(image_size=image_size)), []
 
     monkeypatch.setitem(pipeline.SOURCES, "few", few)
     batch = next(make(small_config(source="few")))

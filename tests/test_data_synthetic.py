@@ -1,6 +1,7 @@
 """The synthetic benchmark: determinism, disjoint splits, answers that are true of the pixels, LLaVA round trip."""
 
 import collections
+import dataclasses
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from vlm_jax.data import pipeline, synthetic
+from vlm_jax.data.synthetic import SyntheticOptions
 
 
 def test_examples_are_a_pure_function_of_split_family_index_and_seed():
@@ -16,7 +18,7 @@ def test_examples_are_a_pure_function_of_split_family_index_and_seed():
     b = synthetic.make_example("train", "ocr", 7)
     assert (a.question, a.answer, a.id) == (b.question, b.answer, b.id)
     np.testing.assert_array_equal(a.image, b.image)
-    c = synthetic.make_example("train", "ocr", 7, seed=1)
+    c = synthetic.make_example("train", "ocr", 7, SyntheticOptions(seed=1))
     assert not np.array_equal(a.image, c.image)
 
 
@@ -33,13 +35,13 @@ def test_train_and_validation_are_different_streams():
 
 def test_image_size_follows_the_argument():
     assert synthetic.make_example("train", "reasoning", 0).image.shape == (64, 64, 3)
-    ex = synthetic.make_example("train", "reasoning", 0, image_size=96)
+    ex = synthetic.make_example("train", "reasoning", 0, SyntheticOptions(image_size=96))
     assert ex.image.shape == (96, 96, 3) and ex.image.dtype == np.uint8
 
 
 def test_colour_count_answers_match_the_blobs_in_the_image():
     checked = 0
-    for ex in synthetic.make_examples("validation", "reasoning", 200, reasoning_kinds="count_color"):
+    for ex in synthetic.make_examples("validation", "reasoning", 200, SyntheticOptions(reasoning_kinds="count_color")):
         color = ex.question.split()[2]  # "how many <color> shapes are there?"
         mask = np.all(ex.image == np.asarray(synthetic.COLORS[color], np.uint8), axis=-1)
         _, n_blobs = ndimage.label(mask)
@@ -105,7 +107,7 @@ def test_all_question_kinds_occur_with_short_balanced_answers():
     exs = [e for f in synthetic.FAMILIES for e in synthetic.make_examples("train", f, 600)]
     kinds = collections.Counter(e.kind for e in exs)
     assert set(kinds) == set(synthetic.REASONING_KINDS) | {"read", "where", "inside"}   # single characters by default
-    longer = synthetic.make_examples("train", "ocr", 300, ocr_length=2)
+    longer = synthetic.make_examples("train", "ocr", 300, SyntheticOptions(ocr_length=2))
     assert {e.kind for e in longer} == {"read", "where", "char"}
     assert max(len(e.answer) for e in longer if e.kind == "read") == 2
     # compare_color is left out: a scene of 5 objects in 5 colours allows only "no"; has_shape: a scene holding all
@@ -114,14 +116,14 @@ def test_all_question_kinds_occur_with_short_balanced_answers():
                                  and e.kind not in ("compare_color", "has_shape"))
     assert abs(yes_no["yes"] - yes_no["no"]) < 0.15 * sum(yes_no.values())
     shapes = collections.Counter(e.answer for e in synthetic.make_examples(
-        "train", "reasoning", 300, reasoning_kinds="has_shape", reasoning_grid=2))
+        "train", "reasoning", 300, SyntheticOptions(reasoning_kinds="has_shape", reasoning_grid=2)))
     assert set(shapes) == {"yes", "no"} and shapes["yes"] < 0.65 * sum(shapes.values())
     assert max(len(e.answer.split()) for e in exs) <= 2
 
 
 def test_a_coarser_reasoning_grid_draws_bigger_objects_whose_colours_answer_has_color():
-    for ex in synthetic.make_examples("validation", "reasoning", 60, reasoning_grid=2,
-                                      reasoning_kinds="count_all,has_color"):
+    for ex in synthetic.make_examples("validation", "reasoning", 60, SyntheticOptions(
+            reasoning_grid=2, reasoning_kinds="count_all,has_color")):
         painted = np.any(ex.image != np.array(synthetic.BACKGROUND, np.uint8), axis=-1)
         parts, n = ndimage.label(painted)
         sizes = [int((parts == k).sum()) for k in range(1, n + 1)]
@@ -135,11 +137,11 @@ def test_a_coarser_reasoning_grid_draws_bigger_objects_whose_colours_answer_has_
 
 
 def test_reasoning_kinds_select_the_questions():
-    exs = synthetic.make_examples("train", "reasoning", 200, reasoning_kinds="count_all,compare")
+    exs = synthetic.make_examples("train", "reasoning", 200, SyntheticOptions(reasoning_kinds="count_all,compare"))
     assert {e.kind for e in exs} == {"count_all", "compare"}
-    colours_only = synthetic.make_examples("train", "reasoning", 100, reasoning_kinds="compare_color")
+    colours_only = synthetic.make_examples("train", "reasoning", 100, SyntheticOptions(reasoning_kinds="compare_color"))
     assert all(e.question.endswith(" shapes?") and e.question.count("shapes") == 2 for e in colours_only)
-    same = synthetic.make_examples("train", "reasoning", 50, reasoning_kinds="")
+    same = synthetic.make_examples("train", "reasoning", 50, SyntheticOptions(reasoning_kinds=""))
     assert [e.question for e in same] == [e.question for e in synthetic.make_examples("train", "reasoning", 50)]
 
 
@@ -147,7 +149,7 @@ def test_follow_up_questions_are_about_the_same_image_and_give_nothing_away():
     for family in synthetic.FAMILIES:
         for j in range(40):
             one = synthetic.make_example("train", family, j)
-            three = synthetic.make_example("train", family, j, questions=3)
+            three = synthetic.make_example("train", family, j, SyntheticOptions(questions=3))
             np.testing.assert_array_equal(one.image, three.image)
             assert (three.question, three.answer) == (one.question, one.answer)   # the first is the same
             questions = [one.question] + [q for q, _ in three.more]
@@ -170,21 +172,37 @@ def test_bad_names_raise_clear_errors():
     with pytest.raises(ValueError, match="split"):
         synthetic.make_example("test", "ocr", 0)
     with pytest.raises(ValueError, match="ocr_alphabet"):
-        synthetic.make_example("train", "ocr", 0, ocr_alphabet="ab")
+        synthetic.make_example("train", "ocr", 0, SyntheticOptions(ocr_alphabet="ab"))
     with pytest.raises(ValueError, match="distinct strings"):
-        synthetic.make_example("train", "ocr", 0, ocr_alphabet="AB", ocr_length=1)
+        synthetic.make_example("train", "ocr", 0, SyntheticOptions(ocr_alphabet="AB", ocr_length=1))
     with pytest.raises(ValueError, match="must fit a 32 px quadrant"):
-        synthetic.make_example("train", "ocr", 0, ocr_length=3, ocr_scale=2)
+        synthetic.make_example("train", "ocr", 0, SyntheticOptions(ocr_length=3, ocr_scale=2))
     with pytest.raises(ValueError, match="reasoning_kinds"):
-        synthetic.make_example("train", "reasoning", 0, reasoning_kinds="count_all,astrology")
+        synthetic.make_example("train", "reasoning", 0, SyntheticOptions(reasoning_kinds="count_all,astrology"))
     with pytest.raises(ValueError, match="may fit no scene"):
-        synthetic.make_example("train", "reasoning", 0, reasoning_kinds="color_of")
+        synthetic.make_example("train", "reasoning", 0, SyntheticOptions(reasoning_kinds="color_of"))
     with pytest.raises(ValueError, match="reasoning_grid"):
-        synthetic.make_example("train", "reasoning", 0, reasoning_grid=3)
+        synthetic.make_example("train", "reasoning", 0, SyntheticOptions(reasoning_grid=3))
     with pytest.raises(ValueError, match="questions"):
-        synthetic.make_example("train", "reasoning", 0, questions=0)
+        synthetic.make_example("train", "reasoning", 0, SyntheticOptions(questions=0))
     with pytest.raises(ValueError, match="families"):
         synthetic.parse_families("reasoning,reasoning")
+
+
+def test_options_are_read_from_data_synthetic_with_one_question_per_image_outside_training():
+    s = pipeline.default_config().synthetic
+    s.seed, s.max_items, s.train_questions, s.detail_kinds, s.describe = 3, 2, 4, "corner", True
+    train = SyntheticOptions.from_config(s, image_size=32, split="train")
+    assert train == SyntheticOptions(seed=3, image_size=32, questions=4, max_items=2, detail_kinds="corner",
+                                     describe=True)
+    assert SyntheticOptions.from_config(s, image_size=32) == dataclasses.replace(train, questions=1)
+    older = {"seed": 3, "ocr_length": 2}   # a run's config from before later keys existed: their defaults
+    assert SyntheticOptions.from_config(older) == SyntheticOptions(seed=3, ocr_length=2)
+    # kind lists are kept checked, so equal options draw equal items
+    assert SyntheticOptions(reasoning_kinds="") == SyntheticOptions(reasoning_kinds=list(synthetic.REASONING_KINDS))
+    assert SyntheticOptions(detail_kinds=" ").detail_kinds == "inside"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        train.seed = 1
 
 
 def test_written_out_as_llava_it_reads_back_into_identical_batches(tmp_path):
@@ -233,7 +251,7 @@ def test_a_described_detail_scene_holds_each_marker_as_one_word_and_the_same_ans
     """Told in words, a detail scene is a row of 'empty' and one word per marker (outer then centre colour); the
     question about the marker named 'red' is answered by that word's second colour, as in the picture."""
     for j in range(50):
-        ex = synthetic.make_example("train", "detail", j, describe=True, questions=3)
+        ex = synthetic.make_example("train", "detail", j, SyntheticOptions(describe=True, questions=3))
         assert ex.image is None and "<image>" not in ex.prompt
         words = ex.description.split()
         markers = [w for w in words if w != synthetic.EMPTY_SLOT]
@@ -243,9 +261,9 @@ def test_a_described_detail_scene_holds_each_marker_as_one_word_and_the_same_ans
             outer = question.split()[-2]
             assert split[outer] == outer + answer and answer in synthetic.INNER_COLORS
     with pytest.raises(ValueError, match="described"):
-        synthetic.make_example("train", "ocr", 0, describe=True)
+        synthetic.make_example("train", "ocr", 0, SyntheticOptions(describe=True))
     with pytest.raises(ValueError, match="detail_kinds"):
-        synthetic.make_example("train", "detail", 0, detail_kinds="nope")
+        synthetic.make_example("train", "detail", 0, SyntheticOptions(detail_kinds="nope"))
 
 
 def test_corner_scenes_ask_the_centre_of_the_top_left_marker_in_three_sizes_and_tell_the_same_cells_in_words():
@@ -254,7 +272,7 @@ def test_corner_scenes_ask_the_centre_of_the_top_left_marker_in_three_sizes_and_
     sit in some of the cells it leaves free; told in words, word k is cell k in reading order."""
     others, sizes = [], []
     for j in range(90):
-        ex = synthetic.make_example("validation", "detail", j, detail_kinds="corner")
+        ex = synthetic.make_example("validation", "detail", j, SyntheticOptions(detail_kinds="corner"))
         assert ex.question == "what color is inside the top left marker?"
         img = ex.image.astype(int)
 
@@ -270,7 +288,7 @@ def test_corner_scenes_ask_the_centre_of_the_top_left_marker_in_three_sizes_and_
         painted = [c for c in range(64) if (img[c // 8 * 8, c % 8 * 8] != synthetic.BACKGROUND).any()]
         outside = [c for c in painted if c // 8 >= span or c % 8 >= span]
         others.append(len(outside))
-        told = synthetic.make_example("validation", "detail", j, detail_kinds="corner", describe=True)
+        told = synthetic.make_example("validation", "detail", j, SyntheticOptions(detail_kinds="corner", describe=True))
         words = told.description.split()
         assert len(words) == 64 and told.answer == ex.answer
         assert [c for c, w in enumerate(words) if w != synthetic.EMPTY_SLOT] == [0] + outside, ex.id
@@ -281,10 +299,10 @@ def test_corner_scenes_ask_the_centre_of_the_top_left_marker_in_three_sizes_and_
 
 def test_a_described_reasoning_scene_names_its_objects_and_keeps_the_questions_of_the_drawn_one():
     for j in range(40):
-        drawn = synthetic.make_example("train", "reasoning", j, reasoning_grid=2, questions=3,
-                                       reasoning_kinds="has_color,has_shape")
-        told = synthetic.make_example("train", "reasoning", j, reasoning_grid=2, questions=3,
-                                      reasoning_kinds="has_color,has_shape", describe=True)
+        drawn = synthetic.make_example("train", "reasoning", j, SyntheticOptions(
+            reasoning_grid=2, questions=3, reasoning_kinds="has_color,has_shape"))
+        told = synthetic.make_example("train", "reasoning", j, SyntheticOptions(
+            reasoning_grid=2, questions=3, reasoning_kinds="has_color,has_shape", describe=True))
         assert told.image is None and (told.question, told.answer, told.more) == (drawn.question, drawn.answer,
                                                                                 drawn.more)
         words = told.description.split()
@@ -302,8 +320,8 @@ def test_value_questions_answer_one_value_per_drawn_colour_plus_or_times_the_ask
     colours have five different values, times 1 is that value and times 0 is 0."""
     value_of: dict[tuple, set] = collections.defaultdict(set)
     times: list[tuple] = []
-    for ex in synthetic.make_examples("validation", "reasoning", 600, reasoning_grid=2, reasoning_objects=1,
-                                      reasoning_kinds="has_color,value_plus,value_times"):
+    for ex in synthetic.make_examples("validation", "reasoning", 600, SyntheticOptions(
+            reasoning_grid=2, reasoning_objects=1, reasoning_kinds="has_color,value_plus,value_times")):
         if ex.kind == "has_color":
             continue
         k = int(ex.question.removesuffix("?").split()[-1])

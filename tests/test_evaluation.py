@@ -57,6 +57,21 @@ def test_synthetic_benchmarks_are_the_validation_items_per_family():
         evaluation.synthetic_benchmarks(config.data, 32, 3, "reasoning,maths")
 
 
+def test_synthetic_benchmarks_ask_what_the_validation_source_draws_with_every_option_of_the_config():
+    data = pipeline.default_config()
+    s = data.synthetic
+    s.seed, s.reasoning_kinds, s.reasoning_grid, s.ocr_length, s.train_questions = 4, "count_all,compare", 2, 2, 3
+    s.validation_size = 8
+    reasoning, ocr = evaluation.synthetic_benchmarks(data, 32, 4)
+    source, _ = pipeline.make_source(data, "validation", 32)
+    for i in range(8):   # the source interleaves the families item by item
+        item, want = (reasoning, ocr)[i % 2].items[i // 2], source[i]
+        assert item.question_id == want["id"] and want["turns"][0] == ("user", item.prompt)
+        assert want["turns"][1] == ("assistant", item.reference["answer"]) and len(want["turns"]) == 2
+        assert (item.image == want["image"]).all()
+    assert {it.reference["kind"] for it in reasoning.items} <= {"count_all", "compare"}
+
+
 def test_llava_question_files_merge_answers_and_prepend_the_image(tmp_path):
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
     q = _write_jsonl(tmp_path / "q.jsonl", [

@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tokenizer.image_token = "<image>"  # image-slot id if in the vocabulary, else the pad id is used
 
     c.synthetic = ml_collections.ConfigDict()
-    c.synthetic.families = "reasoning,ocr"  # comma-separated, interleaved item by item ('detail': see synthetic.py)
+    c.synthetic.families = "reasoning,ocr"  # comma-separated, interleaved item by item ('detail': see synthetic/)
     c.synthetic.family_weights = ""  # training items of each family per cycle, e.g. '1,3' ('' = equal)
     c.synthetic.train_size = 200_000  # items per epoch (drawn on the fly, nothing stored)
     c.synthetic.validation_size = 2_000
@@ -72,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.synthetic.ocr_scale = 2  # each font pixel drawn scale x scale; 1 = the raw 6x11 font (harder to learn)
     c.synthetic.reasoning_kinds = ""  # comma-separated question kinds of the reasoning family ('' = all)
     c.synthetic.reasoning_grid = 4  # reasoning objects sit in a grid x grid layout (2: 32-px objects, up to 4)
-    c.synthetic.detail_kinds = ""  # question kinds of the detail family: inside (''), colors, corner (synthetic.py)
+    c.synthetic.detail_kinds = ""  # question kinds of the detail family: inside (''), colors, corner (synthetic/)
     c.synthetic.describe = False  # reasoning/detail scenes in words, no image (pretraining a tiny LLM on "text")
     c.synthetic.max_items = 0  # at most this many objects / characters per image (0 = the family's own range)
     c.synthetic.reasoning_objects = 0  # at most this many objects in a reasoning scene (0 = max_items)
@@ -127,13 +127,8 @@ def _synthetic_source(data_cfg, split, image_size):
     size = {"train": s.train_size, "validation": s.validation_size}.get(split)
     if size is None:
         raise ValueError(f"synthetic split must be 'train' or 'validation', got {split!r}")
-    return synthetic.SyntheticSource(split, size, families=s.families, seed=s.seed, image_size=image_size,
-                                     ocr_alphabet=s.ocr_alphabet, ocr_length=s.ocr_length,
-                                     ocr_scale=s.ocr_scale, reasoning_kinds=s.reasoning_kinds,
-                                     reasoning_grid=s.reasoning_grid, detail_kinds=s.get("detail_kinds", ""),
-                                     describe=s.get("describe", False),
-                                     max_items=s.max_items, reasoning_objects=s.get("reasoning_objects", 0),
-                                     questions=s.train_questions if split == "train" else 1,
+    options = synthetic.SyntheticOptions.from_config(s, image_size=image_size, split=split)
+    return synthetic.SyntheticSource(split, size, options, families=s.families,
                                      family_weights=s.family_weights if split == "train" else ""), []
 
 
@@ -214,7 +209,7 @@ def make_prompt_batch(images_u8: Sequence[np.ndarray | None], user_texts: Sequen
                       ) -> dict[str, np.ndarray]:
     """Prompt-only batch for generation (no answers), e.g. from synthetic.make_examples:
 
-        exs = synthetic.make_examples('validation', 'ocr', 32, image_size=64)
+        exs = synthetic.make_examples('validation', 'ocr', 32, synthetic.SyntheticOptions(image_size=64))
         batch = make_prompt_batch([e.image for e in exs], [synthetic.prompt_text(e.question) for e in exs], ...)
 
     images_u8: uint8[S, S, 3] per example (None for text-only); user_texts hold the <image> placeholder.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -69,13 +68,11 @@ def synthetic_benchmarks(data_cfg: ml_collections.ConfigDict, image_size: int, n
     if num_per_family < 1:
         raise ValueError(f"num_per_family must be >= 1, got {num_per_family}")
     s = data_cfg.synthetic
-    # Every content key of the run's data.synthetic that make_examples takes (seed, ocr_*...), so evaluation draws
-    # what training drew, also for keys added later; keys an older run lacks keep make_examples' defaults.
-    accepted = inspect.signature(synthetic.make_examples).parameters
-    content = {k: s[k] for k in s if k in accepted and k not in ("split", "family", "n", "image_size")}
+    # The options the run's validation source draws with, so evaluation asks what training was asked about.
+    options = synthetic.SyntheticOptions.from_config(s, image_size=image_size, split="validation")
     out = []
     for family in synthetic.parse_families(families or s.families):
-        examples = synthetic.make_examples("validation", family, num_per_family, image_size=image_size, **content)
+        examples = synthetic.make_examples("validation", family, num_per_family, options)
         items = [EvalItem(e.id, e.image, e.prompt,
                           {"question_id": e.id, "question": e.question, "answer": e.answer, "kind": e.kind})
                  for e in examples]
@@ -166,7 +163,7 @@ class Answerer:
 
     def __init__(self, config: ml_collections.ConfigDict, params, tokenizer: Tokenizer, *, batch_size: int = 32,
                  max_new_tokens: int = 16, use_prefix_cache: bool = True, seq_len: int = 0, mesh=None):
-        """mesh: the device mesh `params` are sharded over (train.load_params(run_dir, mesh)); generation then runs
+        """mesh: the device mesh `params` are sharded over (vlm_jax.state.load_params(run_dir, mesh)); generation then runs
         partitioned over it, so a model too big for one device is evaluated as it was trained. None: one device."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
