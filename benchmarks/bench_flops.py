@@ -22,8 +22,8 @@ import flax.linen as nn
 import jax
 
 from configs import llava
-from vlm_jax import flops, plan, sharding, train
-from vlm_jax.models import vlm
+from vlm_jax import sharding
+from vlm_jax import state as state_lib
 
 
 def counts(llm: str, compressor: str, tokens: int, stage: int) -> tuple[float, float]:
@@ -34,14 +34,11 @@ def counts(llm: str, compressor: str, tokens: int, stage: int) -> tuple[float, f
     m.dtype, m.llm.scan_layers, m.llm.remat = "float32", False, "none"
     t.batch_size, t.loss_chunk = 1, 0
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    _, abstract, tx = train.state_layout(m, t, mesh)
-    step = jax.jit(train.make_train_step(vlm.VLM(m), tx, t.loss_chunk))
+    layout = state_lib.state_layout(m, t, mesh)
+    step = state_lib.jit_train_step(config, mesh, layout)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        cost = step.lower(abstract, plan.abstract_batch(config, mesh)).cost_analysis()
-    ours = flops.train_step_flops(m, batch_size=1, seq_len=config.data.seq_len + tokens,
-                                  train_llm="llm" in abstract.params, train_vision="vision" in abstract.params,
-                                  query_tokens=config.data.question_len)
-    return ours, float(cost["flops"])
+        cost = step.lower(layout[1], state_lib.abstract_batch(config, mesh)).cost_analysis()
+    return state_lib.step_flops(config, set(layout[1].params)), float(cost["flops"])
 
 
 def main():

@@ -79,7 +79,8 @@ def load_and_measure(llm: str, path: str) -> dict:
     import jax
 
     from configs import common, models
-    from vlm_jax import sharding, train
+    from vlm_jax import sharding
+    from vlm_jax import state as state_lib
 
     model = models.model_config("tiny", llm, "avgpool", 1)
     model.param_dtype = "bfloat16"
@@ -88,7 +89,7 @@ def load_and_measure(llm: str, path: str) -> dict:
     before = _status_kib()
     t0 = time.perf_counter()
     with PeakMemory() as mem:
-        state, _, _ = train.create_state(model, tcfg, mesh, jax.random.key(0), [(path, "llm/.*")])
+        state, _, _ = state_lib.create_state(model, tcfg, mesh, jax.random.key(0), [(path, "llm/.*")])
         jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
     llm_bytes = sum(x.nbytes for x in jax.tree.leaves(state.frozen["llm"]))

@@ -10,22 +10,18 @@ unchunked step. The whole-sequence float32 logits alone are batch x seq x vocab 
 import argparse
 
 import jax
-import jax.numpy as jnp
 
 from configs import smoke
-from vlm_jax import sharding, train
-from vlm_jax.models import vlm
+from vlm_jax import sharding
+from vlm_jax import state as state_lib
 
 
 def temp_bytes(config) -> int:
     mesh = sharding.make_mesh(config.mesh)
-    _, abstract, tx = train.state_layout(config.model, config.train, mesh)
-    b, t = config.train.batch_size, config.data.seq_len + config.model.compressor.num_tokens
-    batch = vlm.dummy_inputs(config.model, b, t, config.data.question_len)
-    batch.update(targets=jax.ShapeDtypeStruct((b, t), jnp.int32), loss_mask=jax.ShapeDtypeStruct((b, t), jnp.float32))
-    step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx, config.train.loss_chunk), donate_argnums=(0,))
+    layout = state_lib.state_layout(config.model, config.train, mesh)
+    step = state_lib.jit_train_step(config, mesh, layout)
     with jax.set_mesh(mesh):
-        compiled = step.lower(abstract, batch).compile()
+        compiled = step.lower(layout[1], state_lib.abstract_batch(config, mesh)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 

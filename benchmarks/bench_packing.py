@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 
 from configs import common, models
-from vlm_jax import optim, sharding, train
+from vlm_jax import optim, sharding
+from vlm_jax import state as state_lib
 from vlm_jax.data import packing
 from vlm_jax.models import vlm
 
@@ -90,11 +91,12 @@ def throughput(config, batches, steps):
     """(useful tokens/s, token-weighted loss over all `batches`). Every batch has the same shapes, so the step
     time (best of `steps`, on two batches) is the same for each: it is measured on two and charged to all."""
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    state, _, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
+    layout = state_lib.state_layout(config.model, config.train, mesh)
+    state, _, _ = state_lib.create_state(config.model, config.train, mesh, jax.random.key(0), layout=layout)
     model = vlm.VLM(config.model)
-    step = jax.jit(train.make_train_step(model, tx))
-    loss_fn = jax.jit(lambda p, b: train.masked_cross_entropy(model.apply({"params": p}, **train.model_inputs(b)),
-                                                              b["targets"], b["loss_mask"]))
+    step = state_lib.jit_train_step(config, mesh, layout, donate_state=False)
+    loss_fn = jax.jit(lambda p, b: state_lib.masked_cross_entropy(
+        model.apply({"params": p}, **state_lib.model_inputs(b)), b["targets"], b["loss_mask"]))
     params = optim.merge(state.params, state.frozen)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         jax.block_until_ready(step(state, batches[0]))   # compile

@@ -37,7 +37,8 @@ import optax
 from benchmarks.fresh_process import run_python
 from configs import common, models
 from launch import runtime
-from vlm_jax import flops, hardware, optim, sharding, train
+from vlm_jax import flops, hardware, optim, sharding
+from vlm_jax import state as state_lib
 from vlm_jax.models import layers
 from vlm_jax.models import llm as llm_lib
 from vlm_jax.models import vlm
@@ -90,9 +91,10 @@ def best_time(fn, steps: int) -> float:
 def jax_times(config, batch, steps: int) -> dict[str, float]:
     """The whole step, and its parts each as its own jitted program."""
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    state, _, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
+    layout = state_lib.state_layout(config.model, config.train, mesh)
+    state, _, tx = state_lib.create_state(config.model, config.train, mesh, jax.random.key(0), layout=layout)
     model = vlm.VLM(config.model)
-    step = jax.jit(train.make_train_step(model, tx, config.train.loss_chunk))
+    step = state_lib.jit_train_step(config, mesh, layout, donate_state=False)
     params = optim.merge(state.params, state.frozen)
     times = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
@@ -100,18 +102,18 @@ def jax_times(config, batch, steps: int) -> dict[str, float]:
 
         def head_loss(h, w):   # the output layer + loss as the step computes them
             if config.train.loss_chunk:
-                return train.chunked_cross_entropy(h, w, batch["targets"], batch["loss_mask"],
+                return state_lib.chunked_cross_entropy(h, w, batch["targets"], batch["loss_mask"],
                                                    config.train.loss_chunk)[0]
-            return train.masked_cross_entropy(layers.contract(h, w, 1), batch["targets"],
+            return state_lib.masked_cross_entropy(layers.contract(h, w, 1), batch["targets"],
                                               batch["loss_mask"])[0]
 
         def loss(trainable, b):
             p = optim.merge(trainable, state.frozen)
-            h = model.apply({"params": p}, **train.model_inputs(b), method=vlm.VLM.hidden_states)
+            h = model.apply({"params": p}, **state_lib.model_inputs(b), method=vlm.VLM.hidden_states)
             return head_loss(h, llm_lib.output_weights(p["llm"], config.model.llm))
         grads = jax.jit(jax.grad(loss))
         times["forward + backward"] = best_time(lambda: grads(state.params, batch), steps)
-        hidden = jax.jit(lambda p, b: model.apply({"params": p}, **train.model_inputs(b),
+        hidden = jax.jit(lambda p, b: model.apply({"params": p}, **state_lib.model_inputs(b),
                                                   method=vlm.VLM.hidden_states))(params, batch)
         w = llm_lib.output_weights(params["llm"], config.model.llm)
         head = jax.jit(jax.grad(head_loss, argnums=(0, 1)))

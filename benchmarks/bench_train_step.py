@@ -14,17 +14,16 @@ import flax.linen as nn
 import jax
 
 from configs import smoke
-from vlm_jax import flops, hardware, sharding, train
+from vlm_jax import flops, hardware, sharding
+from vlm_jax import state as state_lib
 from vlm_jax.data import pipeline
-from vlm_jax.models import vlm
 
 
 def step_time(config, steps):
     mesh = sharding.make_mesh(config.mesh)
-    state, shardings, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
-    step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx),
-                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    layout = state_lib.state_layout(config.model, config.train, mesh)
+    state, _, _ = state_lib.create_state(config.model, config.train, mesh, jax.random.key(0), layout=layout)
+    step = state_lib.jit_train_step(config, mesh, layout)
     tok = pipeline.make_tokenizer(config.data)
     it = pipeline.make_train_iterator(config.data, tokenizer=tok, num_visual_tokens=config.model.compressor.num_tokens,
                                       image_size=config.model.vision.image_size,

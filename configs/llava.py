@@ -45,6 +45,7 @@ def get_config(arg=None):
     config.run_dir = f"runs/llava-{arg.llm}-{arg.compressor}-v{arg.tokens}-stage{arg.stage}"
     config.model = models.model_config("clip-vit-l14-336", arg.llm, arg.compressor, arg.tokens, dtype="bfloat16")
     config.model.llm.remat = "full"
+    config.model.llm.scan_layers = True   # 24-40 layers: one compiled layer on every platform (compile time)
     config.model.head_init = "torch"   # the compressor and projector start as the authors' PyTorch modules do
 
     config.data = pipeline.default_config()

@@ -66,7 +66,8 @@ def llm_config(name: str, **overrides) -> ml_collections.ConfigDict:
     """The LLM config for preset `name`. `scan_layers`/`remat` trade compile time and memory, not results."""
     if name not in LLM_PRESETS:
         raise ValueError(f"unknown LLM preset {name!r}; known: {sorted(LLM_PRESETS)}")
-    cfg = dict(name=name, scan_layers=True, remat="none", **LLM_PRESETS[name])
+    # scan_layers unset: layers as a loop on the CPU, under nn.scan on TPU/GPU (vlm_jax/models/llm.py:scans_layers).
+    cfg = dict(name=name, scan_layers=ml_collections.config_dict.placeholder(bool), remat="none", **LLM_PRESETS[name])
     cfg.update(overrides)
     cfg = ml_collections.ConfigDict(cfg)
     # A reference, so `--config.model.llm.hidden_size=...` keeps head_dim consistent.

@@ -88,6 +88,6 @@ def trained_params(run_dir) -> dict:
     """The latest checkpoint's parameters as {'a/b/c': numpy array}."""
     from flax import traverse_util  # pylint: disable=import-outside-toplevel
 
-    from vlm_jax import train  # pylint: disable=import-outside-toplevel
-    _, params = train.load_params(str(run_dir))
+    from vlm_jax import state as state_lib  # pylint: disable=import-outside-toplevel
+    _, params = state_lib.load_params(str(run_dir))
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}

@@ -55,7 +55,7 @@ def test_quecc_is_charged_for_its_query_pass_over_the_question():
     cfg = tiny_cfg("quecc", 4)
     llm = cfg.llm
     n_body = flops.param_counts(cfg)["llm"] - llm.vocab_size * llm.hidden_size   # stops at the last hidden state
-    b = flops.inference_breakdown(cfg, text_tokens=30, question_tokens=12)
+    b = flops.inference_breakdown(cfg, text_tokens=30, question_len=12)
     assert b.query_pass == 2 * n_body * 12 + 2 * llm.num_layers * llm.num_heads * llm.head_dim * 12 ** 2
     # By default the whole text is the question.
     assert flops.inference_breakdown(cfg, text_tokens=30).query_pass > b.query_pass
@@ -75,11 +75,11 @@ def test_a_new_query_conditioned_head_is_charged_its_query_pass_and_its_own_cost
     cfg.compressor.name = "query_pool"
     llm = cfg.llm
     n_body = flops.param_counts(cfg)["llm"] - llm.vocab_size * llm.hidden_size   # tied table, not multiplied
-    b = flops.inference_breakdown(cfg, text_tokens=30, question_tokens=12)
+    b = flops.inference_breakdown(cfg, text_tokens=30, question_len=12)
     assert b.query_pass == 2 * n_body * 12 + 2 * llm.num_layers * llm.num_heads * llm.head_dim * 12 ** 2
     assert b.compressor == 123.0
     kw = {"batch_size": 1, "seq_len": 40, "train_llm": True, "train_vision": False}
-    assert flops.train_step_flops(cfg, query_tokens=8, **kw) > flops.train_step_flops(tiny_cfg("avgpool", 4), **kw)
+    assert flops.train_step_flops(cfg, question_len=8, **kw) > flops.train_step_flops(tiny_cfg("avgpool", 4), **kw)
 
 
 def test_compressor_flops_come_from_xla_and_grow_with_head_work():
@@ -87,7 +87,7 @@ def test_compressor_flops_come_from_xla_and_grow_with_head_work():
     pool = flops.compressor_flops(tiny_cfg("avgpool", 4))
     quecc = flops.compressor_flops(tiny_cfg("quecc", 4))
     assert 0 < pool < quecc
-    fn, args = vlm.compressor_cost_fn(tiny_cfg("quecc", 4))
+    fn, args = heads.get("quecc").cost_fn(tiny_cfg("quecc", 4))
     assert quecc == flops.xla_flops(fn, *args)
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from vlm_jax import flops, sharding, train
+from vlm_jax import flops, sharding
+from vlm_jax import state as state_lib
 from vlm_jax.models import heads, vlm
 
 
@@ -23,8 +24,8 @@ def test_train_step_flops_match_xla_cost_analysis_of_the_jitted_step(compressor,
     llm.vocab_size, llm.tie_embeddings, llm.scan_layers = 4096, tie, False   # embedding a large share; loops unrolled
     config.train.train_vision = False   # frozen, as in the paper: a forward pass up to the layer the head reads
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    state, _, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
-    step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx))
+    state, _, tx = state_lib.create_state(config.model, config.train, mesh, jax.random.key(0))
+    step = jax.jit(state_lib.make_train_step(vlm.VLM(config.model), tx))
     batch = helpers.random_batch(config)
     if packed > 1:   # only shapes matter to the count
         for key in ("pixels", "question_tokens", "question_mask"):
@@ -34,7 +35,7 @@ def test_train_step_flops_match_xla_cost_analysis_of_the_jitted_step(compressor,
         cost = step.lower(state, batch).compile().cost_analysis()
     xla = float(cost["flops"])
     ours = flops.train_step_flops(config.model, batch_size=4, seq_len=64, train_llm=True, train_vision=False,
-                                  query_tokens=8, images_per_sequence=packed)
+                                  question_len=8, images_per_sequence=packed)
     # Beyond our model XLA counts the masked half of causal attention, norms, softmaxes and AdamW: ~5% here.
     assert ours == pytest.approx(xla, rel=0.06)
 

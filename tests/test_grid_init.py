@@ -8,7 +8,8 @@ from flax import traverse_util
 
 from configs import common, models
 from tests import helpers
-from vlm_jax import checkpoints, optim, sharding, train
+from vlm_jax import checkpoints, optim, sharding
+from vlm_jax import state as state_lib
 from vlm_jax.grid import cell
 
 
@@ -30,7 +31,7 @@ def chain(tmp_path_factory):
     cell.run_stages(job.spec)
     dirs = {"tower": tower.spec["stages"][0]["config"]["run_dir"]}
     dirs.update({s["name"]: s["config"]["run_dir"] for s in job.spec["stages"]})
-    return {name: _flat(train.load_params(d)[1]) for name, d in dirs.items()}, dirs, job
+    return {name: _flat(state_lib.load_params(d)[1]) for name, d in dirs.items()}, dirs, job
 
 
 def test_stage1_takes_the_pretrained_tower_and_trains_only_compressor_and_projector(chain):
@@ -60,7 +61,7 @@ def _fresh_state(run_cfg: dict):
     """(trainable, frozen, state, abstract state) of a run config's fresh initialisation."""
     cfg = ml_collections.ConfigDict(run_cfg)
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    state, shardings, _ = train.create_state(cfg.model, cfg.train, mesh, jax.random.key(cfg.seed))
+    state, shardings, _ = state_lib.create_state(cfg.model, cfg.train, mesh, jax.random.key(cfg.seed))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     return state.params, state.frozen, state, abstract
 
@@ -70,8 +71,8 @@ def test_init_takes_matching_params_and_leaves_the_rest_fresh(chain):
     cfg = ml_collections.ConfigDict(job.spec["stages"][0]["config"])
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
     rng = jax.random.key(7)   # another seed than the source's: fresh values differ from the source's
-    fresh, _, _ = train.create_state(cfg.model, cfg.train, mesh, rng)
-    out, _, _ = train.create_state(cfg.model, cfg.train, mesh, rng, sources=[(dirs["stage1"], "projector/.*")])
+    fresh, _, _ = state_lib.create_state(cfg.model, cfg.train, mesh, rng)
+    out, _, _ = state_lib.create_state(cfg.model, cfg.train, mesh, rng, sources=[(dirs["stage1"], "projector/.*")])
     fresh, got = _flat(optim.merge(fresh.params, fresh.frozen)), _flat(optim.merge(out.params, out.frozen))
     for k, v in got.items():
         want = params["stage1"][k] if k.startswith("projector/") else fresh[k]
@@ -85,7 +86,7 @@ def test_all_params_from_sources_needs_no_fresh_init(chain):
     params, dirs, job = chain
     cfg = ml_collections.ConfigDict(job.spec["stages"][1]["config"])   # stage 2: everything from stage 1
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    state, shardings, _ = train.create_state(cfg.model, cfg.train, mesh, jax.random.key(0),
+    state, shardings, _ = state_lib.create_state(cfg.model, cfg.train, mesh, jax.random.key(0),
                                              sources=[(dirs["stage1"], ".*")])
     got = _flat(optim.merge(state.params, state.frozen))
     assert sorted(got) == sorted(params["stage1"]) and int(state.step) == 0
@@ -97,7 +98,7 @@ def test_all_params_from_sources_needs_no_fresh_init(chain):
 def _abstract_params(llm: str, head: str) -> dict:
     """{name: ShapeDtypeStruct with sharding} of a model, as `train` builds it (nothing allocated)."""
     model = models.model_config("tiny", llm, head, 4)
-    _, abstract, _ = train.state_layout(model, common.train_config(stage="full"),
+    _, abstract, _ = state_lib.state_layout(model, common.train_config(stage="full"),
                                         sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
     return traverse_util.flatten_dict(optim.merge(abstract.params, abstract.frozen), sep="/")
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from tests.helpers import random_batch, tiny_config
-from vlm_jax import train
+from vlm_jax import state as state_lib
 from vlm_jax.models import llm, vlm
 
 
@@ -21,17 +21,17 @@ def _setup(tie: bool):
 
 
 def _losses(model, params, batch, chunk):
-    inputs = train.model_inputs(batch)
+    inputs = state_lib.model_inputs(batch)
 
     def whole(p):
-        return train.masked_cross_entropy(model.apply({"params": p}, **inputs), batch["targets"],
+        return state_lib.masked_cross_entropy(model.apply({"params": p}, **inputs), batch["targets"],
                                           batch["loss_mask"])[0]
 
     def chunked(p):
         hidden = model.apply({"params": p}, **inputs, method=vlm.VLM.hidden_states)
-        return train.chunked_cross_entropy(hidden, llm.output_weights(p["llm"], model.cfg.llm), batch["targets"],
+        return state_lib.chunked_cross_entropy(hidden, llm.output_weights(p["llm"], model.cfg.llm), batch["targets"],
                                            batch["loss_mask"], chunk)[0]
-    return jax.value_and_grad(whole)(params), jax.value_and_grad(chunked)(params)
+    return jax.jit(jax.value_and_grad(whole))(params), jax.jit(jax.value_and_grad(chunked))(params)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -54,9 +54,9 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence(tie, chunk):
 def test_a_train_step_with_loss_chunk_matches_one_without():
     _, model, params, batch = _setup(tie=False)
     tx = optax.sgd(0.5)   # plain SGD: Adam would turn rounding noise of near-zero gradients into O(lr) steps
-    state = train.TrainState(step=np.int32(0), params=params, frozen={}, opt_state=tx.init(params))
-    whole, m_whole = jax.jit(train.make_train_step(model, tx))(state, batch)
-    chunked, m_chunked = jax.jit(train.make_train_step(model, tx, loss_chunk=8))(state, batch)
+    state = state_lib.TrainState(step=np.int32(0), params=params, frozen={}, opt_state=tx.init(params))
+    whole, m_whole = jax.jit(state_lib.make_train_step(model, tx))(state, batch)
+    chunked, m_chunked = jax.jit(state_lib.make_train_step(model, tx, loss_chunk=8))(state, batch)
     assert float(m_chunked["loss"]) == pytest.approx(float(m_whole["loss"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(chunked.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
@@ -82,7 +82,7 @@ def test_chunks_without_answer_tokens_equal_the_whole_sequence_and_are_skipped()
     hidden[:, 20:] = np.inf
     w = np.random.default_rng(1).normal(size=(16, 128)).astype(np.float32)
     value, (g_h, g_w) = jax.value_and_grad(
-        lambda h, w: train.chunked_cross_entropy(h, w, batch["targets"], mask, 5)[0], argnums=(0, 1))(hidden, w)
+        lambda h, w: state_lib.chunked_cross_entropy(h, w, batch["targets"], mask, 5)[0], argnums=(0, 1))(hidden, w)
     assert np.isfinite(float(value)) and float(value) > 0
     assert np.isfinite(np.asarray(g_w)).all() and np.abs(np.asarray(g_w)).max() > 0
     assert np.isfinite(np.asarray(g_h)).all() and not np.asarray(g_h)[:, 15:].any()

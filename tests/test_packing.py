@@ -10,7 +10,7 @@ import pytest
 
 from tests import helpers
 from tests.test_data_pipeline import assert_same_batches, make, small_config
-from vlm_jax import train
+from vlm_jax import state as state_lib
 from vlm_jax.data import packing
 from vlm_jax.models import llm as llm_lib
 from vlm_jax.models import vlm
@@ -76,8 +76,8 @@ def test_a_packed_batch_gives_each_example_its_unpacked_logits_and_the_same_loss
     params = jax.jit(vlm.init_fn(config.model))(jax.random.key(0))
 
     def forward(batch):
-        logits = model.apply({"params": params}, **train.model_inputs(batch))
-        loss, n = train.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        logits = model.apply({"params": params}, **state_lib.model_inputs(batch))
+        loss, n = state_lib.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
         return np.asarray(logits), float(loss), float(n)
 
     logits_u, loss_u, n_u = forward(unpacked)

@@ -63,12 +63,13 @@ def test_projector_parameter_count_is_mlp2x_gelu():
 def test_full_size_recipe_config_builds_and_validates_without_allocating(llm):
     from configs import llava
     from vlm_jax import optim, sharding, train
+    from vlm_jax import state as state_lib
     config = llava.get_config(f"llm={llm},tokens=576,compressor=none,stage=1")
     assert (config.train.lr, config.train.batch_size, config.data.seq_len) == (1e-3, 256, 2048)
     assert config.train.steps == 558_128 // 256
     train.validate_config(config, 0, vocab_size=151_646)
     mesh = sharding.make_mesh(config.mesh)
-    _, abstract, _ = train.state_layout(config.model, config.train, mesh)
+    _, abstract, _ = state_lib.state_layout(config.model, config.train, mesh)
     # Stage 1: only compressor + projector train, so the LLM and vision tower carry no optimizer state.
     assert set(abstract.params) == {"projector"}
     assert count(abstract.frozen["llm"]) + (config.model.llm.vocab_size * config.model.llm.hidden_size

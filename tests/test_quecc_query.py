@@ -8,7 +8,7 @@ from flax import traverse_util
 
 from tests import helpers
 from tests.test_compressors import random_like
-from vlm_jax import train
+from vlm_jax import state as state_lib
 from vlm_jax.models import heads, vlm
 
 HEADS = {"quecc": 4, "tokenpacker": 4, "resampler": 4, "avgpool": 4, "none": 16}   # tiny config: 4x4 grid
@@ -66,11 +66,11 @@ def live_query(module, pixels, tokens, attention_mask, image_positions, question
 def stage2_grads():
     """Stage-2 gradients (compressor, projector and LLM all train) of one batch, three ways."""
     _, model, params, batch = setup("quecc", 4, seed=1)
-    inputs = train.model_inputs(batch)
+    inputs = state_lib.model_inputs(batch)
 
     def grads(logits_fn):
         def loss(p):
-            return train.masked_cross_entropy(logits_fn(p), batch["targets"], batch["loss_mask"])[0]
+            return state_lib.masked_cross_entropy(logits_fn(p), batch["targets"], batch["loss_mask"])[0]
         return jax.jit(jax.grad(loss))(params)
 
     query = jax.jit(lambda p: model.apply({"params": p}, batch["question_tokens"], batch["question_mask"],

@@ -21,18 +21,20 @@ def _one_step(mesh_cfg, devices):
     from flax import traverse_util
 
     from tests import helpers
-    from vlm_jax import sharding, train
+    from vlm_jax import sharding
+    from vlm_jax import state as state_lib
     from vlm_jax.models import vlm
 
     config = helpers.tiny_config(compressor="avgpool", num_tokens=4, batch_size=8)
+    config.model.llm.scan_layers = True   # the stacked layout TPUs and GPUs run (a leading layers axis)
     # Adam's first update is lr * g / (|g| + eps): for gradients near eps it amplifies float32 summation-order
     # noise (which differs between meshes) into O(lr) differences. eps=1e-6 still let one embedding entry differ by
     # 1.4e-5 on one CI run; eps=1e-4 keeps that amplification far below the tolerance without hiding real
     # disagreements (a wrong shard changes the loss itself, checked to 1e-5, and gradients at 1e-2).
     config.train.eps = 1e-4
     mesh = sharding.make_mesh(mesh_cfg, devices)
-    state, shardings, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
-    step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx),
+    state, shardings, tx = state_lib.create_state(config.model, config.train, mesh, jax.random.key(0))
+    step = jax.jit(state_lib.make_train_step(vlm.VLM(config.model), tx),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
@@ -57,6 +59,7 @@ def _greedy_tokens(mesh_cfg, devices):
     from vlm_jax.models import vlm
 
     config = helpers.tiny_config(num_tokens=4, seq_len=20)
+    config.model.llm.scan_layers = True   # the stacked layout TPUs and GPUs run (a leading layers axis)
     mesh = sharding.make_mesh(mesh_cfg, devices)
     init = vlm.init_fn(config.model)
     shardings = sharding.logical_to_sharding(jax.eval_shape(init, jax.random.key(1)), mesh)
@@ -80,14 +83,16 @@ def _stage1_steps(mesh_cfg, devices, steps=2):
     from flax import traverse_util
 
     from tests import helpers
-    from vlm_jax import sharding, train
+    from vlm_jax import sharding
+    from vlm_jax import state as state_lib
     from vlm_jax.models import vlm
 
     config = helpers.tiny_config(compressor="avgpool", num_tokens=4, batch_size=8, stage="projector")
+    config.model.llm.scan_layers = True   # the stacked layout TPUs and GPUs run (a leading layers axis)
     config.train.train_vision = False
     mesh = sharding.make_mesh(mesh_cfg, devices)
-    state, shardings, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
-    step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx),
+    state, shardings, tx = state_lib.create_state(config.model, config.train, mesh, jax.random.key(0))
+    step = jax.jit(state_lib.make_train_step(vlm.VLM(config.model), tx),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)))
 

@@ -11,7 +11,8 @@ import pytest
 from flax import traverse_util
 
 from configs import smoke
-from vlm_jax import checkpoints, optim, sharding, train
+from vlm_jax import checkpoints, files, optim, sharding, train
+from vlm_jax import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +32,7 @@ def small_config(run_dir, steps=4, **arg):
 
 
 def final_params(run_dir):
-    _, params = train.load_params(str(run_dir))
+    _, params = state_lib.load_params(str(run_dir))
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
@@ -70,19 +71,20 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(full_
 
 def test_restoring_a_checkpoint_into_a_different_model_fails_clearly(full_run, tmp_path):
     run_dir, _ = full_run
-    config = small_config(tmp_path, llm="tiny")   # wider LLM than the checkpoint's
-    mesh = sharding.make_mesh(config.mesh)
-    _, abstract, _ = train.state_layout(config.model, config.train, mesh)
     mngr = checkpoints.manager(os.path.join(run_dir, "checkpoints"))
-    with pytest.raises(ValueError, match="checkpoint shape mismatch"):
-        checkpoints.restore_latest(mngr, abstract)
+    for llm, error in (("tiny-s-lean", "checkpoint shape mismatch"),   # same depth, a narrower MLP
+                       ("tiny", r"does not match the configured model: missing \['opt_state.*layers_2")):  # deeper
+        config = small_config(tmp_path, llm=llm)
+        _, abstract, _ = state_lib.state_layout(config.model, config.train, sharding.make_mesh(config.mesh))
+        with pytest.raises(ValueError, match=error):
+            checkpoints.restore_latest(mngr, abstract)
 
 
 def test_params_only_restore_equals_the_full_restore_and_checks_shapes(full_run, tmp_path):
     run_dir, _ = full_run
     config = small_config(run_dir)
     mesh = sharding.make_mesh(config.mesh)
-    _, abstract, _ = train.state_layout(config.model, config.train, mesh)
+    _, abstract, _ = state_lib.state_layout(config.model, config.train, mesh)
     directory = os.path.join(run_dir, "checkpoints")
     mngr = checkpoints.manager(directory)
     step, state, _, _ = checkpoints.restore_latest(mngr, abstract)
@@ -93,8 +95,8 @@ def test_params_only_restore_equals_the_full_restore_and_checks_shapes(full_run,
     assert flat.keys() == traverse_util.flatten_dict(state.params, sep="/").keys()
     for k, v in traverse_util.flatten_dict(state.params, sep="/").items():
         np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(v))
-    wider = small_config(tmp_path, llm="tiny")
-    _, wrong, _ = train.state_layout(wider.model, wider.train, sharding.make_mesh(wider.mesh))
+    wider = small_config(tmp_path, llm="tiny-s-lean")   # same depth, another MLP width
+    _, wrong, _ = state_lib.state_layout(wider.model, wider.train, sharding.make_mesh(wider.mesh))
     with pytest.raises(ValueError, match="checkpoint shape mismatch"):
         checkpoints.restore_latest_parts(directory, {"params": wrong.params})
 
@@ -124,7 +126,7 @@ def test_parameters_matching_no_rule_are_an_error(tmp_path):
         config.train.param_rules = ("^llm/:train",)
     mesh = sharding.make_mesh(config.mesh)
     with pytest.raises(ValueError, match="match no rule"):
-        train.state_layout(config.model, config.train, mesh)
+        state_lib.state_layout(config.model, config.train, mesh)
 
 
 def test_cli_rejects_unknown_override_keys():
@@ -136,8 +138,8 @@ def test_cli_rejects_unknown_override_keys():
 
 def test_metrics_lines_append_locally_and_rewrite_on_an_object_store(tmp_path, monkeypatch):
     local = tmp_path / "metrics.jsonl"
-    train.append_line(str(local), '{"step": 1}')
-    train.append_line(str(local), '{"step": 2}')
+    files.append_line(str(local), '{"step": 1}')
+    files.append_line(str(local), '{"step": 2}')
     assert local.read_text() == '{"step": 1}\n{"step": 2}\n'
     # An object store has no append: the whole file is read and written back (an in-memory stand-in for gs://).
     store = {}
@@ -156,8 +158,8 @@ def test_metrics_lines_append_locally_and_rewrite_on_an_object_store(tmp_path, m
             store[self.path] = text
 
     monkeypatch.setattr(train.epath, "Path", FakeGcsPath)
-    train.append_line("gs://bucket/run/metrics.jsonl", "a")
-    train.append_line("gs://bucket/run/metrics.jsonl", "b")
+    files.append_line("gs://bucket/run/metrics.jsonl", "a")
+    files.append_line("gs://bucket/run/metrics.jsonl", "b")
     assert store == {"gs://bucket/run/metrics.jsonl": "a\nb\n"}
 
 
@@ -170,7 +172,7 @@ def test_fresh_state_equals_the_model_init_compiled_with_default_optimisations()
 
     config = smoke.get_config()
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    state, _, _ = train.create_state(config.model, config.train, mesh, jax.random.key(3))
+    state, _, _ = state_lib.create_state(config.model, config.train, mesh, jax.random.key(3))
     reference = nn.meta.unbox(jax.jit(vlm.init_fn(config.model))(jax.random.key(3)))
     got = traverse_util.flatten_dict(optim.merge(state.params, state.frozen), sep="/")
     want = traverse_util.flatten_dict(reference, sep="/")

@@ -17,6 +17,7 @@ import pytest
 from configs import common
 from tests import helpers
 from vlm_jax import checkpoints, optim, sharding, train
+from vlm_jax import state as state_lib
 from vlm_jax.models import vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +36,8 @@ def _one_step_loss(dtype):
     config = helpers.tiny_config(compressor="quecc", num_tokens=4, batch_size=4)
     config.model.dtype = dtype
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    state, _, tx = train.create_state(config.model, config.train, mesh, jax.random.key(0))
-    step = jax.jit(train.make_train_step(vlm.VLM(config.model), tx))
+    state, _, tx = state_lib.create_state(config.model, config.train, mesh, jax.random.key(0))
+    step = jax.jit(state_lib.make_train_step(vlm.VLM(config.model), tx))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         _, metrics = step(state, helpers.random_batch(config))
     return float(metrics["loss"]), float(metrics["grad_norm"])
@@ -72,7 +73,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(tmp_pa
     last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
     steps = sorted(int(d) for d in os.listdir(checkpoints.directory(str(run_dir))) if d.isdigit())
     assert steps == [last_logged] and 3 <= last_logged < 100000   # saved where it stopped, not at a schedule
-    _, params = train.load_params(str(run_dir))
+    _, params = state_lib.load_params(str(run_dir))
     assert np.isfinite(np.asarray(params["llm"]["norm"]["weight"])).all()
 
 
@@ -81,7 +82,7 @@ def test_eval_step_counts_answers_right_under_teacher_forcing_and_the_training_l
     model = vlm.VLM(config.model)
     batch = helpers.random_batch(config)
     params = nn.meta.unbox(jax.jit(vlm.init_fn(config.model))(jax.random.key(0)))
-    logits = np.asarray(model.apply({"params": params}, **train.model_inputs(batch)))
+    logits = np.asarray(model.apply({"params": params}, **state_lib.model_inputs(batch)))
     # Targets: the model's own argmax at answer tokens (right by construction), anything else elsewhere (not
     # scored); rows 2 and 3 get one answer token off.
     vocab = config.model.llm.vocab_size
@@ -92,9 +93,9 @@ def test_eval_step_counts_answers_right_under_teacher_forcing_and_the_training_l
         targets[row, pos] = (targets[row, pos] + 1) % vocab
     batch = dict(batch, targets=targets, valid=np.array([1, 1, 1, 0], np.float32))
     batch["loss_mask"] = batch["loss_mask"] * batch["valid"][:, None]   # a filler row has no loss
-    sums = jax.jit(train.make_eval_step(model))(params, batch)
+    sums = jax.jit(state_lib.make_eval_step(model))(params, batch)
     assert float(sums["exact"]) == 2 and float(sums["rows"]) == 3
-    loss, n = train.masked_cross_entropy(logits, targets, batch["loss_mask"])
+    loss, n = state_lib.masked_cross_entropy(logits, targets, batch["loss_mask"])
     assert float(sums["loss_sum"]) / float(sums["tokens"]) == pytest.approx(float(loss), rel=1e-5)
     assert float(sums["tokens"]) == float(n)
 

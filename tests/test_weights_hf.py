@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers",
                                    reason="parity tests need the test-only requirements (requirements-test.txt)")
 
 from tests import hf_fixtures as fx  # noqa: E402
-from vlm_jax import optim, sharding, train  # noqa: E402
+from vlm_jax import optim, sharding  # noqa: E402
+from vlm_jax import state as state_lib
 from vlm_jax.models.llm import LLM, positions_from_mask  # noqa: E402
 from vlm_jax.models.vision import VisionTower, resolve_layer  # noqa: E402
 from vlm_jax.weights import export  # noqa: E402
@@ -37,7 +38,7 @@ def save_hf(model, path) -> str:
 
 def load(model_cfg, sources, mesh_axes=(-1, 1, 1)) -> dict:
     mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_axes)))
-    state, _, _ = train.create_state(model_cfg, fx.train_config(), mesh, jax.random.key(0), sources)
+    state, _, _ = state_lib.create_state(model_cfg, fx.train_config(), mesh, jax.random.key(0), sources)
     return optim.merge(state.params, state.frozen)
 
 

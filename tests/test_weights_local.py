@@ -6,6 +6,7 @@ one way each.
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from tests import hf_fixtures as fx
 from vlm_jax import optim, sharding, train
+from vlm_jax import state as state_lib
 from vlm_jax.weights import export
 
 
@@ -22,7 +24,7 @@ def exported(tmp_path_factory):
     """A random tiny LLM exported as one model.safetensors + config.json."""
     cfg = fx.model_config()
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    state, _, _ = train.create_state(cfg, fx.train_config(), mesh, jax.random.key(1))
+    state, _, _ = state_lib.create_state(cfg, fx.train_config(), mesh, jax.random.key(1))
     path = str(tmp_path_factory.mktemp("qwen"))
     export.export_llm(optim.merge(state.params, state.frozen)["llm"], cfg.llm, path)
     return path
@@ -43,7 +45,7 @@ def _copy(src, dst, edit_tensors=None, edit_config=None) -> str:
 
 def _load(path, regex="llm/.*"):
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    return train.create_state(fx.model_config(), fx.train_config(), mesh, jax.random.key(0), [(path, regex)])
+    return state_lib.create_state(fx.model_config(), fx.train_config(), mesh, jax.random.key(0), [(path, regex)])
 
 
 def test_the_unbroken_export_loads(exported):
@@ -154,7 +156,7 @@ def test_run_exports_to_hf_directories_that_load_back(tmp_path):
     train.run(config)
     written = convert.run_to_hf(config.run_dir, str(tmp_path / "hf"), ("llm", "heads", "vision"), "float32")
     assert set(written) == {"llm", "heads", "vision"}
-    _, params = train.load_params(config.run_dir)
+    _, params = state_lib.load_params(config.run_dir)
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
     wanted = convert.abstract_params(config.model, mesh)
     for part in ("llm", "vision"):
@@ -167,3 +169,50 @@ def test_run_exports_to_hf_directories_that_load_back(tmp_path):
     # LLaVA's projector names, torch's [out, in] layout
     np.testing.assert_array_equal(heads["model.mm_projector.0.weight"],
                                   np.asarray(params["projector"]["linear_1"]["kernel"]).T)
+
+
+def _sharded(tmp_path, shards: dict, weight_map: dict) -> str:
+    """A checkpoint directory of safetensors `shards` ({file: {tensor: array}}) and an index with `weight_map`."""
+    path = tmp_path / "hf"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    for name, tensors in shards.items():
+        save_file(tensors, str(path / name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return str(path)
+
+
+def test_an_index_reads_each_tensor_from_its_shard(tmp_path):
+    from vlm_jax.weights import load
+
+    a, b = np.zeros((2, 3), np.float32), np.ones(4, np.float32)
+    path = _sharded(tmp_path, {"model-1.safetensors": {"a": a}, "model-2.safetensors": {"b": b}},
+                    {"a": "model-1.safetensors", "b": "model-2.safetensors"})
+    ckpt = load.Checkpoint(path)
+    assert ckpt.info == {"a": ((2, 3), "F32"), "b": ((4,), "F32")}
+    ckpt.close()
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "sub/../../outside.safetensors", "ABSOLUTE"])
+def test_an_index_naming_a_shard_outside_the_checkpoint_is_refused(tmp_path, shard):
+    from vlm_jax.weights import load
+
+    outside = tmp_path / "outside.safetensors"   # a real shard: only the containment check can refuse it
+    save_file({"b": np.ones(4, np.float32)}, str(outside))
+    shard = str(outside) if shard == "ABSOLUTE" else shard
+    path = _sharded(tmp_path, {"model-1.safetensors": {"a": np.zeros(2, np.float32)}},
+                    {"a": "model-1.safetensors", "b": shard})
+    with pytest.raises(ValueError, match=rf"model\.safetensors\.index\.json: shard '{re.escape(shard)}' is not a "
+                                         r"\*\.safetensors file inside"):
+        load.Checkpoint(path)
+
+
+def test_a_tensor_in_two_shards_is_refused_naming_both(tmp_path):
+    from vlm_jax.weights import load
+
+    path = _sharded(tmp_path, {"model-1.safetensors": {"a": np.zeros(2, np.float32)},
+                               "model-2.safetensors": {"a": np.ones(2, np.float32), "b": np.ones(1, np.float32)}},
+                    {"a": "model-1.safetensors", "b": "model-2.safetensors"})
+    with pytest.raises(ValueError, match=r"tensor 'a' is in two shards, model-1\.safetensors and "
+                                         r"model-2\.safetensors"):
+        load.Checkpoint(path)

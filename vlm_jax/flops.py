@@ -18,10 +18,13 @@ XLA's cost analysis of the head itself) and `needs_query` (an extra forward LLM 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 
 import jax
+
+from vlm_jax.models import heads, vlm
+from vlm_jax.models.vision import resolve_layer
+from vlm_jax.xla_cost import xla_flops  # noqa: F401  (part of this module's interface)
 
 
 def count_params(tree) -> int:
@@ -29,13 +32,8 @@ def count_params(tree) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def _vlm_module():
-    # Imported lazily: flops must be importable (and testable) without building the model code.
-    return importlib.import_module("vlm_jax.models.vlm")
-
-
 def _head_class(model_cfg):
-    return importlib.import_module("vlm_jax.models.heads").get(model_cfg.compressor.name)
+    return heads.get(model_cfg.compressor.name)
 
 
 def param_counts(model_cfg, params=None) -> dict[str, int]:
@@ -44,7 +42,7 @@ def param_counts(model_cfg, params=None) -> dict[str, int]:
     params: an (abstract) parameter tree with those top-level keys; by default the model's own
     `abstract_params(model_cfg)`.
     """
-    tree = _vlm_module().abstract_params(model_cfg) if params is None else params
+    tree = vlm.abstract_params(model_cfg) if params is None else params
     missing = {"vision", "compressor", "projector", "llm"} - set(tree)
     if missing:
         raise ValueError(f"parameter tree lacks top-level part(s) {sorted(missing)}; has {sorted(tree)}")
@@ -73,16 +71,6 @@ def vision_tokens(vision_cfg) -> int:
 def visual_tokens(model_cfg) -> int:
     """V, the visual tokens the LLM receives (config validation makes every head produce exactly num_tokens)."""
     return int(model_cfg.compressor.num_tokens)
-
-
-def xla_flops(fn, *abstract_args) -> float:
-    """FLOPs XLA's cost analysis assigns to jit(fn) over abstract inputs (jax.ShapeDtypeStruct; nothing runs)."""
-    cost = jax.jit(fn).lower(*abstract_args).cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        raise ValueError(f"XLA cost analysis of {getattr(fn, '__name__', fn)!r} reported no 'flops': {cost}")
-    return float(cost["flops"])
 
 
 def compressor_flops(model_cfg) -> float:
@@ -125,7 +113,6 @@ class InferenceFlops:
 def vision_blocks_run(model_cfg) -> int:
     """Blocks the tower runs: up to the deepest layer its compressor head reads (LLaVA's penultimate layer skips
     the last block; models/vision.py)."""
-    from vlm_jax.models.vision import resolve_layer   # pylint: disable=import-outside-toplevel
     taps = _head_class(model_cfg).vision_layers(model_cfg.compressor, model_cfg.vision)
     return max((resolve_layer(i, model_cfg.vision.depth) for i in taps), default=0)
 
@@ -159,11 +146,11 @@ def _llm_forward(llm_cfg, n_llm: int, tokens: int) -> tuple[float, float]:
             attention_flops(llm_cfg.num_layers, llm_cfg.num_heads, llm_cfg.head_dim, tokens, causal=True))
 
 
-def inference_breakdown(model_cfg, *, text_tokens: int, question_tokens: int | None = None,
+def inference_breakdown(model_cfg, *, text_tokens: int, question_len: int | None = None,
                         compressor_flops_per_image: float | None = None, params=None) -> InferenceFlops:
     """Per-part forward FLOPs of one query: text_tokens Q of text plus V visual tokens through the LLM (prefill).
 
-    question_tokens: the question a query-conditioned head (`needs_query`, e.g. QueCC) encodes with its extra LLM
+    question_len: the question a query-conditioned head (`needs_query`, e.g. QueCC) encodes with its extra LLM
     pass (default: all Q text tokens); charged only for such heads. compressor_flops_per_image overrides the
     head's own count.
     """
@@ -174,7 +161,7 @@ def inference_breakdown(model_cfg, *, text_tokens: int, question_tokens: int | N
     llm, llm_attention = _llm_forward(model_cfg.llm, counts["llm"], text_tokens + v)
     query_pass = 0.0
     if needs_query_pass(model_cfg):
-        q = text_tokens if question_tokens is None else question_tokens
+        q = text_tokens if question_len is None else question_len
         query_pass = sum(_llm_forward(model_cfg.llm, llm_matmul_params(model_cfg.llm, counts["llm"])[1], q))
     if compressor_flops_per_image is None:
         compressor_flops_per_image = compressor_flops(model_cfg)
@@ -197,7 +184,7 @@ def inference_flops(model_cfg, *, text_tokens: int, llm_only: bool = False, **kw
 
 
 def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: bool, train_vision: bool,
-                     query_tokens: int | None = None, compressor_flops_per_image: float | None = None,
+                     question_len: int | None = None, compressor_flops_per_image: float | None = None,
                      params=None, images_per_sequence: int = 1) -> float:
     """FLOPs of one training step on batch_size sequences of seq_len tokens (visual slots included), one image each
     (`images_per_sequence` K when rows are packed: the image terms below count K times; attention is computed
@@ -210,9 +197,9 @@ def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: boo
         vision tower     (3 if train_vision else 1) * F_vision       (2 N_vision per patch token + attention)
         compressor       3 * F_compressor                            (always trained)
         projector        3 * 2 * N_projector * V                     (always trained)
-        query pass       2 * N_body * query_tokens + causal attention (heads with needs_query; forward only, up
+        query pass       2 * N_body * question_len + causal attention (heads with needs_query; forward only, up
                                                                       to the last hidden state)
-    query_tokens: the question length the query pass runs over (data.question_len); default seq_len.
+    question_len: the question length the query pass runs over (data.question_len); default seq_len.
     Checked against XLA's cost analysis of the jitted step (tests/test_flops_xla.py).
     """
     if batch_size <= 0 or seq_len <= 0:
@@ -228,7 +215,7 @@ def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: boo
     per_image += 3.0 * compressor_flops_per_image
     per_image += 3.0 * llm_linear_flops(counts["projector"], visual_tokens(model_cfg))
     if needs_query_pass(model_cfg):
-        per_image += sum(_llm_forward(llm_cfg, n_body, seq_len if query_tokens is None else query_tokens))
+        per_image += sum(_llm_forward(llm_cfg, n_body, seq_len if question_len is None else question_len))
     return batch_size * (per_seq + images_per_sequence * per_image)
 
 

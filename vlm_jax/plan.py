@@ -15,28 +15,18 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
+
+from vlm_jax import hardware, sharding
+from vlm_jax import state as state_lib
+from vlm_jax.models import llm as llm_lib
 
 GiB = 2 ** 30
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    hbm_bytes: int        # HBM per chip
-    peak_bf16: float      # dense bf16 FLOP/s per chip
-    cores_in_name: bool   # accelerator-type names count TensorCores (2 per chip), not chips
-    dims: int             # torus dimensions of the topology name
-
-
-# Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): HBM and bf16 peak per chip.
-CHIPS = {
-    "v4": Chip(32 * GiB, 275e12, True, 3),
-    "v5e": Chip(16 * GiB, 197e12, False, 2),
-    "v5p": Chip(95 * GiB, 459e12, True, 3),
-    "v6e": Chip(32 * GiB, 918e12, False, 2),
-}
-ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+# The TPU generations a slice can be planned for, from the one chip table (HBM, bf16 peak, slice naming), and the
+# other accelerator-type prefixes of each ('v5litepod-16' is a v5e slice).
+CHIPS = {chip.name: chip for chip in hardware.CHIPS if chip.dims}
+ALIASES = {alias: chip.name for chip in CHIPS.values() for alias in chip.slice_aliases}
 # Chips -> torus shape, as Cloud TPU lays slices out (smallest first; v5e/v6e hosts hold 2x2 chips at least here).
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8"}
@@ -54,7 +44,7 @@ class Slice:
     topology: str        # get_topology_desc's name, e.g. 'v5p:2x2x4'
 
     @property
-    def chip(self) -> Chip:
+    def chip(self) -> hardware.Chip:
         return CHIPS[self.generation]
 
 
@@ -137,48 +127,26 @@ class StagePlan:
         return self.hours * self.chips
 
 
-def abstract_batch(run_cfg, mesh):
-    """A run config's batch as abstract arrays on the batch sharding: what its train step is lowered over."""
-    from vlm_jax import sharding  # pylint: disable=import-outside-toplevel
-    from vlm_jax.models import vlm  # pylint: disable=import-outside-toplevel
-    b = run_cfg.train.batch_size
-    t = run_cfg.data.seq_len + run_cfg.model.compressor.num_tokens
-    shapes = vlm.dummy_inputs(run_cfg.model, b, t, run_cfg.data.question_len)
-    shapes.update(targets=jax.ShapeDtypeStruct((b, t), jnp.int32), loss_mask=jax.ShapeDtypeStruct((b, t), jnp.float32))
-    sh = sharding.batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in shapes.items()}
-
-
-def _step_flops(model_cfg, train_cfg, seq_len: int, trainable: set, question_len: int) -> float:
-    from vlm_jax import flops  # pylint: disable=import-outside-toplevel
-    return flops.train_step_flops(model_cfg, batch_size=train_cfg.batch_size, seq_len=seq_len,
-                                  train_llm="llm" in trainable, train_vision="vision" in trainable,
-                                  query_tokens=question_len)
-
-
 def plan_stage(run_cfg: ml_collections.ConfigDict, slice_name: str, mfu: float = DEFAULT_MFU) -> StagePlan:
-    """Compile `run_cfg`'s train step (as `train.run` builds it) for `slice_name` and measure it."""
-    from vlm_jax import sharding, train  # pylint: disable=import-outside-toplevel
-    from vlm_jax.models import vlm  # pylint: disable=import-outside-toplevel
-
+    """Compile `run_cfg`'s train step (the one `train.run` runs: vlm_jax.state.jit_train_step) for `slice_name`
+    and measure it."""
+    run_cfg = run_cfg.copy_and_resolve_references()
+    run_cfg.model = llm_lib.resolve_scan_layers(run_cfg.model, "tpu")   # as the TPU worker will run it
     s = parse_slice(slice_name)
     devices = topology_devices(s.topology)
     mesh = sharding.make_mesh(run_cfg.mesh, list(devices))
-    m, t = run_cfg.model, run_cfg.train
-    seq_len = run_cfg.data.seq_len + m.compressor.num_tokens
+    t = run_cfg.train
     capacity = s.chip.hbm_bytes * s.chips // len(devices)
     base = dict(slice=slice_name, mesh={k: int(v) for k, v in mesh.shape.items()}, devices=len(devices),
                 chips=s.chips, capacity=capacity, peak_per_chip=s.chip.peak_bf16, steps=int(t.steps), mfu=mfu)
     t0, trainable = time.perf_counter(), set()
     try:
-        _, abstract, tx = train.state_layout(m, t, mesh, strict_mesh=run_cfg.mesh.get("strict", False))
-        shardings = train.shardings_of(abstract)
+        layout = state_lib.state_layout(run_cfg.model, t, mesh, strict_mesh=run_cfg.mesh.get("strict", False))
+        abstract = layout[1]
         trainable = set(abstract.params)   # top-level parts this stage trains
-        step = jax.jit(train.make_train_step(vlm.VLM(m), tx, t.loss_chunk), donate_argnums=(0,),
-                       in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                       out_shardings=(shardings, sharding.replicated(mesh)))
+        step = state_lib.jit_train_step(run_cfg, mesh, layout)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-            compiled = step.lower(abstract, abstract_batch(run_cfg, mesh)).compile()
+            compiled = step.lower(abstract, state_lib.abstract_batch(run_cfg, mesh)).compile()
         ma = compiled.memory_analysis()
     except Exception as e:  # a cell that cannot compile (e.g. a dimension the mesh cannot split) is a finding
         message = str(e).splitlines()[0][:300]
@@ -186,12 +154,12 @@ def plan_stage(run_cfg: ml_collections.ConfigDict, slice_name: str, mfu: float =
         if "RESOURCE_EXHAUSTED" in message and needed:   # does not fit: a finding with a size, not a failure
             return StagePlan(**base, arguments=0, temporaries=int(float(needed.group(1)) * GiB), code=0,
                              total=int(float(needed.group(1)) * GiB), compile_seconds=time.perf_counter() - t0,
-                             step_flops=_step_flops(m, t, seq_len, trainable, run_cfg.data.question_len),
+                             step_flops=state_lib.step_flops(run_cfg, trainable),
                              out_of_memory=message)
         return StagePlan(**base, arguments=0, temporaries=0, code=0, total=0, compile_seconds=time.perf_counter()
                          - t0, step_flops=0.0, error=f"{type(e).__name__}: {message}")
     seconds = time.perf_counter() - t0
-    step_flops = _step_flops(m, t, seq_len, trainable, run_cfg.data.question_len)
+    step_flops = state_lib.step_flops(run_cfg, trainable)
     arguments, outputs = ma.argument_size_in_bytes, max(ma.output_size_in_bytes - ma.alias_size_in_bytes, 0)
     # The TPU compiler reports the peak of its buffer assignment (temp_size is 0 there); other backends the parts.
     total = getattr(ma, "peak_memory_in_bytes", 0) or (arguments + outputs + ma.temp_size_in_bytes

@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 
 from vlm_jax import flops, train
+from vlm_jax import state as state_lib
 from vlm_jax.grid import results
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def evaluate_cell(spec: dict) -> dict:
 
     e = spec["eval"]
     run_dir = spec["stages"][-1]["config"]["run_dir"]
-    config, params = train.load_params(run_dir)
+    config, params = state_lib.load_params(run_dir)
     benchmarks = []
     if e["synthetic_per_family"]:
         benchmarks += synthetic_benchmarks(config.data, config.model.vision.image_size, e["synthetic_per_family"])

@@ -9,45 +9,15 @@ grid directory may be a bucket (gs://, where an object appears only once its upl
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 from etils import epath
 
+from vlm_jax.files import is_remote, write_json_atomic, write_text_atomic  # noqa: F401  (the grid's writers)
 from vlm_jax.grid import spec as spec_lib
 
 
 def spec_digest(spec: dict) -> str:
     return spec_lib.digest(spec)
-
-
-def is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync, rename over `path` (atomic on POSIX); on a bucket,
-    one object upload."""
-    if is_remote(path):
-        epath.Path(path).write_text(text)
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(path: str, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def read_result(job_dir: str) -> dict | None:

@@ -5,8 +5,9 @@ RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head (or the tied embedding)
 
 The LLM takes input *embeddings* (so the VLM can write visual embeddings into image slots) and returns final
 hidden states; `logits` maps them to the vocabulary. Layers run under `nn.scan` (one compiled layer, fast compiles
-for 40-layer models) or as a Python loop; `remat` trades recomputation for activation memory. Both switches change
-the parameter layout only by the leading 'layers' axis, never the numbers.
+for 40-layer models) or as a Python loop (`scan_layers`; unset: a loop on the CPU, a scan elsewhere, see
+`scans_layers`); `remat` trades recomputation for activation memory. Both switches change the parameter layout only
+by the leading 'layers' axis, never the numbers.
 
 Masking is explicit and cache-friendly: sequence *slots* (where a token sits in the buffer) decide causality, RoPE
 *positions* (how many real tokens precede it) decide rotation, so left padding and KV caches need no special case.
@@ -74,6 +75,24 @@ class DecoderLayer(nn.Module):
         return x, new_cache
 
 
+def scans_layers(cfg: ml_collections.ConfigDict, platform: str | None = None) -> bool:
+    """Whether the layers run under `nn.scan`: `cfg.scan_layers` when set; unset (None), a loop on the CPU and a
+    scan on every other platform (default: JAX's default backend). On XLA's CPU backend a scan costs more than it
+    saves: slicing each layer's weights out of the stacks and zero-filling stacked gradients took ~1 s of a 5-6 s
+    mid-size step (benchmarks/README.md); on TPU/GPU it keeps compiles of deep models short."""
+    if cfg.get("scan_layers") is not None:
+        return bool(cfg.scan_layers)
+    return (platform or jax.default_backend()) != "cpu"
+
+
+def resolve_scan_layers(model_cfg: ml_collections.ConfigDict, platform: str | None = None):
+    """`model_cfg` (config.model) with `llm.scan_layers` decided for `platform` (see `scans_layers`), so the saved
+    config records the parameter layout a run's checkpoints have."""
+    out = model_cfg.copy_and_resolve_references()
+    out.llm.scan_layers = scans_layers(model_cfg.llm, platform)
+    return out
+
+
 class LLM(nn.Module):
     cfg: ml_collections.ConfigDict
     dtype: jnp.dtype = jnp.float32
@@ -86,9 +105,10 @@ class LLM(nn.Module):
                               embedding_init=nn.with_logical_partitioning(
                                   nn.initializers.normal(0.02), ("vocab", "embed")))
         block = DecoderLayer
+        scan = scans_layers(cfg)
         if cfg.remat != "none":
-            block = nn.remat(block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
-        if cfg.scan_layers:
+            block = nn.remat(block, prevent_cse=not scan, policy=REMAT_POLICIES[cfg.remat])
+        if scan:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
@@ -121,7 +141,7 @@ class LLM(nn.Module):
                 raise ValueError("decoding with a KV cache needs explicit positions")
             mask = causal_mask(cache_index + jnp.arange(t), attention_mask)
         x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", None, None))
-        if self.cfg.scan_layers:
+        if scans_layers(self.cfg):
             x, new_cache = self.layers(x, cache, mask, positions, cache_index)
         else:
             new_layers = []

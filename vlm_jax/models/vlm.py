@@ -131,22 +131,3 @@ def abstract_params(cfg: ml_collections.ConfigDict):
     tree = nn.meta.unbox(boxed)
     tree.setdefault("compressor", {})   # parameter-free heads (none, avgpool) have no subtree
     return tree
-
-
-def compressor_cost_fn(cfg: ml_collections.ConfigDict, batch: int = 1):
-    """(fn, abstract_args) such that fn(*abstract_args) runs just the compressor head (for FLOPs analysis).
-
-    fn(head_params, features, query) with features {layer: float[B, 1 + P, Dv]} and query float[B, D_llm].
-    """
-    head_cls = heads.get(cfg.compressor.name)
-    dtype = jnp.dtype(cfg.dtype)
-    head = head_cls(cfg.compressor, cfg.vision, cfg.llm, dtype)
-    g = cfg.vision.image_size // cfg.vision.patch_size
-    feature = jax.ShapeDtypeStruct((batch, 1 + g * g, cfg.vision.width), dtype)
-    features = {i: feature for i in head_cls.vision_layers(cfg.compressor, cfg.vision)}
-    query = jax.ShapeDtypeStruct((batch, cfg.llm.hidden_size), dtype)
-    params = heads.abstract_head_params(cfg)   # the head alone: no need to trace the LLM
-
-    def fn(head_params, features, query):
-        return head.apply({"params": head_params}, features, query if head_cls.needs_query else None)
-    return fn, (params, features, query)

@@ -14,6 +14,7 @@ import flax.linen as nn
 from flax import traverse_util
 
 from vlm_jax import checkpoints, sharding
+from vlm_jax import state as state_lib
 from vlm_jax.models import vlm
 from vlm_jax.weights import export, load
 
@@ -61,10 +62,8 @@ PARTS = {
 
 def run_to_hf(run_dir: str, out_dir: str, parts=("llm", "heads"), dtype: str = "bfloat16", mesh=None) -> dict:
     """The latest checkpoint of a run -> out_dir/{llm, heads, vision}: {part: files written}."""
-    from vlm_jax import train  # pylint: disable=import-outside-toplevel  (train imports this package)
-
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown export parts {unknown}; choose from {sorted(PARTS)}")
-    config, params = train.load_params(run_dir, mesh)
+    config, params = state_lib.load_params(run_dir, mesh)
     return {part: PARTS[part](params, config.model, out_dir, dtype) for part in parts}

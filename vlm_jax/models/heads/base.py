@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax import xla_cost
 from vlm_jax.models import layers, vision
 
 # The multi-level taps QueCC and TokenPacker read from CLIP ViT-L (24 blocks), in HF hidden-state indexing.
@@ -80,14 +81,43 @@ class Head(nn.Module):
         grid_side(cfg.name, cfg.num_tokens, grid)
 
     @classmethod
+    def abstract_params(cls, model_cfg):
+        """The head's parameter tree for `model_cfg` (`config.model`) as ShapeDtypeStructs, nothing allocated;
+        {} for parameter-free heads. Built from the head alone: no LLM or tower is traced."""
+        head = cls(model_cfg.compressor, model_cfg.vision, model_cfg.llm, jnp.dtype(model_cfg.dtype))
+        features, query = cls.abstract_inputs(model_cfg)
+
+        def init(rng, features, query):
+            return head.init(rng, features, query).get("params", {})
+        return nn.meta.unbox(jax.eval_shape(init, jax.random.key(0), features, query))
+
+    @classmethod
+    def abstract_inputs(cls, model_cfg, batch: int = 1):
+        """(features {layer: float[B, 1 + g*g, Dv]}, query float[B, D_llm] or None) as ShapeDtypeStructs."""
+        dtype = jnp.dtype(model_cfg.dtype)
+        g = model_cfg.vision.image_size // model_cfg.vision.patch_size
+        feature = jax.ShapeDtypeStruct((batch, 1 + g * g, model_cfg.vision.width), dtype)
+        features = {i: feature for i in cls.vision_layers(model_cfg.compressor, model_cfg.vision)}
+        query = jax.ShapeDtypeStruct((batch, model_cfg.llm.hidden_size), dtype) if cls.needs_query else None
+        return features, query
+
+    @classmethod
+    def cost_fn(cls, model_cfg, batch: int = 1):
+        """(fn, abstract_args) such that fn(*abstract_args) runs just this head, for FLOPs analysis:
+        fn(head_params, features, query)."""
+        head = cls(model_cfg.compressor, model_cfg.vision, model_cfg.llm, jnp.dtype(model_cfg.dtype))
+
+        def fn(head_params, features, query):
+            return head.apply({"params": head_params}, features, query)
+        return fn, (cls.abstract_params(model_cfg), *cls.abstract_inputs(model_cfg, batch))
+
+    @classmethod
     def flops_per_image(cls, model_cfg) -> float:
         """Forward FLOPs of the head for one image: XLA's cost analysis of the head alone, so a new head is
         charged for what it computes without a formula of its own. The query pass of a `needs_query` head is
         an LLM forward and counted by vlm_jax.flops, not here."""
-        from vlm_jax import flops              # pylint: disable=import-outside-toplevel  (flops -> heads at call)
-        from vlm_jax.models import vlm         # pylint: disable=import-outside-toplevel  (vlm imports heads)
-        fn, abstract_args = vlm.compressor_cost_fn(model_cfg)
-        return flops.xla_flops(fn, *abstract_args)
+        fn, abstract_args = cls.cost_fn(model_cfg)
+        return xla_cost.xla_flops(fn, *abstract_args)
 
     def selected(self, features):
         """Patch tokens of the selected layer reshaped to the grid: float[B, g, g, Dv]."""

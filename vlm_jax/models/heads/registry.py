@@ -22,8 +22,6 @@ Every head is a linen Module built as `Head(cfg=compressor_cfg, vision_cfg=..., 
 """
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.models import vision
@@ -97,13 +95,4 @@ def abstract_head_params(model_cfg: ml_collections.ConfigDict):
     """Parameter tree (ShapeDtypeStructs, nothing allocated) of the compressor head alone, for `model_cfg`
     (`config.model`); {} for parameter-free heads. Used to report head sizes without building the LLM."""
     validate(model_cfg.compressor, model_cfg.vision)
-    head_cls = get(model_cfg.compressor.name)
-    head = head_cls(model_cfg.compressor, model_cfg.vision, model_cfg.llm, jnp.dtype(model_cfg.dtype))
-    g = model_cfg.vision.image_size // model_cfg.vision.patch_size
-    feature = jnp.zeros((1, 1 + g * g, model_cfg.vision.width), jnp.float32)
-    query = jnp.zeros((1, model_cfg.llm.hidden_size), jnp.float32)
-
-    def init(rng):
-        features = {i: feature for i in head_cls.vision_layers(model_cfg.compressor, model_cfg.vision)}
-        return head.init(rng, features, query if head_cls.needs_query else None).get("params", {})
-    return nn.meta.unbox(jax.eval_shape(init, jax.random.key(0)))
+    return get(model_cfg.compressor.name).abstract_params(model_cfg)
