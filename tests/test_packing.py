@@ -75,9 +75,13 @@ def test_a_packed_batch_gives_each_example_its_unpacked_logits_and_the_same_loss
     model = vlm.VLM(config.model)
     params = jax.jit(vlm.init_fn(config.model))(jax.random.key(0))
 
-    def forward(batch):
+    @jax.jit
+    def logits_and_loss(batch):
         logits = model.apply({"params": params}, **state_lib.model_inputs(batch))
-        loss, n = state_lib.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        return (logits, *state_lib.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"]))
+
+    def forward(batch):
+        logits, loss, n = logits_and_loss(batch)
         return np.asarray(logits), float(loss), float(n)
 
     logits_u, loss_u, n_u = forward(unpacked)
@@ -104,6 +108,24 @@ def fingerprints(batch):
             out.append(hashlib.sha1(batch["pixels"][row, k - 1].tobytes() + batch["tokens"][row][seg == k]
                                     .tobytes()).hexdigest())
     return out
+
+
+def test_the_planned_batch_of_a_packed_run_has_the_shapes_the_pipeline_produces():
+    """What plan and the FLOPs benchmark lower the step over (state.abstract_batch) against a real packed batch."""
+    from configs import smoke
+    from vlm_jax import sharding
+    from vlm_jax.data import pipeline
+
+    config = smoke.get_config("llm=tiny-s,tokens=4,res=32")
+    with config.unlocked():
+        config.data.pack_examples, config.train.batch_size = 3, 4
+    it = pipeline.make_train_iterator(config.data, tokenizer=pipeline.make_tokenizer(config.data),
+                                      num_visual_tokens=4, image_size=32, batch_size=4, seed=0)
+    real = next(it)
+    planned = state_lib.abstract_batch(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in planned.items()} == \
+        {k: (real[k].shape, real[k].dtype) for k in planned}
+    assert real["pixels"].shape[1] == 3   # K images per row
 
 
 def test_packed_stream_holds_every_example_once_in_fewer_rows_and_resumes_exactly():

@@ -56,17 +56,16 @@ def test_metrics_file_has_one_line_per_logged_step(full_run):
 
 def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(full_run, tmp_path):
     run_dir, _ = full_run
-    # An interrupted run: the same run directory as it was at step 2.
+    # An interrupted run: step 4 was logged, but its checkpoint never committed (the host was lost first).
     shutil.copytree(run_dir, tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
-    os.remove(tmp_path / "resumed" / "metrics.jsonl")
     train.run(small_config(tmp_path / "resumed"))
     a, b = final_params(run_dir), final_params(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
     steps = [json.loads(x)["step"] for x in open(tmp_path / "resumed" / "metrics.jsonl")]
-    assert steps == [4]
+    assert steps == [2, 4]   # each step logged once: the line of the lost step 4 made way for its re-run
 
 
 def test_restoring_a_checkpoint_into_a_different_model_fails_clearly(full_run, tmp_path):
@@ -280,3 +279,18 @@ def test_the_train_step_compiles_exactly_once_per_run(tmp_path):
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert compiled.count("jit(train_step)") == 1, compiled
+
+
+def test_unset_scan_layers_loops_on_the_cpu_scans_elsewhere_and_the_run_records_its_choice(full_run):
+    from vlm_jax.models import llm as llm_lib
+
+    unset = small_config("unused").model.llm
+    assert unset.scan_layers is None
+    assert [llm_lib.scans_layers(unset, p) for p in ("cpu", "tpu", "gpu")] == [False, True, True]
+    with unset.unlocked():
+        unset.scan_layers = True
+    assert llm_lib.scans_layers(unset, "cpu")   # an explicit setting wins everywhere
+    run_dir, _ = full_run
+    saved = json.load(open(os.path.join(run_dir, "config.json")))
+    assert saved["model"]["llm"]["scan_layers"] is False   # the layout its checkpoints have, named
+    assert any(k.startswith("llm/layers_0/") for k in final_params(run_dir))
