@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from benchmarks.fresh_process import run_python
-from vlm_jax.grid.backends import REPO_ROOT
+from vlm_jax.paths import REPO_ROOT
 
 RUN_CELL = """
 import json, sys, jax

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from benchmarks.fresh_process import run_python
-from vlm_jax.grid.backends import REPO_ROOT
+from vlm_jax.paths import REPO_ROOT
 
 
 def run(steps: int, huge_pages: str, run_dir: str) -> dict:

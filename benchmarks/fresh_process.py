@@ -4,7 +4,7 @@ cache or another library's setting without this process's state."""
 import subprocess
 import sys
 
-from vlm_jax.grid.backends import REPO_ROOT
+from vlm_jax.paths import REPO_ROOT
 
 
 def run_python(args: list[str], env: dict, what: str) -> str:

@@ -1,7 +1,11 @@
 """The 'tpu' grid backend: the exact gcloud commands of a grid, and their execution against a fake gcloud."""
 
+import ast
+import graphlib
 import json
+import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -9,6 +13,7 @@ import pytest
 from configs import grid as grid_config
 from configs import models
 from vlm_jax.grid import backends, runner, spec, tpu
+from vlm_jax.paths import REPO_ROOT
 
 JOB = backends.Job("tiny-l_v16", ("python", "-m", "launch.cell", "--job_dir=gs://bucket/grid/cells/tiny-l_v16"))
 
@@ -187,3 +192,34 @@ def test_accelerator_types_map_job_names_first_match_wins():
 def test_incomplete_config_fails_at_construction_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=re.escape(key)):
         backends.make("tpu", tpu_config(**overrides))
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+@pytest.mark.parametrize("first", ["vlm_jax.grid.backends", "vlm_jax.grid.spec", "vlm_jax.grid.tpu"])
+def test_every_backend_is_registered_whichever_grid_module_is_imported_first(first):
+    # a fresh interpreter: this one has imported the whole grid already
+    code = f"import {first}; from vlm_jax.grid.backends import BACKENDS; print(*sorted(BACKENDS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert out.stdout.split() == ["local", "tpu"]
+
+
+def test_the_grid_modules_import_one_another_without_a_cycle():
+    """Every import of one vlm_jax.grid module by another, at module level or inside a function."""
+    grid_dir = os.path.dirname(backends.__file__)
+    names = {f[:-3] for f in os.listdir(grid_dir) if f.endswith(".py") and f != "__init__.py"}
+    graph = {}
+    for name in sorted(names):
+        with open(os.path.join(grid_dir, name + ".py")) as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "vlm_jax.grid":
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vlm_jax.grid."):
+                imported.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[2] for a in node.names if a.name.startswith("vlm_jax.grid.")}
+        graph[name] = imported & names
+    assert graph["tpu"] == {"backends"} and "tpu" not in graph["backends"]
+    list(graphlib.TopologicalSorter(graph).static_order())   # raises CycleError naming a cycle

@@ -3,6 +3,9 @@
     local: the job's argv as a child process of this machine (the launcher runs k of them at a time);
     tpu:   a Cloud TPU slice per job (vlm_jax/grid/tpu.py).
 
+A backend is one module with a `@register("name")` class; the package (vlm_jax/grid/__init__.py) imports every
+backend module, so importing any part of vlm_jax.grid registers them all.
+
 A backend has `commands(job) -> list[list[str]]` (what `--dry-run` prints, in order) and
 `run(job, log_path) -> int` (runs them, appending stdout and stderr to `log_path`; the exit code of the job).
 """
@@ -16,20 +19,15 @@ import sys
 
 import ml_collections
 
+from vlm_jax.paths import REPO_ROOT
 from vlm_jax.registry import Registry
 
 BACKENDS = Registry("grid backend", "config.backend")
 register = BACKENDS.register
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # where launch/ lives
 
 
 def make(name: str, cfg: ml_collections.ConfigDict):
     """The backend called `name`, configured by `cfg` (config.backend.<name>; may be empty)."""
-    try:
-        from vlm_jax.grid import tpu  # noqa: F401  (registers 'tpu')
-    except ImportError:
-        pass
-
     return BACKENDS.lookup(name)(cfg)
 
 
