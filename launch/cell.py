@@ -7,7 +7,7 @@ with --distributed). Re-running it resumes: finished stages are skipped, an inte
 last checkpoint.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 flags.DEFINE_string("job_dir", None, "Directory holding job.json.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
@@ -27,5 +27,4 @@ def main(argv):
 
 if __name__ == "__main__":
     from launch import runtime
-    runtime.use_huge_pages()   # first, before the config loads: it re-executes this process
-    app.run(main)
+    runtime.run(main, reexec=True)   # re-executes this process first, before the config loads

@@ -44,5 +44,4 @@ def main(argv):
 
 if __name__ == "__main__":
     from launch import runtime
-    runtime.use_huge_pages()   # first, before the config loads: it re-executes this process
-    app.run(main)
+    runtime.run(main, reexec=True)   # re-executes this process first, before the config loads

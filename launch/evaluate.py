@@ -48,14 +48,15 @@ def main(argv):
     del argv
     import os
 
-    from vlm_jax import evaluation, sharding, train
+    from vlm_jax import evaluation, sharding
+    from vlm_jax import state as state_lib
     from vlm_jax.data import pipeline
 
     logging.set_verbosity(logging.INFO)
     if len(FLAGS.mesh) != 3:
         raise app.UsageError(f"--mesh takes three sizes data,fsdp,tensor; got {','.join(FLAGS.mesh)}")
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (int(x) for x in FLAGS.mesh))))
-    config, params = train.load_params(FLAGS.run_dir, mesh)
+    config, params = state_lib.load_params(FLAGS.run_dir, mesh)
     tokenizer = pipeline.make_tokenizer(config.data)
     benchmarks = []
     if FLAGS.synthetic:
@@ -85,4 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch import runtime
+    runtime.run(main)

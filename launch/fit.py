@@ -66,4 +66,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch import runtime
+    runtime.run(main)

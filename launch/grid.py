@@ -88,4 +88,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch import runtime
+    runtime.run(main)

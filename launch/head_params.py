@@ -7,7 +7,7 @@ V values a head cannot produce on the grid are listed with the reason. The proje
 every head and is printed once for reference.
 """
 
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_string("vision", "clip-vit-l14-336", "Vision preset (configs/models.py).")
 flags.DEFINE_string("llm", "qwen1.5-7b", "LLM preset (configs/models.py); sets the query width and projector.")
@@ -40,4 +40,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch import runtime
+    runtime.run(main)

@@ -17,7 +17,7 @@ import os
 # attached, JAX would otherwise probe for one and warn at start-up).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/grid.py:paper", "Grid config.", lock_config=True)
@@ -53,4 +53,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch import runtime
+    runtime.run(main)

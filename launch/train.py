@@ -6,7 +6,7 @@ Overrides of keys that do not exist fail at start (the config is locked); on a m
 the same command and `jax.distributed.initialize()` finds the others.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/smoke.py:tokens=1.", lock_config=True)
@@ -38,5 +38,4 @@ def main(argv):
 
 if __name__ == "__main__":
     from launch import runtime
-    runtime.use_huge_pages()   # first, before the config loads: it re-executes this process
-    app.run(main)
+    runtime.run(main, reexec=True)   # re-executes this process first, before the config loads

@@ -1,6 +1,8 @@
 """Image decoding and CLIP preprocessing against hand-computed values."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -74,6 +76,26 @@ def test_missing_corrupt_and_truncated_images_raise_bad_record(tmp_path):
         with pytest.raises(errors.BadRecord) as e:
             images.load_image(str(tmp_path / name))
         assert e.value.reason == errors.CORRUPT_IMAGE and name in e.value.detail
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header declaring width x height RGB pixels, with no pixel data: a few dozen bytes on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)   # 8-bit RGB, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_bad_input_not_a_crash(tmp_path):
+    # 20000 x 20000 = 4e8 pixels (1.2 GB decoded), over twice Pillow's default MAX_IMAGE_PIXELS (89,478,485): the
+    # size at which Pillow refuses to decode.
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_bomb(20000, 20000))
+    assert path.stat().st_size < 100
+    for source in (str(path), path.read_bytes()):
+        with pytest.raises(errors.BadRecord) as e:
+            images.load_image(source)
+        assert e.value.reason == errors.IMAGE_TOO_LARGE and "400000000 pixels" in e.value.detail
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.test_data_images import png_bomb
 from vlm_jax.data import errors, pipeline
 
 GOOD_CONV = [{"from": "human", "value": "<image>\nwhat color is the circle?"}, {"from": "gpt", "value": "red"}]
@@ -63,12 +64,21 @@ def make_bad(kind, tmp_path):
         return rec(image=name[kind]), errors.BAD_PATH
     if kind == "malformed_json":
         return b'{"id": "bad", "image": "good0.png", "conversations": [', errors.MALFORMED_JSON
+    if kind == "decompression_bomb":   # 4e8 pixels declared in a 60-byte file: Pillow refuses to decode it
+        (tmp_path / "bomb.png").write_bytes(png_bomb(20000, 20000))
+        return rec(image="bomb.png"), errors.IMAGE_TOO_LARGE
+    if kind == "deep_json":   # valid JSON, nested far deeper than Python's recursion limit
+        return rec()[:-1] + b', "x": ' + DEEP + b"}", errors.JSON_TOO_DEEP
     raise AssertionError(kind)
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
 KINDS = ["missing_image", "corrupt_image", "truncated_image", "no_placeholder", "several_placeholders",
          "empty_conversation", "one_sided_conversation", "bad_role", "too_long_answer_cut", "too_long_slots_cut",
-         "invalid_utf8", "malformed_json", "path_escape", "absolute_path", "symlink_escape"]
+         "invalid_utf8", "malformed_json", "path_escape", "absolute_path", "symlink_escape", "decompression_bomb",
+         "deep_json"]
 
 
 def write_jsonl(tmp_path, bad_line=None):
@@ -120,7 +130,7 @@ def test_bad_record_stops_the_run_with_its_id_and_reason_under_error(kind, tmp_p
             next(it)
     assert e.value.reason == reason
     # Records that parse carry their own id; unparseable lines are named by file and line number.
-    expected_id = "data.jsonl:line 4" if kind in ("invalid_utf8", "malformed_json") else "bad"
+    expected_id = "data.jsonl:line 4" if kind in ("invalid_utf8", "malformed_json", "deep_json") else "bad"
     assert e.value.record_id == expected_id and expected_id in str(e.value) and reason in str(e.value)
 
 
@@ -150,6 +160,19 @@ def test_invalid_utf8_inside_a_json_list_flags_only_that_record(tmp_path):
     next(it)  # two good examples: two epochs, so the bad record is passed once or twice
     assert set(it.bad_input.counts) == {errors.INVALID_UTF8}
     assert it.bad_input.examples[errors.INVALID_UTF8][0].startswith("data.json:record 1")
+
+
+def test_a_record_nested_too_deep_inside_a_json_list_flags_only_that_record(tmp_path):
+    png(tmp_path / "a.png", 10)
+    good = json.dumps({"id": "ok", "image": "a.png", "conversations": GOOD_CONV}).encode()
+    # Brackets and an escaped quote inside a string must not count when finding where the deep record ends.
+    deep = b'{"id": "deep", "note": "] } \\" [ {", "x": ' + DEEP + b"}"
+    path = tmp_path / "data.json"
+    path.write_bytes(b"[" + good + b",\n" + deep + b" , " + good.replace(b'"ok"', b'"ok2"') + b"]")
+    it = make(llava_config(str(path), tmp_path), batch_size=2)
+    next(it), next(it)   # four good examples out of two good records: the deep one was passed
+    assert set(it.bad_input.counts) == {errors.JSON_TOO_DEEP}
+    assert it.bad_input.examples[errors.JSON_TOO_DEEP][0].startswith("data.json:record 1")
 
 
 def test_unparseable_json_list_file_fails_at_once_naming_the_file(tmp_path):

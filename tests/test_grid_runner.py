@@ -209,3 +209,44 @@ def test_a_cell_error_is_one_minus_accuracy_or_half_a_question_when_none_was_wro
     assert cell.measured_error(1.0, 40) == pytest.approx(0.0125)
     for wrong in (1, 2, 37, 500):   # any error the evaluation can measure is kept as measured
         assert cell.measured_error(1.0 - wrong / 500, 500) == pytest.approx(wrong / 500)
+
+
+def _write_result(job, status, digest):
+    results.write_json_atomic(os.path.join(job.dir, "result.json"),
+                              {"status": status, "rows": [], "error": None, "spec_digest": digest})
+
+
+def test_a_cell_that_failed_under_another_spec_is_redone_and_blocks_no_other(tmp_path):
+    g = helpers.tiny_grid(tmp_path, tokens="1+4+16")
+    with g.unlocked():
+        g.tower.pretrain = False
+    _, (old_failure, done, fresh) = _jobs(g)
+    _write_result(old_failure, "failed", "the digest of an earlier grid config")
+    _write_result(done, "ok", results.spec_digest(done.spec))
+    todo, notes = runner.select([old_failure, done, fresh], [], retry_failed=False)
+    assert [j.name for j in todo] == [old_failure.name, fresh.name]
+    assert f"{done.name}: done, skipped" in notes and any(old_failure.name in n and "redone" in n for n in notes)
+    assert [j.name for j in runner.select([old_failure, done, fresh], [], retry_failed=True)[0]] == [old_failure.name]
+    # A cell *finished* under another spec still stops the grid: its rows would mix two configs in one table.
+    _write_result(done, "ok", "the digest of an earlier grid config")
+    with pytest.raises(ValueError, match="finished job with a different spec"):
+        runner.select([old_failure, done, fresh], [], retry_failed=False)
+
+
+def test_two_grids_on_buckets_never_share_a_log_file(tmp_path):
+    def logs(grid_dir):
+        g = _grid(tmp_path)
+        with g.unlocked():
+            g.dir = grid_dir
+        first, cells = _jobs(g)
+        assert first and cells
+        return {job.name: runner.log_file(job) for job in first + cells}
+
+    one, two = logs("gs://bucket-a/grid-smoke"), logs("gs://bucket-b/grid-smoke")   # one name, two buckets
+    assert one.keys() == two.keys()
+    assert not set(one.values()) & set(two.values())
+    assert len(set(one.values())) == len(one)                          # a file per job
+    assert len({os.path.dirname(p) for p in one.values()}) == 1        # one grid's logs side by side
+    assert all(p.startswith(os.path.join("runs", "grid-logs", "grid-smoke-")) for p in one.values())
+    local = _jobs(_grid(tmp_path))[1][0]
+    assert runner.log_file(local) == os.path.join(local.dir, "log.txt")   # a local job's log lies beside it

@@ -202,6 +202,7 @@ def test_an_index_naming_a_shard_outside_the_checkpoint_is_refused(tmp_path, sha
     shard = str(outside) if shard == "ABSOLUTE" else shard
     path = _sharded(tmp_path, {"model-1.safetensors": {"a": np.zeros(2, np.float32)}},
                     {"a": "model-1.safetensors", "b": shard})
+    os.mkdir(os.path.join(path, "sub"))   # so that every name above does lead to the outside shard
     with pytest.raises(ValueError, match=rf"model\.safetensors\.index\.json: shard '{re.escape(shard)}' is not a "
                                          r"\*\.safetensors file inside"):
         load.Checkpoint(path)

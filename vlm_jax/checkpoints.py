@@ -96,17 +96,39 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     """(step, state, data_state, meta) of the latest checkpoint, or None when there is none.
 
     `abstract_state` is a tree of ShapeDtypeStructs *with shardings*: arrays come back directly sharded. A
-    checkpoint whose shapes do not match the configured model raises a ValueError naming the first mismatch.
+    checkpoint whose shapes do not match the configured model raises a ValueError naming the first mismatch; one
+    written by another number of processes, a ValueError saying what to do (_check_process_count).
     """
     step = mngr.latest_step()
     if step is None:
         return None
     meta_shapes = mngr.item_metadata(step)["state"]
     _check_shapes(meta_shapes, abstract_state)
+    _check_process_count(mngr.directory, step)
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain_checkpoint.CheckpointRestore(_IteratorState()), meta=ocp.args.JsonRestore()))
     return step, restored["state"], restored["data"].state, restored["meta"]
+
+
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def _check_process_count(directory, step: int) -> None:
+    """Raises unless the data-iterator state of checkpoint `step` was saved by as many processes as this run has:
+    each process saved its own iterator's position (grain: data/process_<i>-of-<n>.json), which cannot be split
+    over a different number of processes."""
+    data = epath.Path(directory) / str(step) / "data"
+    counts = {int(m.group(2)) for p in (data.iterdir() if data.exists() else ())
+              if (m := _PROCESS_FILE.fullmatch(p.name))}
+    here = jax.process_count()
+    if counts and counts != {here}:
+        written = " and ".join(str(n) for n in sorted(counts))
+        raise ValueError(f"checkpoint step {step} under {directory} was written by {written} processes (hosts), and "
+                         f"this run has {here}: each process saved its own data-iterator position ({data}), which "
+                         f"cannot be split over another number of processes. Resume with {written} processes, or "
+                         f"start a new run_dir from its weights, with a fresh optimizer and data order "
+                         f"(config.init=('{directory}', '.*'))")
 
 
 def restore_latest_parts(directory, abstract_parts: dict):

@@ -19,6 +19,8 @@ MALFORMED_JSON = "malformed_json"
 INVALID_UTF8 = "invalid_utf8"
 MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
+IMAGE_TOO_LARGE = "image_too_large"   # more pixels than Pillow decodes (a decompression bomb, PIL.Image.MAX_IMAGE_PIXELS)
+JSON_TOO_DEEP = "json_too_deep"       # nested deeper than Python's JSON parser can follow (its recursion limit)
 IMAGE_PLACEHOLDERS = "image_placeholder_count"
 EMPTY_CONVERSATION = "empty_conversation"
 ONE_SIDED_CONVERSATION = "one_sided_conversation"
@@ -30,8 +32,8 @@ BAD_PATH = "bad_path"   # an image path that is absolute or leaves the image fol
 # query-conditioned compressor without its beginning.
 QUESTION_TRUNCATED = "question_truncated"
 
-REASONS = (MALFORMED_JSON, INVALID_UTF8, MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_PLACEHOLDERS, EMPTY_CONVERSATION,
-           ONE_SIDED_CONVERSATION, BAD_ROLES, TOO_LONG, BAD_FIELD, BAD_PATH, QUESTION_TRUNCATED)
+REASONS = (MALFORMED_JSON, INVALID_UTF8, MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TOO_LARGE, JSON_TOO_DEEP, IMAGE_PLACEHOLDERS,
+           EMPTY_CONVERSATION, ONE_SIDED_CONVERSATION, BAD_ROLES, TOO_LONG, BAD_FIELD, BAD_PATH, QUESTION_TRUNCATED)
 
 POLICIES = ("skip", "error")
 

@@ -39,11 +39,16 @@ def path_inside(image_dir: str, name: str) -> str:
     return path
 
 
+def _name(source) -> str:
+    return "<bytes>" if isinstance(source, bytes) else os.fspath(source)
+
+
 def load_image(source: ImageSource) -> Image.Image:
     """A fully decoded RGB image from a path, encoded bytes, a uint8[H, W, 3|4|1] array or a PIL image.
 
     Raises BadRecord(missing_image) for a path that does not exist, BadRecord(corrupt_image) for anything Pillow
-    cannot decode completely (truncated files included).
+    cannot decode completely (truncated files included), BadRecord(image_too_large) for more pixels than Pillow
+    agrees to decode (a decompression bomb: a small file that would fill memory).
     """
     if isinstance(source, Image.Image):
         img = source
@@ -58,9 +63,10 @@ def load_image(source: ImageSource) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             img.load()  # decode now: a truncated file fails here, not later
+        except Image.DecompressionBombError as e:
+            raise errors.BadRecord(errors.IMAGE_TOO_LARGE, f"{_name(source)}: {e}") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            name = "<bytes>" if isinstance(source, bytes) else os.fspath(source)
-            raise errors.BadRecord(errors.CORRUPT_IMAGE, f"{name}: {e}") from None
+            raise errors.BadRecord(errors.CORRUPT_IMAGE, f"{_name(source)}: {e}") from None
     return img if img.mode == "RGB" else img.convert("RGB")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import ml_collections
@@ -25,10 +26,27 @@ from vlm_jax.data.tokenize import ASSISTANT, USER
 
 ROLES = {"human": USER, "gpt": ASSISTANT}
 _WS = re.compile(r"[ \t\n\r]*")
+# What decides where a JSON array or object ends: its brackets, outside strings (escapes included).
+_BRACKETS_OUTSIDE_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
 
 
 def _skip_ws(text: str, pos: int) -> int:
     return _WS.match(text, pos).end()
+
+
+def _nested_end(text: str, pos: int) -> int:
+    """The end of the array or object starting at text[pos], found without recursion: for a record nested deeper
+    than the JSON decoder follows, kept whole so that ParseLlava flags it (json_too_deep) instead of the file."""
+    depth = 0
+    for m in _BRACKETS_OUTSIDE_STRINGS.finditer(text, pos):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return m.end()
+    raise IndexError   # never closed
 
 
 class LlavaSource:
@@ -63,7 +81,10 @@ class LlavaSource:
         pos = _skip_ws(text, text.index("[") + 1)
         try:
             while text[pos] != "]":
-                _, end = decoder.raw_decode(text, pos)
+                try:
+                    _, end = decoder.raw_decode(text, pos)
+                except RecursionError:
+                    end = _nested_end(text, pos)
                 parts.append(text[pos:end].encode("utf-8", "surrogateescape"))
                 pos = _skip_ws(text, end)
                 if text[pos] == ",":
@@ -156,6 +177,9 @@ class ParseLlava:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
                 raise errors.BadRecord(errors.MALFORMED_JSON, str(e)) from None
+            except RecursionError:
+                raise errors.BadRecord(errors.JSON_TOO_DEEP, f"nested deeper than the JSON parser follows "
+                                       f"(Python's recursion limit, {sys.getrecursionlimit()})") from None
             if not isinstance(record, dict):
                 raise errors.BadRecord(errors.MALFORMED_JSON, f"record is a {type(record).__name__}, not an object")
             record_id = str(record.get("id", record_id))

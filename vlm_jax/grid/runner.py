@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import fnmatch
+import hashlib
 import os
+import posixpath
 import shlex
 import threading
 import time
@@ -22,22 +24,26 @@ def job_command(job: GridJob) -> backends.Job:
 
 def select(jobs: Sequence[GridJob], only: Sequence[str], retry_failed: bool) -> tuple[list[GridJob], list[str]]:
     """(jobs to run, notes): done jobs are skipped; `only` (fnmatch patterns of cell names) narrows the cells;
-    `retry_failed` runs only the cells that failed before. A job done under another spec is an error."""
+    `retry_failed` runs only the cells that failed before. A job done under another spec is an error; one that
+    failed under another spec is redone like any failed job: its result holds nothing to keep."""
     todo, notes = [], []
     for job in jobs:
         result = results.read_result(job.dir)
         state = results.status(job, result)
-        if state == "stale":
+        failed_before = state == "failed" or (state == "stale" and result.get("status") != "ok")
+        if state == "stale" and not failed_before:
             raise ValueError(f"{job.dir} holds a finished job with a different spec (the grid config changed); "
                              f"use a new config.dir, or delete that directory to redo it")
         if job.is_cell and only and not any(fnmatch.fnmatch(job.name, p) for p in only):
             continue
         if state == "done":
             notes.append(f"{job.name}: done, skipped")
-        elif retry_failed and state != "failed" and job.is_cell:
+        elif retry_failed and not failed_before and job.is_cell:
             continue
         else:
             todo.append(job)
+            if state == "stale":
+                notes.append(f"{job.name}: failed under another spec, redone")
     return todo, notes
 
 
@@ -80,12 +86,20 @@ def _summary_line(result: dict | None) -> str:
     return "  ".join(f"{r['task']} acc {r['accuracy']:.3f}" for r in result["rows"])
 
 
+def grid_dir(job: GridJob) -> str:
+    """The grid directory a job belongs to (spec.py's layout: <grid>/cells/<cell>, <grid>/<pretraining job>)."""
+    parent = posixpath.dirname(job.dir.rstrip("/"))
+    return posixpath.dirname(parent) if job.is_cell else parent
+
+
 def log_file(job: GridJob) -> str:
     """Where the job's output goes: beside it, or (for a bucket, where files cannot be appended to) under
-    runs/grid-logs/ here."""
+    runs/grid-logs/<grid folder name>-<hash of the grid's path>/ here: two grids never append to one file, even
+    grids of one name in two buckets."""
     if results.is_remote(job.dir):
-        return os.path.join("runs", "grid-logs", os.path.basename(os.path.dirname(job.dir.rstrip("/"))),
-                            f"{job.name}.txt")
+        grid = grid_dir(job)
+        tag = hashlib.sha256(grid.encode()).hexdigest()[:8]
+        return os.path.join("runs", "grid-logs", f"{posixpath.basename(grid)}-{tag}", f"{job.name}.txt")
     return os.path.join(job.dir, "log.txt")
 
 

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import posixpath
 import re
 
 import jax
@@ -39,6 +40,24 @@ def is_hf_directory(path: str) -> bool:
         return False
 
 
+def index_shards(path: str) -> list[str]:
+    """The shard files that `path`/model.safetensors.index.json names. An index is data: a shard name that is
+    absolute or climbs out of `path` ('..') is refused, so that it never makes us open a file elsewhere. Symlinks
+    are followed: the hub's cache links a snapshot's files to its blobs."""
+    index = os.path.join(path, INDEX)
+    with open(index) as f:
+        data = json.load(f)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no weight_map object ({{tensor name: shard file}})")
+    for name in weight_map.values():
+        norm = posixpath.normpath(name) if isinstance(name, str) else ""
+        if (not norm.endswith(".safetensors") or "\\" in name or posixpath.isabs(norm) or norm.startswith("../")
+                or os.path.isabs(name)):
+            raise ValueError(f"{index}: shard {name!r} is not a *.safetensors file inside {path!r}")
+    return sorted(set(weight_map.values()))
+
+
 class Checkpoint:
     """The tensors of one HF checkpoint directory: names, shapes and dtypes from the headers; data on demand."""
 
@@ -55,16 +74,23 @@ class Checkpoint:
             raise ValueError(f"{path}: {what}; vlm-jax reads safetensors only (pickles can run code): convert "
                              f"them, e.g. with transformers' save_pretrained(safe_serialization=True)")
         if os.path.isfile(os.path.join(path, INDEX)):
-            with open(os.path.join(path, INDEX)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = index_shards(path)
         self._stack = contextlib.ExitStack()
         self.file_of, self.info, self.stored = {}, {}, {}
-        for name in files:
-            handle = self._stack.enter_context(safe_open(os.path.join(path, name), framework="flax"))
-            for key in handle.keys():
-                sl = handle.get_slice(key)
-                self.file_of[key], self.stored[key] = handle, key
-                self.info[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        shard_of = {}
+        try:
+            for name in files:
+                handle = self._stack.enter_context(safe_open(os.path.join(path, name), framework="flax"))
+                for key in handle.keys():
+                    if key in shard_of:
+                        raise ValueError(f"{path}: tensor {key!r} is in two shards, {shard_of[key]} and {name}: "
+                                         f"which copy is meant is unknown; keep it in one")
+                    sl = handle.get_slice(key)
+                    self.file_of[key], self.stored[key], shard_of[key] = handle, key, name
+                    self.info[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        except BaseException:
+            self._stack.close()
+            raise
 
     def spell(self, canonical) -> None:
         """Key the tensors by `canonical(stored name)` (the family's table spelling)."""
