@@ -5,6 +5,7 @@ so a resumed run sees exactly the batches an uninterrupted run would. Saves are 
 previous checkpoint; `max_to_keep` old ones are kept.
 """
 
+import collections
 import contextlib
 import json
 import logging
@@ -12,6 +13,7 @@ import os
 import re
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
@@ -194,42 +196,93 @@ def _checkpoint_dir(path: str) -> str:
     return os.path.abspath(path)
 
 
+# A model's decoder layers are one stacked array per weight when scanned (`P/layers/REST`, [num_layers, ...]) and one
+# array per layer when looped (`P/layers_<i>/REST`): see models/llm.py `scans_layers`.
+_STACKED = re.compile(r"(.+)/layers/(.+)")
+_LOOPED = re.compile(r"(.+)/layers_(\d+)/(.+)")
+
+
+def _other_layout(name: str, shape: tuple, looped_layers: dict):
+    """How parameter `name` (of `shape`) is read from a checkpoint that has the other layer layout:
+    ([(source name, the shape it must have)], combine: their host arrays -> the parameter's), or None when `name`
+    is no layer's. A scanned model's stack [L, ...] is the looped layers 0 ... L-1 stacked; a looped model's
+    layer i is row i of the scanned stack, which must hold as many layers as the model has (`looped_layers`:
+    (P, REST) -> the model's count)."""
+    if m := _STACKED.fullmatch(name):
+        prefix, rest = m.groups()
+        return [(f"{prefix}/layers_{i}/{rest}", shape[1:]) for i in range(shape[0])], np.stack
+    if m := _LOOPED.fullmatch(name):
+        prefix, i, rest = m.groups()
+        return [(f"{prefix}/layers/{rest}", (looped_layers[prefix, rest], *shape))], lambda x: x[0][int(i)]
+    return None
+
+
 def restore_matching(source: str, regex: str, abstract_params: dict) -> dict:
     """{name: array} for every parameter whose '/'-joined name fully matches `regex`, read from the latest
     checkpoint under `source` (any train/frozen split) straight onto the shardings of `abstract_params`
     ({name: ShapeDtypeStruct with sharding}, the model being built). A regex that selects nothing, a selected
-    parameter the checkpoint lacks, or a shape that differs is a ValueError naming the parameter."""
+    parameter the checkpoint lacks, or a shape that differs is a ValueError naming the parameter.
+
+    A checkpoint with the other decoder-layer layout (scanned or looped, e.g. Hugging Face weights converted on a
+    CPU host, where layers loop, for a run on TPU, where they scan) is read too: the layers' arrays come to each
+    host whole, are stacked or sliced there (_other_layout) and placed onto the parameter's sharding."""
     pattern = re.compile(regex)
     wanted = {k: v for k, v in abstract_params.items() if pattern.fullmatch(k)}
     where = f"config.init source {source!r} (params {regex!r})"
     if not wanted:
         raise ValueError(f"{where} selects no parameter of the model; names look like {sorted(abstract_params)[:3]}")
+    looped_layers = collections.Counter(m.group(1, 3) for k in abstract_params if (m := _LOOPED.fullmatch(k)))
     mngr = ocp.CheckpointManager(_checkpoint_dir(source), item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
     try:
         step = mngr.latest_step()
         if step is None:
             raise ValueError(f"{where}: no checkpoint under {_checkpoint_dir(source)}")
-        saved = {}   # name -> (part, shape): the source's split into trainable and frozen parts is its own
+        saved = {}   # name -> (part, shape, dtype): the source's split into trainable and frozen parts is its own
         for part in ("params", "frozen"):
             tree = mngr.item_metadata(step)["state"].get(part) or {}
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-                saved[_path(path)] = (part, tuple(leaf.shape))
-        item = {"params": {}, "frozen": {}}
+                saved[_path(path)] = (part, tuple(leaf.shape), leaf.dtype)
+        item, args = {"params": {}, "frozen": {}}, {"params": {}, "frozen": {}}
+        converted = {}   # name -> (source names, combine): parameters read from the other layer layout
         for name, abstract in sorted(wanted.items()):
-            if name not in saved:
+            if name in saved:
+                part, shape, _ = saved[name]
+                if shape != tuple(abstract.shape):
+                    raise ValueError(f"{where}: {name!r} has shape {shape} in the checkpoint, the model wants "
+                                     f"{tuple(abstract.shape)}")
+                item[part][name] = abstract
+                args[part][name] = ocp.checkpoint_utils.construct_restore_args(abstract)
+                continue
+            sources, combine = _other_layout(name, tuple(abstract.shape), looped_layers) or ([], None)
+            if not sources:
                 raise ValueError(f"{where}: the checkpoint has no parameter {name!r}")
-            part, shape = saved[name]
-            if shape != tuple(abstract.shape):
-                raise ValueError(f"{where}: {name!r} has shape {shape} in the checkpoint, the model wants "
-                                 f"{tuple(abstract.shape)}")
-            item[part][name] = abstract
-        item = {part: traverse_util.unflatten_dict(flat, sep="/") for part, flat in item.items() if flat}
+            for source_name, shape in sources:
+                if source_name not in saved:
+                    raise ValueError(f"{where}: the checkpoint has no parameter {name!r}, nor {source_name!r} of "
+                                     f"the other layer layout")
+                part, saved_shape, dtype = saved[source_name]
+                if saved_shape != shape:
+                    raise ValueError(f"{where}: {source_name!r} has shape {saved_shape} in the checkpoint, reading "
+                                     f"{name!r} of shape {tuple(abstract.shape)} needs {shape}")
+                item[part][source_name] = jax.ShapeDtypeStruct(shape, dtype)
+                args[part][source_name] = ocp.RestoreArgs(restore_type=np.ndarray)   # whole, on every host
+            converted[name] = ([s for s, _ in sources], combine)
+        parts = [part for part, flat in item.items() if flat]
+        item = {part: traverse_util.unflatten_dict(item[part], sep="/") for part in parts}
+        args = {part: traverse_util.unflatten_dict(args[part], sep="/") for part in parts}
         restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-        out = {}
-        for part in item:
-            out.update(traverse_util.flatten_dict(dict(restored["state"][part]), sep="/"))
-        logging.info("%s: %d parameters from step %d", where, len(out), step)
+            item=item, restore_args=args, partial_restore=True)))
+        got = {}
+        for part in parts:
+            got.update(traverse_util.flatten_dict(dict(restored["state"][part]), sep="/"))
+        out = {name: got[name] for name in wanted if name not in converted}
+        for name, (sources, combine) in converted.items():
+            abstract = wanted[name]
+            host = np.asarray(combine([got[s] for s in sources]), abstract.dtype)
+            out[name] = jax.make_array_from_callback(abstract.shape, abstract.sharding,
+                                                     lambda index, host=host: host[index])
+        logging.info("%s: %d parameters from step %d, %d of them converted between the scanned and looped layer "
+                     "layouts", where, len(out), step, len(converted))
         return out
     finally:
         mngr.close()
