@@ -9,3 +9,19 @@ _FLAG = "--xla_backend_optimization_level=0"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_configure(config):
+    """Programs the suite compiles again and again (the same tiny model's step, built anew in many tests) are
+    compiled once per session: JAX's persistent compilation cache in a folder of this session's own."""
+    import tempfile
+
+    import jax
+
+    if os.environ.get("VLM_TEST_NO_CACHE"):
+        return
+
+    folder = tempfile.mkdtemp(prefix="vlm-jax-test-xla-cache-")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

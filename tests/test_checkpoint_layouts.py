@@ -135,6 +135,7 @@ def sharded_worker(looped_dir: str, scanned_dir: str):
                 np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index], err_msg=name)
 
 
+@pytest.mark.slow   # a process with 4 devices
 def test_converted_parameters_land_on_their_shardings_over_several_devices(saved):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",

@@ -24,6 +24,7 @@ def _jobs(g):
     return helpers.grid_jobs(g)
 
 
+@pytest.mark.slow   # starts processes and kills them
 def test_a_killed_writer_never_leaves_a_broken_results_file(tmp_path):
     path = tmp_path / "results.jsonl"
     rows = 200   # ~400 KB per write, so a kill often lands mid-write
@@ -51,6 +52,7 @@ def test_a_killed_writer_never_leaves_a_broken_results_file(tmp_path):
     assert seen >= 3
 
 
+@pytest.mark.slow   # ~13 s: a grid of cell processes
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
     g = _grid(tmp_path)
     with g.unlocked():

@@ -31,6 +31,7 @@ def _probe(cache: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow   # starts processes
 def test_a_second_process_hits_the_cache_the_first_filled(tmp_path):
     cache = str(tmp_path / "xla")
     first = _probe(cache)
@@ -40,6 +41,7 @@ def test_a_second_process_hits_the_cache_the_first_filled(tmp_path):
     assert second["hits"] >= 1 and second["misses"] == 0
 
 
+@pytest.mark.slow   # starts processes
 def test_an_empty_setting_turns_the_cache_off(tmp_path):
     off = _probe("")
     assert off == {"hits": 0, "misses": 0}
@@ -92,6 +94,7 @@ print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""))
 """
 
 
+@pytest.mark.slow   # starts processes
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc tunable")
 def test_launchers_rerun_themselves_with_huge_page_malloc_in_the_same_process():
     def lines(huge_pages: str) -> list[list[str]]:

@@ -38,6 +38,7 @@ def small_and_large_batch():
     return plan.plan_stage(_tiny(batch=8), "v5litepod-4"), plan.plan_stage(_tiny(batch=64), "v5litepod-4")
 
 
+@pytest.mark.slow   # ~16 s: two TPU programs compiled ahead of time
 def test_memory_figures_are_positive_and_grow_with_batch(small_and_large_batch):
     small, large = small_and_large_batch
     for p in (small, large):
@@ -48,6 +49,7 @@ def test_memory_figures_are_positive_and_grow_with_batch(small_and_large_batch):
     assert large.step_flops == pytest.approx(8 * small.step_flops, rel=1e-6)
 
 
+@pytest.mark.slow   # ~30 s: a Qwen-vocabulary step compiled for TPU, and its fixes
 def test_an_oversized_stage_is_reported_not_fitting_and_a_larger_slice_is_found():
     # Qwen's 151,936-token vocabulary with the unchunked float32 logits of 64 x 2048 tokens: ~80 GB of logits.
     config = _tiny(batch=64, vocab_size=151936)
@@ -62,6 +64,7 @@ def test_an_oversized_stage_is_reported_not_fitting_and_a_larger_slice_is_found(
     assert fix is not None and fix[1].fits and fix[1].total < p.total
 
 
+@pytest.mark.slow   # ~34 s: every stage of two cells compiled for TPU
 def test_the_tpu_grid_refuses_a_cell_that_does_not_fit_before_provisioning(tmp_path, monkeypatch):
     from launch import grid as grid_launcher
     from tests import helpers

@@ -12,6 +12,9 @@ import sys
 import numpy as np
 import pytest
 
+# ~35 s: one process with 8 devices runs every case below (the fast suite's 1-device tests cover the same code).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -13,6 +13,7 @@ from vlm_jax.models import vlm
 
 def _report(llm: str, tensor: int, fsdp: int = 1) -> list:
     cfg = models.model_config("clip-vit-l14-336", llm, "avgpool", 1)
+    cfg.llm.scan_layers = True   # as the full-size configs run: one stacked weight per kind, reported once
     boxed = jax.eval_shape(vlm.init_fn(cfg), jax.random.key(0))
     report = []
     sharding.logical_to_sharding(boxed, AbstractMesh((1, fsdp, tensor), sharding.MESH_AXES), report=report)

@@ -270,6 +270,8 @@ def test_the_train_step_compiles_exactly_once_per_run(tmp_path):
             compiled.append(kwargs.get("fun_name"))
 
     jax.monitoring.register_event_duration_secs_listener(listen)
+    cache = jax.config.jax_enable_compilation_cache   # the suite's cache would answer a compile seen before
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         config = small_config(tmp_path, steps=6)
         with config.unlocked():
@@ -278,6 +280,7 @@ def test_the_train_step_compiles_exactly_once_per_run(tmp_path):
         train.run(config)
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
+        jax.config.update("jax_enable_compilation_cache", cache)
     assert compiled.count("jit(train_step)") == 1, compiled
 
 

@@ -33,7 +33,10 @@ def test_learning_rate_schedule_at_hand_computed_steps():
 
 
 def _one_step_loss(dtype):
-    config = helpers.tiny_config(compressor="quecc", num_tokens=4, batch_size=4)
+    # QueCC (its query pass through the LLM included) on the 2-layer LLM and a 2-block tower: every kind of layer
+    # the dtype flows through, at the smallest depth.
+    config = helpers.tiny_config(compressor="quecc", num_tokens=4, batch_size=4, llm="tiny-s")
+    config.model.vision.depth = 2
     config.model.dtype = dtype
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     state, _, tx = state_lib.create_state(config.model, config.train, mesh, jax.random.key(0))
@@ -52,6 +55,7 @@ def test_bfloat16_step_runs_and_its_loss_is_close_to_float32():
     assert loss16 != loss32                            # it really computed in bfloat16
 
 
+@pytest.mark.slow   # starts a training process and signals it
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "launch.train", "--config=configs/smoke.py:llm=tiny-s,tokens=4,res=32",
@@ -82,7 +86,7 @@ def test_eval_step_counts_answers_right_under_teacher_forcing_and_the_training_l
     model = vlm.VLM(config.model)
     batch = helpers.random_batch(config)
     params = nn.meta.unbox(jax.jit(vlm.init_fn(config.model))(jax.random.key(0)))
-    logits = np.asarray(model.apply({"params": params}, **state_lib.model_inputs(batch)))
+    logits = np.asarray(jax.jit(lambda p, b: model.apply({"params": p}, **state_lib.model_inputs(b)))(params, batch))
     # Targets: the model's own argmax at answer tokens (right by construction), anything else elsewhere (not
     # scored); rows 2 and 3 get one answer token off.
     vocab = config.model.llm.vocab_size

@@ -139,6 +139,7 @@ print(json.dumps({"devices": len(kernel.sharding.device_set),
 """
 
 
+@pytest.mark.slow   # a process with 8 devices per case
 def test_loading_onto_eight_devices_gives_the_same_logits(qwen, tmp_path):
     """data=2, fsdp=2, tensor=2 over 8 fake CPU devices (a process of its own: the device count is fixed at start)."""
     model, path, tied = qwen

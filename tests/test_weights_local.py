@@ -120,6 +120,7 @@ def _flat_params(state) -> dict:
                                                                        sep="/").items()}
 
 
+@pytest.mark.slow   # starts the convert CLI
 def test_convert_cli_writes_an_orbax_checkpoint_that_config_init_reads(exported, tmp_path):
     import subprocess
     import sys
