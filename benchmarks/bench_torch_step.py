@@ -7,10 +7,10 @@ LLaVA's penultimate layer), avgpool to V = 64, the mlp2x_gelu projector, a Qwen2
 12 heads, MLP 2048, vocabulary 32,000 untied: 134.1 M parameters); batch 4 x 512 tokens, float32, AdamW on the LLM
 and the projector, loss on each row's last quarter (vlm-jax: the output layer 128 positions at a time, skipping
 chunks without answer tokens, `train.loss_chunk`; `--loss_chunk=0` computes it everywhere, as the reference
-does). The LLM's layers run as a loop (`llm.scan_layers=False`), as PyTorch runs them; `--scan_layers` runs them
-under `nn.scan`, which on the CPU costs the slicing of stacked weights and residuals and the zeroing of stacked
-gradients (benchmarks/README.md). The reference is transformers' CLIPVisionModel and Qwen2ForCausalLM (its default
-attention, SDPA) with torch.optim.AdamW (fused where available).
+does). The LLM's layers run as the project's default has them on the CPU (`llm.scan_layers` unset: a loop, as
+PyTorch runs them); `--scan_layers` runs them under `nn.scan`, which on the CPU costs the slicing of stacked weights
+and residuals and the zeroing of stacked gradients (benchmarks/README.md). The reference is transformers'
+CLIPVisionModel and Qwen2ForCausalLM (its default attention, SDPA) with torch.optim.AdamW (fused where available).
 
 vlm-jax allocates through glibc's malloc on transparent huge pages, as the launchers run (launch/runtime.py); the
 reference runs in a process of its own with malloc as suits it best on this machine (one arena that keeps freed
@@ -50,9 +50,12 @@ V = 64
 
 
 def jax_config(batch: int, length: int, loss_chunk: int, scan_layers: bool = False) -> ml_collections.ConfigDict:
+    """The project's defaults (`scan_layers` unset: a loop on the CPU), or the layers scanned when asked."""
     model = models.model_config("tiny", "tiny", "avgpool", V)
     model.vision = models.vision_config("tiny", **VISION)
-    model.llm = models.llm_config("tiny", scan_layers=scan_layers, **LLM)
+    model.llm = models.llm_config("tiny", **LLM)
+    if scan_layers:
+        model.llm.scan_layers = True
     return ml_collections.ConfigDict(dict(
         model=model, mesh=common.mesh_config(), data=dict(seq_len=length - V, question_len=16),
         train=common.train_config(stage="full", batch_size=batch, warmup_ratio=0.0, loss_chunk=loss_chunk)))
