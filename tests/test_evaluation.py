@@ -211,3 +211,15 @@ def test_cli_evaluates_a_trained_checkpoint(tmp_path):
         assert float(printed.split()[1]) == pytest.approx(accuracy, abs=5e-5)
         accuracies.append(accuracy)
     assert summary["average_error"] == pytest.approx(1 - sum(accuracies) / len(accuracies))
+
+
+def test_the_summary_names_what_differs_from_an_official_protocol_next_to_the_number():
+    mc = [{"answer": "A", "options": ["cat", "dog"], "question_id": 1},
+          {"answer": "B", "options": ["cat", "dog"], "question_id": 2}]
+    results = {"mmb": scorers.get("mmbench")(["A", "I think so"], mc),
+               "seed": scorers.get("seed_bench")(["A", "B"], [{"answer": "A"}, {"answer": "B"}]),
+               "gqa": scorers.get("gqa")(["dog."], [{"answer": "dog"}])}
+    summary = evaluation.summarize(results)
+    assert summary["scores"]["mmb"] == 0.5 and summary["scores"]["gqa"] == 1.0
+    assert set(summary["protocol"]) == {"mmb", "seed"}     # GQA's exact match is the whole official rule
+    assert "GPT matcher" in summary["protocol"]["mmb"] and "likelihood" in summary["protocol"]["seed"]

@@ -258,6 +258,7 @@ def summarize(results: Mapping[str, scorers.Score], chosen: Sequence[str] | None
     return {
         "scores": {k: r.score for k, r in results.items()},
         "metrics": {k: r.metrics for k, r in results.items()},
+        "protocol": {k: r.protocol for k, r in results.items() if r.protocol},   # what differs from the official
         "error_benchmarks": chosen,
         "average_accuracy": mean,
         "average_error": 1.0 - mean,
