@@ -450,18 +450,26 @@ def _mc_target(ref: Mapping[str, Any]) -> tuple[str, list[str]]:
     return letter, list(options)
 
 
-def _choice_score(predictions: Sequence[str], references: Sequence[Mapping],
-                  read: Callable[[str, list[str]], str | None]) -> Score:
-    """Accuracy of the letter `read(prediction, options)` gives, the fraction read as nothing (`unparsed`), and
-    the lenient reading's accuracy (`lenient_accuracy`, `extract_choice`)."""
+def _read_choices(predictions: Sequence[str], references: Sequence[Mapping],
+                  read: Callable[[str, list[str]], str | None]) -> tuple[list[float], list[float], int]:
+    """(credits under `read(prediction, options)`, credits under the lenient `extract_choice`, how many `read`
+    could not read)."""
     _check_lengths(predictions, references)
-    per_item, lenient, unparsed = [], [], 0
+    official, lenient, unparsed = [], [], 0
     for p, r in zip(predictions, references):
         letter, options = _mc_target(r)
         choice = read(p, options)
         unparsed += choice is None
-        per_item.append(float(choice == letter))
+        official.append(float(choice == letter))
         lenient.append(float(extract_choice(p, options) == letter))
+    return official, lenient, unparsed
+
+
+def _choice_score(predictions: Sequence[str], references: Sequence[Mapping],
+                  read: Callable[[str, list[str]], str | None]) -> Score:
+    """Accuracy of the letter `read(prediction, options)` gives, the fraction read as nothing (`unparsed`), and
+    the lenient reading's accuracy (`lenient_accuracy`, `extract_choice`)."""
+    per_item, lenient, unparsed = _read_choices(predictions, references, read)
     acc = float(np.mean(per_item))
     return Score(acc, {"accuracy": acc, "unparsed": unparsed / len(predictions),
                        "lenient_accuracy": float(np.mean(lenient))}, per_item)
@@ -502,14 +510,7 @@ def mmbench(predictions: Sequence[str], references: Sequence[Mapping]) -> Score:
     VLMEvalKit: a question counts only if all its rotations are right. `lenient_accuracy` is the same
     (circular or plain) accuracy under the lenient `extract_choice`.
     """
-    _check_lengths(predictions, references)
-    official, lenient, unparsed = [], [], 0
-    for p, r in zip(predictions, references):
-        letter, options = _mc_target(r)
-        choice = mmbench_choice(p, options)
-        unparsed += choice is None
-        official.append(float(choice == letter))
-        lenient.append(float(extract_choice(p, options) == letter))
+    official, lenient, unparsed = _read_choices(predictions, references, mmbench_choice)
     groups: dict[Any, list[int]] = collections.defaultdict(list)
     for i, r in enumerate(references):
         groups[mmbench_group(r)].append(i)
