@@ -7,3 +7,5 @@
 """
 
 from vlm_jax.weights.load import Checkpoint, is_hf_directory, restore_matching
+
+__all__ = ["Checkpoint", "is_hf_directory", "restore_matching"]
