@@ -27,7 +27,7 @@ def fitting_cells(grid, cells):
     plan.json (keyed by its spec and slice), so a re-run does not compile again."""
     import os
 
-    from vlm_jax import plan
+    from vlm_jax import files, plan
     from vlm_jax.grid import results, runner, tpu
 
     if not plan.is_ready():
@@ -43,7 +43,7 @@ def fitting_cells(grid, cells):
             reason = cached["unfit"]
         else:
             reason = plan.why_unfit(job.spec["stages"], key["slice"])
-            results.write_json_atomic(path, {"key": key, "unfit": reason})
+            files.write_json_atomic(path, {"key": key, "unfit": reason})
         if reason:
             print(f"not provisioning {job.name}: {reason} (python -m launch.plan suggests a fix)")
             runner.refuse(job, f"does not fit its TPU slice: {reason}")

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests import helpers
+from vlm_jax import files
 from vlm_jax.grid import backends, results, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,12 +33,12 @@ def test_a_killed_writer_never_leaves_a_broken_results_file(tmp_path):
     writer.write_text(textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {ROOT!r})
-        from vlm_jax.grid import results
+        from vlm_jax import files
         i = 0
         while True:
             i += 1
             lines = (json.dumps({{"cell": f"c{{j}}", "gen": i, "pad": "x" * 2000}}) + "\\n" for j in range({rows}))
-            results.write_text_atomic({str(path)!r}, "".join(lines))
+            files.write_text_atomic({str(path)!r}, "".join(lines))
     """))
     seen = 0
     for delay in (0.4, 0.55, 0.7, 0.9, 1.1, 1.3):
@@ -214,7 +215,7 @@ def test_a_cell_error_is_one_minus_accuracy_or_half_a_question_when_none_was_wro
 
 
 def _write_result(job, status, digest):
-    results.write_json_atomic(os.path.join(job.dir, "result.json"),
+    files.write_json_atomic(os.path.join(job.dir, "result.json"),
                               {"status": status, "rows": [], "error": None, "spec_digest": digest})
 
 

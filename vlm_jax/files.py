@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 
 from etils import epath
@@ -11,6 +12,16 @@ from etils import epath
 
 def is_remote(path) -> bool:
     return "://" in str(path)
+
+
+def inner_path(name: str) -> str | None:
+    """`name` normalised as a relative path that stays inside its folder ('a/../b' -> 'b'; '\\' read as '/'), or
+    None when it is empty, absolute, a URL or climbs out by '..': a name read from data (a record's image, an
+    index's shard) must never make us open a file elsewhere."""
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    if not name or "://" in name or posixpath.isabs(norm) or norm in (".", "..") or norm.startswith("../"):
+        return None
+    return norm
 
 
 def write_text_atomic(path, text: str) -> None:

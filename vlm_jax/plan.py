@@ -131,7 +131,7 @@ def plan_stage(run_cfg: ml_collections.ConfigDict, slice_name: str, mfu: float =
     """Compile `run_cfg`'s train step (the one `train.run` runs: vlm_jax.state.jit_train_step) for `slice_name`
     and measure it."""
     run_cfg = run_cfg.copy_and_resolve_references()
-    run_cfg.model = llm_lib.resolve_scan_layers(run_cfg.model, "tpu")   # as the TPU worker will run it
+    run_cfg.model.llm.scan_layers = llm_lib.scans_layers(run_cfg.model.llm, "tpu")   # as the TPU worker runs it
     s = parse_slice(slice_name)
     devices = topology_devices(s.topology)
     mesh = sharding.make_mesh(run_cfg.mesh, list(devices))

@@ -169,7 +169,8 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
     # --- set-up and safety rails -----------------------------------------------------------------
     jax.config.update("jax_threefry_partitionable", True)
     config = config.copy_and_resolve_references()
-    config.model = llm_lib.resolve_scan_layers(config.model)   # the saved config names the checkpoints' layout
+    # The saved config names the layout the checkpoints have (llm.scans_layers: unset, a loop on the CPU only).
+    config.model.llm.scan_layers = llm_lib.scans_layers(config.model.llm)
     run_dir = config.run_dir
     epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
     tokenizer = pipeline.make_tokenizer(config.data)

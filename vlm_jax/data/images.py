@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import io
 import os
-import posixpath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vlm_jax import files
 from vlm_jax.data import errors
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -28,8 +28,8 @@ ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
 def path_inside(image_dir: str, name: str) -> str:
     """`image_dir/name`, or BadRecord(bad_path) when `name` is absolute, a URL, or climbs out of `image_dir` (by
     '..' or, for a local folder, through a symlink): a record must never make us open files elsewhere."""
-    norm = posixpath.normpath(name.replace("\\", "/"))
-    if not name or "://" in name or posixpath.isabs(norm) or norm in (".", "..") or norm.startswith("../"):
+    norm = files.inner_path(name)
+    if norm is None:
         raise errors.BadRecord(errors.BAD_PATH, f"{name!r} is not a path inside the image folder {image_dir!r}")
     path = os.path.join(image_dir, norm)
     if "://" not in image_dir:

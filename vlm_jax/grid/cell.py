@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vlm_jax import flops, train
+from vlm_jax import files, flops, train
 from vlm_jax import state as state_lib
 from vlm_jax.grid import results
 
@@ -106,5 +106,5 @@ def run_job(job_dir: str) -> dict:
                                inference_flops=infer,
                                text_tokens=q, train_s=round(train_s, 1)) for task, t in tasks.items()]
     result["wall_s"] = round(time.perf_counter() - start, 1)
-    results.write_json_atomic(os.path.join(job_dir, "result.json"), result)
+    files.write_json_atomic(os.path.join(job_dir, "result.json"), result)
     return result

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
-from vlm_jax import scaling
+from vlm_jax import files, scaling
 from vlm_jax.grid import results
 
 
@@ -87,7 +87,7 @@ def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
 
     both(format_error_table(table, n_params))
     # Figures are drawn into a local folder; a bucket grid gets copies (matplotlib writes local files).
-    plot_dir = tempfile.mkdtemp(prefix="grid-plots-") if results.is_remote(grid_dir) else os.path.join(grid_dir,
+    plot_dir = tempfile.mkdtemp(prefix="grid-plots-") if files.is_remote(grid_dir) else os.path.join(grid_dir,
                                                                                                        "plots")
     plots = [plot_observed(table, n_params, os.path.join(plot_dir, "observed_error.png"))]
     fits: dict = {}
@@ -99,7 +99,7 @@ def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
             v_range=(1.0, float(max(r["visual_tokens"] for r in rows))))
     except ValueError as e:  # too few cells for a law (e.g. --only one cell): the table still stands
         both(f"no fit: {e}")
-    if results.is_remote(grid_dir):
+    if files.is_remote(grid_dir):
         remote = os.path.join(grid_dir, "plots")
         for name in sorted(os.listdir(plot_dir)):
             _upload(os.path.join(plot_dir, name), remote)
@@ -107,6 +107,6 @@ def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
         fits = json.loads(json.dumps(fits).replace(plot_dir, remote))
     summary = {"cells": len({r['cell'] for r in rows}), "errors": table, "n_params": n_params, "fits": fits,
                "plots": plots + [p for forms in fits.values() for f in forms.values() for p in f["plots"]]}
-    results.write_json_atomic(os.path.join(grid_dir, "summary.json"), summary)
-    results.write_text_atomic(os.path.join(grid_dir, "report.txt"), text.getvalue())
+    files.write_json_atomic(os.path.join(grid_dir, "summary.json"), summary)
+    files.write_text_atomic(os.path.join(grid_dir, "report.txt"), text.getvalue())
     return summary

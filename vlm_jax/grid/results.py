@@ -12,7 +12,7 @@ import json
 
 from etils import epath
 
-from vlm_jax.files import is_remote, write_json_atomic, write_text_atomic  # noqa: F401  (the grid's writers)
+from vlm_jax.files import write_text_atomic
 from vlm_jax.grid import spec as spec_lib
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import fnmatch
-import hashlib
 import os
 import posixpath
 import shlex
@@ -14,7 +13,9 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
+from vlm_jax import files
 from vlm_jax.grid import backends, results
+from vlm_jax.grid import spec as spec_lib
 from vlm_jax.grid.spec import GridJob
 
 
@@ -94,12 +95,12 @@ def grid_dir(job: GridJob) -> str:
 
 def log_file(job: GridJob) -> str:
     """Where the job's output goes: beside it, or (for a bucket, where files cannot be appended to) under
-    runs/grid-logs/<grid folder name>-<hash of the grid's path>/ here: two grids never append to one file, even
+    runs/grid-logs/<grid folder name>-<digest of the grid's path>/ here: two grids never append to one file, even
     grids of one name in two buckets."""
-    if results.is_remote(job.dir):
+    if files.is_remote(job.dir):
         grid = grid_dir(job)
-        tag = hashlib.sha256(grid.encode()).hexdigest()[:8]
-        return os.path.join("runs", "grid-logs", f"{posixpath.basename(grid)}-{tag}", f"{job.name}.txt")
+        folder = f"{posixpath.basename(grid)}-{spec_lib.digest(grid)}"
+        return os.path.join("runs", "grid-logs", folder, f"{job.name}.txt")
     return os.path.join(job.dir, "log.txt")
 
 
@@ -109,7 +110,7 @@ def run_one(job: GridJob, backend, progress: Progress) -> bool:
     start = time.perf_counter()
     log_path = log_file(job)
     try:
-        results.write_json_atomic(os.path.join(job.dir, "job.json"), job.spec)
+        files.write_json_atomic(os.path.join(job.dir, "job.json"), job.spec)
         rc = backend.run(job_command(job), log_path)
         result = results.read_result(job.dir)
         ok = rc == 0 and results.status(job, result) == "done"
@@ -121,7 +122,7 @@ def run_one(job: GridJob, backend, progress: Progress) -> bool:
         if os.path.exists(log_path):
             with open(log_path, errors="replace") as f:
                 tail = "".join(f.readlines()[-20:])
-        results.write_json_atomic(os.path.join(job.dir, "result.json"), {
+        files.write_json_atomic(os.path.join(job.dir, "result.json"), {
             "status": "failed", "error": error, "log_tail": tail, "spec_digest": results.spec_digest(job.spec)})
         detail = f"FAILED ({error}); log: {log_path}"
     else:
@@ -132,7 +133,7 @@ def run_one(job: GridJob, backend, progress: Progress) -> bool:
 
 def refuse(job: GridJob, error: str) -> None:
     """Record a job as failed without running it (e.g. it cannot fit its TPU slice); --retry_failed retries it."""
-    results.write_json_atomic(os.path.join(job.dir, "result.json"), {
+    files.write_json_atomic(os.path.join(job.dir, "result.json"), {
         "status": "failed", "error": error, "log_tail": "", "spec_digest": results.spec_digest(job.spec)})
 
 

@@ -85,14 +85,6 @@ def scans_layers(cfg: ml_collections.ConfigDict, platform: str | None = None) ->
     return (platform or jax.default_backend()) != "cpu"
 
 
-def resolve_scan_layers(model_cfg: ml_collections.ConfigDict, platform: str | None = None):
-    """`model_cfg` (config.model) with `llm.scan_layers` decided for `platform` (see `scans_layers`), so the saved
-    config records the parameter layout a run's checkpoints have."""
-    out = model_cfg.copy_and_resolve_references()
-    out.llm.scan_layers = scans_layers(model_cfg.llm, platform)
-    return out
-
-
 class LLM(nn.Module):
     cfg: ml_collections.ConfigDict
     dtype: jnp.dtype = jnp.float32

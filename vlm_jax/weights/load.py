@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import os
-import posixpath
 import re
 
 import jax
@@ -20,6 +19,7 @@ import ml_collections
 import numpy as np
 from safetensors import safe_open
 
+from vlm_jax import files
 from vlm_jax.weights import families
 
 # What a parameter may be read from: any float. Integers, booleans or 8-bit floats are not weights we can use.
@@ -51,9 +51,8 @@ def index_shards(path: str) -> list[str]:
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index}: no weight_map object ({{tensor name: shard file}})")
     for name in weight_map.values():
-        norm = posixpath.normpath(name) if isinstance(name, str) else ""
-        if (not norm.endswith(".safetensors") or "\\" in name or posixpath.isabs(norm) or norm.startswith("../")
-                or os.path.isabs(name)):
+        norm = files.inner_path(name) if isinstance(name, str) else None
+        if norm is None or "\\" in name or not norm.endswith(".safetensors"):
             raise ValueError(f"{index}: shard {name!r} is not a *.safetensors file inside {path!r}")
     return sorted(set(weight_map.values()))
 
@@ -67,19 +66,19 @@ class Checkpoint:
             raise FileNotFoundError(f"no Hugging Face checkpoint directory at {path!r}")
         with open(os.path.join(path, "config.json")) as f:
             self.config = json.load(f)
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
+        shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not shards:
             pickled = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
             what = f"only pickled weights {pickled}" if pickled else "no *.safetensors file"
             raise ValueError(f"{path}: {what}; vlm-jax reads safetensors only (pickles can run code): convert "
                              f"them, e.g. with transformers' save_pretrained(safe_serialization=True)")
         if os.path.isfile(os.path.join(path, INDEX)):
-            files = index_shards(path)
+            shards = index_shards(path)
         self._stack = contextlib.ExitStack()
         self.file_of, self.info, self.stored = {}, {}, {}
         shard_of = {}
         try:
-            for name in files:
+            for name in shards:
                 handle = self._stack.enter_context(safe_open(os.path.join(path, name), framework="flax"))
                 for key in handle.keys():
                     if key in shard_of:
