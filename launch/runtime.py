@@ -5,6 +5,7 @@ import importlib.util
 import logging as pylogging
 import os
 import platform
+import signal
 import sys
 from collections.abc import Callable, Mapping
 
@@ -117,7 +118,28 @@ def run(main: Callable, reexec: bool = False) -> None:
     skip_absent_tpu()
     if reexec:
         use_huge_pages()
-    app.run(main)
+    app.run(with_exit_codes(main))
+
+
+EXIT_STOPPED = 75   # EX_TEMPFAIL (sysexits.h): stopped on request, resumable; vlm_jax.train.Preempted.EXIT_CODE
+
+
+def with_exit_codes(main: Callable) -> Callable:
+    """`main` with two exits that say "stopped, not finished, run me again" (EXIT_STOPPED), so that neither a grid
+    nor a restart policy mistakes them for success or failure: an exception carrying an EXIT_CODE (training's
+    Preempted, raised once its checkpoint is committed), and a SIGTERM outside training (evaluation, set-up), which
+    ends the process at once. Training replaces that handler while it runs (it stops at a step boundary instead);
+    in a multi-host process jax.distributed's own SIGTERM handler replaces it for the whole run."""
+    def main_with_exit_codes(argv):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_STOPPED))
+        try:
+            return main(argv)
+        except Exception as e:
+            if getattr(e, "EXIT_CODE", None) is None:
+                raise
+            logging.warning("%s", e)
+            sys.exit(e.EXIT_CODE)
+    return main_with_exit_codes
 
 
 def compilation_cache_dir() -> str:

@@ -3,7 +3,8 @@
     python -m launch.train --config=configs/smoke.py[:arg] [--config.train.steps=300 ...]
 
 Overrides of keys that do not exist fail at start (the config is locked); on a multi-host TPU pod every host runs
-the same command and `jax.distributed.initialize()` finds the others.
+the same command and `jax.distributed.initialize()` finds the others. Exit status 0: trained to the last step;
+75: stopped early on request (SIGTERM, preemption) with its checkpoint committed, run it again to resume.
 """
 
 from absl import flags, logging

@@ -133,6 +133,19 @@ def _check_process_count(directory, step: int) -> None:
                          f"(config.init=('{directory}', '.*'))")
 
 
+def committed_step(directory) -> int | None:
+    """The step of the latest *committed* checkpoint under `directory` (None: none, or no such folder). A save still
+    being written, or one cut short by a lost host, is not counted: orbax lists a step only once it is finalized."""
+    if not epath.Path(directory).exists():
+        return None
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                 item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
+    try:
+        return mngr.latest_step()
+    finally:
+        mngr.close()
+
+
 def restore_latest_parts(directory, abstract_parts: dict):
     """(step, {name: subtree}) of the latest checkpoint under `directory`, reading only the named top-level parts of
     the saved train state (e.g. params and frozen for evaluation: the optimizer state, twice the size of the

@@ -88,19 +88,40 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, vocab_siz
     optim.param_rules(t)
 
 
+class Preempted(RuntimeError):
+    """Training stopped early on request (SIGTERM: preemption) with its checkpoint committed: the same command
+    resumes it. Launchers exit with EXIT_CODE, so a restart policy or the grid retries instead of moving on."""
+
+    EXIT_CODE = 75   # EX_TEMPFAIL (sysexits.h): try again later; launch.runtime.EXIT_STOPPED
+
+    def __init__(self, step: int, steps: int):
+        super().__init__(f"preempted after step {step} of {steps}; the checkpoint at step {step} is committed and "
+                         f"the same command resumes from it")
+        self.step, self.steps = step, steps
+
+
 class Preemption:
     """When to stop early on SIGTERM (preemption): the same step on every process, or a collective save would hang.
 
-    One process: our handler sets a flag, seen after the current step. Several processes: JAX's preemption service
-    (started by jax.distributed.initialize) catches SIGTERM on whichever host gets it, tells the others through the
-    coordination service and names one step, the same everywhere, at which `stop_after` becomes true. A second
-    SIGTERM ends the process at once (default action: no handler left)."""
+    One process: while training (inside `with Preemption()`), our handler sets a flag, seen after the current step;
+    the handler that was there before (a launcher's, or the default) is back on exit, so a SIGTERM during evaluation
+    is not swallowed. Several processes: JAX's preemption service (started by jax.distributed.initialize) catches
+    SIGTERM on whichever host gets it, tells the others through the coordination service and names one step, the
+    same everywhere, at which `stop_after` becomes true. A second SIGTERM ends the process at once."""
 
     def __init__(self):
         self.requested = False
         self._shared = jax.process_count() > 1
+        self._previous = None
+
+    def __enter__(self):
         if not self._shared:
-            signal.signal(signal.SIGTERM, self._set)
+            self._previous = signal.signal(signal.SIGTERM, self._set)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
     def _set(self, *_):
         logging.warning("stop requested: will checkpoint and exit after this step (a second signal exits at once)")
@@ -163,24 +184,39 @@ def keep_metrics_up_to(path: str, step: int) -> None:
         files.write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
+def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` as a run saves it in config.json: references resolved, and the layer layout the checkpoints have
+    decided (llm.scan_layers unset: a loop on the CPU only)."""
+    config = config.copy_and_resolve_references()
+    config.model.llm.scan_layers = llm_lib.scans_layers(config.model.llm)
+    return config
+
+
+def saved_config_changes(config: ml_collections.ConfigDict) -> list[str]:
+    """What differs between the config.json saved in config.run_dir and `config` (run_dir itself aside: a run
+    directory may be moved); [] when nothing was saved."""
+    saved = epath.Path(config.run_dir) / "config.json"
+    if not saved.exists():
+        return []
+    return [c for c in config_changes(json.loads(saved.read_text()), json.loads(resolved(config).to_json_best_effort()))
+            if not c.startswith("run_dir:")]
+
+
 def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) -> dict:
-    """Train one model from `config`; returns the last logged metrics. Resuming a run directory whose saved
-    config differs from `config` is refused (naming the keys) unless `allow_config_change`."""
+    """Train one model from `config`; returns the last logged metrics, once the final checkpoint is committed.
+    Stopped early on request (preemption), it raises `Preempted` after committing the checkpoint of the step it
+    stopped at. Resuming a run directory whose saved config differs from `config` is refused (naming the keys)
+    unless `allow_config_change`."""
     # --- set-up and safety rails -----------------------------------------------------------------
     jax.config.update("jax_threefry_partitionable", True)
-    config = config.copy_and_resolve_references()
-    # The saved config names the layout the checkpoints have (llm.scans_layers: unset, a loop on the CPU only).
-    config.model.llm.scan_layers = llm_lib.scans_layers(config.model.llm)
+    config = resolved(config)
     run_dir = config.run_dir
     epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
     tokenizer = pipeline.make_tokenizer(config.data)
     validate_config(config, 0, tokenizer.vocab_size)
     ckpt = checkpoints.manager(checkpoints.directory(run_dir), config.train.keep_checkpoints)
-    saved_config = epath.Path(run_dir) / "config.json"
-    if ckpt.latest_step() is not None and saved_config.exists():
-        changes = [c for c in config_changes(json.loads(saved_config.read_text()),
-                                             json.loads(config.to_json_best_effort()))
-                   if not c.startswith("run_dir:")]   # a run directory may be moved
+    if ckpt.latest_step() is not None:
+        changes = saved_config_changes(config)
         if changes and not allow_config_change:
             raise ValueError(f"{run_dir} holds a run (checkpoint at step {ckpt.latest_step()}) whose config differs "
                              f"from this one:\n  " + "\n  ".join(changes) + "\nUse another run_dir, or allow "
@@ -188,7 +224,7 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
         if changes:
             logging.warning("resuming with a changed config (allowed):\n  %s", "\n  ".join(changes))
     if jax.process_index() == 0:
-        files.write_text_atomic(saved_config, config.to_json_best_effort(indent=2))
+        files.write_text_atomic(epath.Path(run_dir) / "config.json", config.to_json_best_effort(indent=2))
 
     # --- mesh -----------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
@@ -242,7 +278,6 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
         return itertools.islice(it, t.get("eval_batches", 0) or None)
 
     # --- loop -----------------------------------------------------------------------------------
-    preemption = Preemption()
     step = int(jax.device_get(state.step))
     window, throughput, last, skipped_updates = [], Throughput(), {}, 0
 
@@ -260,7 +295,7 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
         return len(bad)
     compiled = False
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        with Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
             while step < t.steps:
                 host_batch = next(data_iter)
                 throughput.add_batch(host_batch)
@@ -321,6 +356,8 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
             checkpoints.wait(ckpt)
         finally:
             ckpt.close()
+    if step < t.steps:
+        raise Preempted(step, t.steps)
     return last
 
 

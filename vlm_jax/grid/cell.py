@@ -8,16 +8,14 @@ done only when everything before it finished.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 
 import ml_collections
 import numpy as np
-from etils import epath
 
-from vlm_jax import files, flops, train
+from vlm_jax import checkpoints, files, flops, train
 from vlm_jax import state as state_lib
 from vlm_jax.grid import results
 
@@ -28,19 +26,27 @@ def read_spec(job_dir: str) -> dict:
     return results.read_json(os.path.join(job_dir, "job.json"))
 
 
-def _finished_steps(run_dir: str) -> int:
-    """The step of the stage's last logged metrics line (0 when it has not logged)."""
-    path = epath.Path(run_dir) / "metrics.jsonl"
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    return int(lines[-1]["step"]) if lines else 0
+def stage_finished(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether a stage's final checkpoint is committed (its metrics log is appended before the last save commits,
+    so it cannot say). A finished stage whose saved config differs from `cfg` is an error naming the keys: its
+    checkpoint is not what this job would train, and the stages after it would silently start from it."""
+    step = checkpoints.committed_step(checkpoints.directory(cfg.run_dir))
+    if step is None or step < cfg.train.steps:
+        return False
+    changes = train.saved_config_changes(cfg)
+    if changes:
+        raise ValueError(f"{cfg.run_dir} holds a finished stage trained with another config:\n  "
+                         + "\n  ".join(changes) + "\nDelete that directory to retrain it, or restore the config")
+    return True
 
 
 def run_stages(spec: dict) -> float:
-    """Train every stage not yet finished; returns the seconds spent training in this call."""
+    """Train every stage not yet finished; returns the seconds spent training in this call. A stage stopped early
+    (preemption) raises train.Preempted: the job ends there, resumable, and records nothing."""
     seconds = 0.0
     for stage in spec["stages"]:
         cfg = ml_collections.ConfigDict(stage["config"])
-        if _finished_steps(cfg.run_dir) >= cfg.train.steps:
+        if stage_finished(cfg):
             log.info("stage %s: already finished, skipped", stage["name"])
             continue
         start = time.perf_counter()
