@@ -22,16 +22,18 @@ from jax.experimental import multihost_utils
 
 from vlm_jax import checkpoints, files, flops, hardware, optim, sharding
 from vlm_jax import state as state_lib
-from vlm_jax.data import pipeline
+from vlm_jax.data import batching, pipeline
 from vlm_jax.models import heads
 from vlm_jax.models import llm as llm_lib
 
 
 def evaluate(eval_step, params, batches, mesh) -> dict:
     """Validation metrics over `batches` (eval-layout host batches): {'eval/loss', 'eval/examples'} and, when
-    the step reports it, 'eval/exact_match'."""
+    the step reports it, 'eval/exact_match'. With several processes, each passes its own shard's batches; they
+    run the (collective) step equally often, one that ran out first with filler batches (batching.agreed_batches),
+    so shards that lost different numbers of bad records cannot leave one waiting for the others."""
     totals = {}
-    for host_batch in batches:
+    for host_batch in batching.agreed_batches(batches):
         out = jax.device_get(eval_step(params, sharding.put_batch(host_batch, mesh)))
         totals = {k: totals.get(k, 0.0) + float(v) for k, v in out.items()}
     if not totals.get("rows"):

@@ -11,7 +11,7 @@ fit the last batch.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Self
 
 import numpy as np
@@ -126,3 +126,70 @@ class BatchIterator:
         self._pending = None
         self._records.set_state(json.dumps(state["grain"]).encode())
         self.bad_input.set_state(state.get("bad_input", {}))
+
+
+# --- several processes: one count of eval batches ------------------------------------------------------------------
+# Each process reads its own shard of a split, and skipped records make the shards' batch counts differ. The eval
+# step is one program over every process's devices: a process that stopped calling it while another still did would
+# leave that one waiting in a collective for ever. So the processes agree, batch by batch, on whether anyone still
+# has data, and one that has run out joins with filler batches (no valid row, no loss token).
+
+
+def process_values(value: int) -> np.ndarray:
+    """int64[process_count]: `value` as every process passed it (a collective: every process must call it)."""
+    import jax  # pylint: disable=import-outside-toplevel  (the data package itself stays free of JAX)
+    if jax.process_count() == 1:
+        return np.array([value], np.int64)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)
+
+
+def filler(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`batch` with no valid row and no loss token: the eval step's sums (rows, tokens, loss, exact) gain nothing,
+    while its real rows keep every computed value finite."""
+    return {**batch, "valid": np.zeros_like(batch["valid"]), "loss_mask": np.zeros_like(batch["loss_mask"])}
+
+
+_DONE, _HAS_BATCH = 1, 2   # a process's state per round; 0: done, and never had a batch to copy
+
+
+def agreed_batches(batches: Iterable[Mapping[str, np.ndarray]]) -> Iterator[Mapping[str, np.ndarray]]:
+    """This process's eval batches (each with `valid`, as `pad_final` makes them), then filler batches until every
+    process has run out: every process yields the same number. One small all-gather per batch; one process: the
+    batches as they are."""
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() == 1:
+        yield from batches
+        return
+    batches, last = iter(batches), None
+    while True:
+        batch = next(batches, None)
+        states = process_values(_HAS_BATCH if batch is not None else _DONE if last is not None else 0)
+        if not (states == _HAS_BATCH).any():
+            return
+        if batch is not None:
+            last = batch
+        if (states == 0).any():   # a shard without one good record: its process copies another's batch
+            copied = _from_process(int(np.argmax(states == _HAS_BATCH)), batch)
+            last = last if last is not None else copied
+        yield batch if batch is not None else filler(last)
+
+
+def _from_process(source: int, batch: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Process `source`'s `batch`, on every process (a collective), sent as bytes: the others need not know its
+    shapes. Happens at most once per pass."""
+    import io  # pylint: disable=import-outside-toplevel
+
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    blob = b""
+    if jax.process_index() == source:
+        buf = io.BytesIO()
+        np.savez(buf, **batch)
+        blob = buf.getvalue()
+    size = int(process_values(len(blob))[source])
+    data = np.zeros(size, np.uint8)
+    data[:len(blob)] = np.frombuffer(blob, np.uint8)
+    data = np.asarray(multihost_utils.process_allgather(data))[source]
+    with np.load(io.BytesIO(data.tobytes()), allow_pickle=False) as loaded:
+        return {k: loaded[k] for k in loaded.files}

@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from vlm_jax import files
+
 # Reasons, one per kind of bad input. They key the skip counts.
 MALFORMED_JSON = "malformed_json"
 INVALID_UTF8 = "invalid_utf8"
@@ -112,6 +114,6 @@ class BadInputCounter:
         self.examples = {k: list(v) for k, v in state.get("examples", {}).items()}
 
     def write(self, path: str | os.PathLike[str]) -> None:
-        """Writes {"total", "counts", "examples"} as JSON, e.g. to run_dir/bad_input.json."""
-        with open(path, "w") as f:
-            json.dump({"total": self.total, **self.state()}, f, indent=2, sort_keys=True)
+        """Writes {"total", "counts", "examples"} as JSON, e.g. to run_dir/bad_input.json (a local path or a
+        bucket: vlm_jax.files)."""
+        files.write_text_atomic(path, json.dumps({"total": self.total, **self.state()}, indent=2, sort_keys=True))

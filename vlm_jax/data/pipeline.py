@@ -177,7 +177,8 @@ def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokeni
 
     The last batch is filled up with copies of its last row whose loss_mask is 0; every eval batch carries
     `valid` float32[B] (1 for real rows) for per-example metrics. Shards are equal-sized (the remainder of
-    len % process_count records is dropped) so all processes run the same number of steps.
+    len % process_count records is dropped), but records skipped as bad input can still leave processes with
+    different batch counts: several processes pass their batches through `batching.agreed_batches`.
     """
     if batch_size % process_count:
         raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")

@@ -31,10 +31,11 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from vlm_jax import sharding
+from vlm_jax import files, sharding
 from vlm_jax.evaluation import generate, scorers
-from vlm_jax.data import errors, images, pipeline, synthetic
+from vlm_jax.data import batching, errors, images, pipeline, synthetic
 from vlm_jax.data.tokenize import IMAGE_PLACEHOLDER, USER, Tokenizer, render_chat
 from vlm_jax.models import vlm
 
@@ -157,6 +158,12 @@ def _load_image(item: EvalItem, image_size: int, aspect_ratio: str):
         raise ValueError(f"question {item.question_id!r}: {e}") from None
 
 
+def _fetch(tree):
+    """Host copies of jitted outputs, those spread over several processes' devices (a multi-host mesh) too."""
+    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True) if isinstance(x, jax.Array)
+                        and not x.is_fully_addressable else jax.device_get(x), tree)
+
+
 class Answerer:
     """Greedy answers for EvalItems in fixed-shape batches (the last batch is padded by repeating its last item,
     so one compiled program serves a whole benchmark)."""
@@ -191,20 +198,40 @@ class Answerer:
         return stack
 
     def __call__(self, items: Sequence[EvalItem]) -> list[str]:
+        """Answers to `items`. Over a mesh of several processes every process passes the same items and answers
+        all of them, batch by batch, in one collective program: so the item counts must agree, and a batch that
+        one process cannot build (its copy of an image missing, say) stops every process, not that one alone."""
         m = self.config.model
+        shared = self.mesh is not None and self.mesh.is_multi_process
+        if shared:
+            counts = batching.process_values(len(items))
+            if (counts != len(items)).any():
+                raise ValueError(f"the processes hold {counts.tolist()} questions: each must pass the same "
+                                 f"benchmark (every process answers all of it)")
         answers: list[str] = []
         for start in range(0, len(items), self.batch_size):
             chunk = list(items[start:start + self.batch_size])
             real = len(chunk)
             chunk += [chunk[-1]] * (self.batch_size - real)
-            batch = pipeline.make_prompt_batch(
-                [_load_image(it, m.vision.image_size, self.data_cfg.image_aspect_ratio) for it in chunk],
-                [it.prompt for it in chunk], tokenizer=self.tokenizer, data_cfg=self.data_cfg,
-                num_visual_tokens=m.compressor.num_tokens, image_size=m.vision.image_size)
+            error = None
+            try:
+                batch = pipeline.make_prompt_batch(
+                    [_load_image(it, m.vision.image_size, self.data_cfg.image_aspect_ratio) for it in chunk],
+                    [it.prompt for it in chunk], tokenizer=self.tokenizer, data_cfg=self.data_cfg,
+                    num_visual_tokens=m.compressor.num_tokens, image_size=m.vision.image_size)
+            except ValueError as e:
+                error = e
+            if shared:   # every process learns whether another could not build this batch
+                failed = np.flatnonzero(batching.process_values(error is not None)).tolist()
+                if failed and error is None:
+                    raise ValueError(f"process(es) {failed} could not build the batch of questions "
+                                     f"{start}..{start + real - 1} (see their logs); every process stops")
+            if error is not None:
+                raise error
             if self.prefix is not None:
                 batch = generate.strip_prefix(batch, self.prefix_tokens)
             with self._on_mesh():
-                out = jax.device_get(self.generator(self.params, batch, prefix=self.prefix))
+                out = _fetch(self.generator(self.params, batch, prefix=self.prefix))
             for row in range(real):
                 answers.append(self.tokenizer.decode(out.tokens[row, :out.lengths[row]]).strip())
         return answers
@@ -266,23 +293,25 @@ def summarize(results: Mapping[str, scorers.Score], chosen: Sequence[str] | None
 
 
 def write_predictions(path: str, benchmark: Benchmark, predictions: Sequence[str], result: scorers.Score) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for item, text, credit in zip(benchmark.items, predictions, result.per_item):
-            row = {"question_id": item.question_id, "prompt": item.prompt, "text": text, "credit": credit,
-                   "reference": {k: v for k, v in item.reference.items() if k not in ("question_id", "text")}}
-            f.write(json.dumps(row, default=str) + "\n")
+    """One JSON line per question, to a local path or a bucket (one object upload)."""
+    lines = []
+    for item, text, credit in zip(benchmark.items, predictions, result.per_item):
+        row = {"question_id": item.question_id, "prompt": item.prompt, "text": text, "credit": credit,
+               "reference": {k: v for k, v in item.reference.items() if k not in ("question_id", "text")}}
+        lines.append(json.dumps(row, default=str) + "\n")
+    files.write_text_atomic(path, "".join(lines))
 
 
 def evaluate(answerer: Answerer, benchmarks: Sequence[Benchmark], out_dir: str | None = None,
              error_benchmarks: Sequence[str] | None = None) -> dict:
-    """Answer, score and summarise every benchmark; with out_dir, write predictions and summary.json there."""
+    """Answer, score and summarise every benchmark; with out_dir (a folder or a gs:// prefix), write predictions
+    and summary.json there. Every process answers (generation is collective over the mesh); process 0 writes."""
     if not benchmarks:
         raise ValueError("no benchmarks to evaluate")
     names = [b.name for b in benchmarks]
     if len(set(names)) != len(names):
         raise ValueError(f"benchmark names must be distinct, got {names}")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
+    out_dir = out_dir if jax.process_index() == 0 else None   # one writer (GCS takes ~1 write/s per object)
     results = {}
     for b in benchmarks:
         start = time.perf_counter()
@@ -297,6 +326,5 @@ def evaluate(answerer: Answerer, benchmarks: Sequence[Benchmark], out_dir: str |
     summary["num_questions"] = {b.name: len(b.items) for b in benchmarks}
     summary["baselines"] = {b.name: answer_baselines(b) for b in benchmarks}
     if out_dir:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
+        files.write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2, sort_keys=True))
     return summary

@@ -13,7 +13,7 @@ import jax
 import flax.linen as nn
 from flax import traverse_util
 
-from vlm_jax import checkpoints, sharding
+from vlm_jax import checkpoints, files, sharding
 from vlm_jax import state as state_lib
 from vlm_jax.models import vlm
 from vlm_jax.weights import export, load
@@ -45,8 +45,7 @@ def hf_to_orbax(sources, model_cfg, out_dir: str, mesh) -> int:
     finally:
         mngr.close()
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "model_config.json"), "w") as f:
-            json.dump(model_cfg.to_dict(), f, indent=2)
+        files.write_text_atomic(os.path.join(out_dir, "model_config.json"), json.dumps(model_cfg.to_dict(), indent=2))
     logging.info("converted %d parameters into %s", len(taken), out_dir)
     return len(taken)
 
