@@ -3,8 +3,10 @@
     python -m launch.fit --results=grid/results.jsonl [--out=DIR] [--text_tokens=0,64,256]
     python -m launch.fit --demo --out=demo_fit     # a table drawn from known laws, to see it work without data
 
-The results file (CSV or JSONL) has columns llm, n_params, visual_tokens, task, error (others are ignored); each
-task family gets its own fit per law form. Plots and fit_summary.json go beside the results file unless --out says.
+The results file (CSV or JSONL) has columns llm, n_params, visual_tokens, task, error, and optionally seed and
+questions (others are ignored); each task family gets its own fit per law form. The report opens with the decision
+(V*, N* per budget, P(beta_a > beta_b)); fit_summary.json ({"decision", "fits"}) and the plots go beside the
+results file unless --out says.
 """
 
 import json
@@ -20,8 +22,9 @@ flags.DEFINE_list("forms", ["multiplicative", "additive"], "Law forms to fit.")
 flags.DEFINE_list("text_tokens", ["0", "64", "256"], "Text lengths Q for the frontiers.")
 flags.DEFINE_list("budgets", [], "Inference FLOPs budgets (default: 4 spanning the table's own costs).")
 flags.DEFINE_float("v_max", 576.0, "Largest V the frontier may choose.")
-flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples (0: none).")
-flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples: cells, then seeds within cells (0: none).")
+flags.DEFINE_integer("seed", 0, "Bootstrap seed (families measured on the same cells and seeds share the "
+                     "resample indices: their comparison is paired).")
 flags.DEFINE_float("level", 0.95, "Confidence level of the intervals.")
 flags.DEFINE_float("delta", 1e-3, "Huber delta on log-error residuals.")
 flags.DEFINE_bool("plots", True, "Write PNG figures.")
@@ -59,8 +62,8 @@ def main(argv) -> int:
         plot_dir=out if FLAGS.plots else None, truths=scaling.report.DEMO_LAWS if FLAGS.demo else None)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "fit_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    n_plots = sum(len(s["plots"]) for forms in summary.values() for s in forms.values())
+        json.dump(summary, f, indent=1, allow_nan=False)
+    n_plots = sum(len(s.get("plots", [])) for forms in summary["fits"].values() for s in forms.values())
     print(f"\nfit_summary.json and {n_plots} plots in {out}/")
     return 0
 

@@ -97,10 +97,11 @@ def test_fit_cli_reads_a_results_table(tmp_path, capsys):
                         "--budgets=1e12"]) == 0
     text = capsys.readouterr().out
     assert "multiplicative law" in text and "additive law" in text
-    assert "C = 1e+12" in text
+    assert "C = 1 TFLOPs" in text
     assert not list(tmp_path.glob("*.png"))
     summary = json.loads((tmp_path / "fit_summary.json").read_text())   # written beside the results file
-    assert set(summary["reasoning"]) == {"multiplicative", "additive"}
+    assert list(summary) == ["decision", "fits"]
+    assert set(summary["fits"]["reasoning"]) == {"multiplicative", "additive"}
 
 
 def test_fit_cli_reports_bad_tables_clearly(tmp_path):
@@ -108,3 +109,28 @@ def test_fit_cli_reports_bad_tables_clearly(tmp_path):
     path.write_text("llm,n_params,visual_tokens,task,error\na,1e9,4,t,0.3\nb,2e9,4,t,-0.1\n")
     with pytest.raises(ValueError, match=r"row 2 .*error must lie in \(0, 1\]"):
         run_fit_cli([f"--results={path}", "--noplots"])
+
+
+def test_every_axis_and_legend_reads_in_human_units(tmp_path, monkeypatch):
+    """Parameter counts as 27K / 0.46B and FLOPs with SI prefixes: never 2.7e-05B or 1e7 on an axis or legend."""
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    texts = []
+    original = Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        out = original(fig, path, *args, **kwargs)
+        texts.append(" | ".join(t.get_text() for t in fig.findobj(Text)))
+        return out
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    table = scaling.synthetic_table("multiplicative", [0.3, 0.4, 0.2, 0.02], (27_040e-9, 99_392e-9, 308_352e-9),
+                                    (1, 4, 16, 64), noise=0.02, task="detail")
+    plots.write_plots(scaling.fit_law(table, n_bootstrap=30, seed=0), str(tmp_path), text_tokens=(16.0,))
+    assert len(texts) == 3
+    everything = " || ".join(texts)
+    for label in ("27K", "99K", "308K"):
+        assert label in everything
+    assert "MFLOPs" in everything
+    assert "e-05" not in everything and "billions" not in everything and "1e7" not in everything, everything

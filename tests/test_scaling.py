@@ -127,6 +127,13 @@ def test_derived_quantity_gets_a_bootstrap_interval():
     assert (ratio.lo, ratio.hi) == pytest.approx(tuple(np.percentile(samples, [2.5, 97.5])))
 
 
+def test_a_vanished_term_predicts_zero_not_nan():
+    # A = 0 with alpha = 139 at N = 27K (2.7e-5 billions): N^-alpha overflows, and 0 * inf must not turn into nan.
+    n, v = np.array([27_040e-9, 99_392e-9]), np.array([1.0, 4.0])
+    np.testing.assert_allclose(ADDITIVE.predict(np.array([0.1, 0.0, 139.0, 0.4, 0.5]), n, v), 0.1 + 0.4 * v ** -0.5)
+    np.testing.assert_allclose(MULTIPLICATIVE.predict(np.array([0.0, 139.0, 0.2, 0.05]), n, v), 0.05)
+
+
 def test_fit_at_the_start_grid_edge_is_reported():
     # D = 1e-4 lies far below the grid's smallest D (0.005): the report must say the grid did not bracket it.
     theta = np.array([0.35, 0.45, 0.06, 1e-4])

@@ -1,4 +1,6 @@
-"""After the cells: the error table per task, the law fitted per task, summary.json, report.txt and the PNGs."""
+"""After the cells: the error table per task (mean and spread over seeds), the law fitted per task, summary.json,
+report.txt and the PNGs. report.txt and summary.json open with the decision (V*, N* per budget, P(beta_a >
+beta_b)); a fit that fails is recorded under its (task, form) and the rest are kept."""
 
 from __future__ import annotations
 
@@ -13,32 +15,36 @@ from etils import epath
 
 from vlm_jax import files, scaling
 from vlm_jax.grid import results
+from vlm_jax.scaling import units
+
+
+def _seed_errors(rows: Sequence[dict]) -> dict:
+    """{task: {llm: {V: [error per seed]}}}: rows of one seed (several benchmarks) averaged, in the rows' order."""
+    by_seed: dict = {}
+    for r in rows:
+        cell = by_seed.setdefault(r["task"], {}).setdefault(r["llm"], {}).setdefault(int(r["visual_tokens"]), {})
+        cell.setdefault(str(r.get("seed", "")), []).append(r["error"])
+    return {t: {llm: {v: [float(np.mean(e)) for e in seeds.values()] for v, seeds in by_v.items()}
+                for llm, by_v in by_llm.items()} for t, by_llm in by_seed.items()}
 
 
 def error_table(rows: Sequence[dict]) -> dict:
     """{task: {llm: {V: error}}} (mean over seeds), in the rows' order."""
-    table: dict = {}
-    for r in rows:
-        table.setdefault(r["task"], {}).setdefault(r["llm"], {}).setdefault(int(r["visual_tokens"]), []).append(
-            r["error"])
     return {t: {llm: {v: float(np.mean(e)) for v, e in by_v.items()} for llm, by_v in by_llm.items()}
-            for t, by_llm in table.items()}
+            for t, by_llm in _seed_errors(rows).items()}
 
 
-def format_error_table(table: dict, n_params: dict) -> str:
-    lines = []
-    for task, by_llm in table.items():
-        vs = sorted({v for by_v in by_llm.values() for v in by_v})
-        lines.append(f"error of task {task!r} (rows: LLM, N; columns: V)")
-        lines.append(f"  {'LLM':<14}{'N':>10}" + "".join(f"{f'V={v}':>9}" for v in vs))
-        for llm, by_v in by_llm.items():
-            lines.append(f"  {llm:<14}{n_params[llm]:>10,}" + "".join(
-                f"{by_v[v]:>9.3f}" if v in by_v else f"{'-':>9}" for v in vs))
-    return "\n".join(lines)
+def seed_spread(rows: Sequence[dict]) -> dict:
+    """{task: {llm: {V: {mean, std, min, max, seeds}}}}: each cell across its seeds (std null with one seed)."""
+    return {t: {llm: {v: {"mean": float(np.mean(e)), "std": float(np.std(e, ddof=1)) if len(e) > 1 else None,
+                          "min": float(np.min(e)), "max": float(np.max(e)), "seeds": len(e)}
+                      for v, e in by_v.items()} for llm, by_v in by_llm.items()}
+            for t, by_llm in _seed_errors(rows).items()}
 
 
-def plot_observed(table: dict, n_params: dict, path: str) -> str:
-    """One heatmap per task of the measured error over (N, V): the token-vs-params error surface as measured."""
+def plot_observed(table: dict, n_params: dict, path: str, spread: dict | None = None) -> str:
+    """One heatmap per task of the measured error over (N, V) (mean over seeds, with the std across seeds below
+    each mean when there are several): the token-vs-params error surface as measured."""
     from matplotlib.figure import Figure
 
     tasks = list(table)
@@ -50,15 +56,20 @@ def plot_observed(table: dict, n_params: dict, path: str) -> str:
         grid = np.array([[table[task][llm].get(v, np.nan) for v in vs] for llm in llms])
         im = ax.imshow(grid, origin="lower", cmap="viridis_r", vmin=0, vmax=max(1e-3, np.nanmax(grid)),
                        aspect="auto")
+        several = False
         for (a, b), e in np.ndenumerate(grid):
             if np.isfinite(e):
-                ax.text(b, a, f"{e:.2f}", ha="center", va="center", color="white" if e > 0.5 * np.nanmax(grid)
-                        else "black", fontsize=9)
+                cell = (spread or {}).get(task, {}).get(llms[a], {}).get(vs[b], {})
+                std = cell.get("std")
+                several |= std is not None
+                text = f"{e:.2f}" + (f"\n±{std:.2f}" if std is not None else "")
+                ax.text(b, a, text, ha="center", va="center", color="white" if e > 0.5 * np.nanmax(grid)
+                        else "black", fontsize=9 if std is None else 8)
         ax.set_xticks(range(len(vs)), [str(v) for v in vs])
-        ax.set_yticks(range(len(llms)), [f"{llm}\n{n_params[llm] / 1e6:.2g}M" for llm in llms])
+        ax.set_yticks(range(len(llms)), [f"{llm}\n{units.params(n_params[llm])}" for llm in llms])
         ax.set_xlabel("visual tokens V")
         ax.set_ylabel("LLM (parameters N)")
-        ax.set_title(f"{task}: measured error")
+        ax.set_title(f"{task}: measured error" + (" (mean ± std over seeds)" if several else " (one seed)"))
         fig.colorbar(im, ax=ax, label="error")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path)
@@ -77,36 +88,52 @@ def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
     if not rows:
         echo("no finished cell yet: nothing to fit")
         return {}
+    return report_rows(grid_dir, rows, fit_cfg, echo)
+
+
+def report_rows(grid_dir: str, rows: Sequence[dict], fit_cfg, echo=print) -> dict:
+    """summary.json, report.txt and plots/ of the results rows (fit_cfg: forms, text_tokens, bootstrap, seed,
+    level); returns the summary. report.txt opens with the decision, then the measured table, then each fit."""
     n_params = {r["llm"]: r["n_params"] for r in rows}
     table = error_table(rows)
+    spread = seed_spread(rows)
     text = io.StringIO()
 
     def both(line: str) -> None:
         echo(line)
         text.write(line + "\n")
 
-    both(format_error_table(table, n_params))
     # Figures are drawn into a local folder; a bucket grid gets copies (matplotlib writes local files).
     plot_dir = tempfile.mkdtemp(prefix="grid-plots-") if files.is_remote(grid_dir) else os.path.join(grid_dir,
                                                                                                        "plots")
-    plots = [plot_observed(table, n_params, os.path.join(plot_dir, "observed_error.png"))]
-    fits: dict = {}
-    tables = scaling.tables_from_rows(rows, source=os.path.join(grid_dir, "results.jsonl"))
+    plots = [plot_observed(table, n_params, os.path.join(plot_dir, "observed_error.png"), spread)]
     try:
-        fits = scaling.report.fit_tables(
+        tables = scaling.tables_from_rows(rows, source=os.path.join(grid_dir, "results.jsonl"))
+        fitted = scaling.report.fit_tables(
             tables, list(fit_cfg.forms), text_tokens=tuple(fit_cfg.text_tokens), n_bootstrap=fit_cfg.bootstrap,
             seed=fit_cfg.seed, level=fit_cfg.level, plot_dir=plot_dir, echo=both,
             v_range=(1.0, float(max(r["visual_tokens"] for r in rows))))
-    except ValueError as e:  # too few cells for a law (e.g. --only one cell): the table still stands
-        both(f"no fit: {e}")
+    except Exception as e:  # noqa: BLE001  (the means still stand; each fit's own failure is caught inside)
+        both(f"DECISION: none -- no fit: {type(e).__name__}: {e}\n\nmean error (over seeds) per task, LLM and V:")
+        for task, by_llm in table.items():
+            for llm, by_v in by_llm.items():
+                both(f"  {task} {llm} ({units.params(n_params[llm])}): "
+                     + ", ".join(f"V={v} {e:.3f}" for v, e in sorted(by_v.items())))
+        fitted = {"decision": {"error": f"{type(e).__name__}: {e}"}, "fits": {}}
+    fits = fitted["fits"]
     if files.is_remote(grid_dir):
         remote = os.path.join(grid_dir, "plots")
         for name in sorted(os.listdir(plot_dir)):
             _upload(os.path.join(plot_dir, name), remote)
         plots = [p.replace(plot_dir, remote) for p in plots]
         fits = json.loads(json.dumps(fits).replace(plot_dir, remote))
-    summary = {"cells": len({r['cell'] for r in rows}), "errors": table, "n_params": n_params, "fits": fits,
-               "plots": plots + [p for forms in fits.values() for f in forms.values() for p in f["plots"]]}
-    files.write_json_atomic(os.path.join(grid_dir, "summary.json"), summary)
+    summary = {"decision": fitted["decision"], "cells": len({r["cell"] for r in rows}),
+               "seeds": sorted({str(r.get("seed", "")) for r in rows}), "errors": table, "seed_spread": spread,
+               "n_params": n_params, "fits": fits,
+               "plots": plots + [p for forms in fits.values() for f in forms.values() for p in f.get("plots", [])]}
+    summary = scaling.report.json_safe(summary)
+    # Written here rather than by files.write_json_atomic, which sorts keys: the decision stays first.
+    files.write_text_atomic(os.path.join(grid_dir, "summary.json"),
+                            json.dumps(summary, indent=1, allow_nan=False) + "\n")
     files.write_text_atomic(os.path.join(grid_dir, "report.txt"), text.getvalue())
     return summary

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vlm_jax import flops as flops_lib
+from vlm_jax.scaling import units
 from vlm_jax.scaling.laws import Estimate, FitResult, LawForm, get_form
 from vlm_jax.scaling.tables import PARAMS_PER_UNIT
 
@@ -76,7 +77,8 @@ def _check_budget(budget, text_tokens, overhead_flops):
     if text_tokens < 0:
         raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
     if budget <= overhead_flops:
-        raise ValueError(f"budget {budget:.4g} FLOPs does not cover the fixed overhead {overhead_flops:.4g}")
+        raise ValueError(f"budget {units.flops(budget)} does not cover the fixed overhead "
+                         f"{units.flops(overhead_flops)}")
 
 
 def _feasible_v(budget, text_tokens, v_range, n_range, overhead_flops):
@@ -95,8 +97,9 @@ def _feasible_v(budget, text_tokens, v_range, n_range, overhead_flops):
         # Relative slack 1e-9: a budget computed as exactly a corner configuration's cost must stay feasible.
         if hi < v_lo * (1 - 1e-9):
             cheapest = inference_flops(n_lo, v_lo, text_tokens, overhead_flops)
-            raise ValueError(f"budget {budget:.4g} FLOPs cannot afford the smallest configuration (N={n_lo:g}B, "
-                             f"V={v_lo:g}, Q={text_tokens:g}), which costs {cheapest:.4g}")
+            raise ValueError(f"budget {units.flops(budget)} cannot afford the smallest configuration "
+                             f"(N={units.params_billions(n_lo)}, V={v_lo:g}, Q={text_tokens:g}), which costs "
+                             f"{units.flops(cheapest)}")
         if lo > v_hi * (1 + 1e-9):
             return v_hi, v_hi, False
     return min(lo, v_hi), max(hi, v_lo), True
@@ -111,19 +114,35 @@ def optimum_from_params(form: str | LawForm, thetas, budget: float, text_tokens:
     """
     form = get_form(form)
     thetas = np.atleast_2d(np.asarray(thetas, dtype=np.float64))
+    return _optimum(lambda n, v: _predict_rows(form, thetas, n, v), len(thetas), budget, text_tokens,
+                    v_range=v_range, n_range=n_range, overhead_flops=overhead_flops)
+
+
+def optimum_for_fit(fit: FitResult, budget: float, text_tokens: float, *, v_range=DEFAULT_V_RANGE, n_range=None,
+                    overhead_flops: float = 0.0, point_only: bool = False):
+    """optimum_from_params for a fit's point and bootstrap fits (only the point with `point_only`), predicted
+    from their centred coordinates, which stay finite where a degenerate fit's natural parameters do not."""
+    coords = fit.coords[None] if point_only else fit.all_coords()
+    return _optimum(lambda n, v: fit.predict_coords(coords, n, v), len(coords), budget, text_tokens,
+                    v_range=v_range, n_range=n_range, overhead_flops=overhead_flops)
+
+
+def _optimum(predict_rows, s: int, budget, text_tokens, *, v_range, n_range, overhead_flops):
+    """The search of optimum_from_params over S parameter vectors; predict_rows(n, v float[S, K]) -> [S, K]."""
     _check_budget(budget, text_tokens, overhead_flops)
     lo, hi, binding = _feasible_v(budget, text_tokens, v_range, n_range, overhead_flops)
     left = budget - overhead_flops
     if not binding:
-        n, v = np.full(len(thetas), float(n_range[1])), np.full(len(thetas), float(v_range[1]))
-        return n, v, _predict_rows(form, thetas, n[:, None], v[:, None])[:, 0], False
+        n, v = np.full(s, float(n_range[1])), np.full(s, float(v_range[1]))
+        return n, v, predict_rows(n[:, None], v[:, None])[:, 0], False
 
     def error_at(log_v):  # log_v float[S, K] -> float[S, K]
         v = np.exp(log_v)
-        return _predict_rows(form, thetas, _n_at_budget(left, v, text_tokens), v)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return predict_rows(_n_at_budget(left, v, text_tokens), v)
 
     grid = np.linspace(np.log(lo), np.log(hi), _GRID)
-    errs = error_at(np.broadcast_to(grid, (len(thetas), _GRID)))
+    errs = error_at(np.broadcast_to(grid, (s, _GRID)))
     errs = np.where(np.isfinite(errs), errs, np.inf)
     best = np.argmin(errs, axis=1)
     a = grid[np.maximum(best - 1, 0)][:, None]
@@ -161,8 +180,9 @@ def multiplicative_optimum(alpha, beta, budget: float, text_tokens: float, *, v_
 def continuous_optimum(fit: FitResult, budget: float, text_tokens: float, *, v_range=DEFAULT_V_RANGE,
                        n_range=None, overhead_flops: float = 0.0) -> FrontierPoint:
     """The best continuous (N, V) for a budget under the fitted law, with bootstrap intervals."""
-    n, v, err, binding = optimum_from_params(fit.form, fit.thetas(), budget, text_tokens, v_range=v_range,
-                                             n_range=n_range, overhead_flops=overhead_flops)
+    n, v, err, binding = optimum_for_fit(fit, budget, text_tokens, v_range=v_range, n_range=n_range,
+                                         overhead_flops=overhead_flops)
+    err = np.where(np.isfinite(err), err, np.nan)  # a resample whose law diverges everywhere has no optimum error
     est = lambda x: Estimate.from_samples(x[0], x[1:], fit.level)
     return FrontierPoint(float(budget), float(text_tokens), est(n), est(v), est(err), binding)
 
@@ -189,16 +209,18 @@ def discrete_optimum(fit: FitResult, budget: float, text_tokens: float, n_menu: 
     cost = inference_flops(nn, vv, text_tokens, overhead_flops)
     affordable = cost <= budget
     if not affordable.any():
-        raise ValueError(f"budget {budget:.4g} FLOPs affords no menu entry at Q={text_tokens:g}; the cheapest "
-                         f"costs {cost.min():.4g}")
-    thetas = fit.thetas()
-    errs = _predict_rows(fit.form, thetas, np.broadcast_to(nn, (len(thetas), nn.size)),
-                         np.broadcast_to(vv, (len(thetas), vv.size)))
+        raise ValueError(f"budget {units.flops(budget)} affords no menu entry at Q={text_tokens:g}; the cheapest "
+                         f"costs {units.flops(cost.min())}")
+    s = len(fit.all_coords())
+    errs = fit.predict_rows(np.broadcast_to(nn, (s, nn.size)), np.broadcast_to(vv, (s, vv.size)))
+    # A resample whose law diverges at some entry (no finite prediction) cannot rank that entry: it is left out
+    # of the ranking there, and a resample with no finite entry at all is left out of the interval (NaN).
     errs = np.where(affordable & np.isfinite(errs), errs, np.inf)
     pick = np.argmin(errs, axis=1)
-    best_err = errs[np.arange(len(thetas)), pick]
+    best_err = errs[np.arange(s), pick]
+    best_err = np.where(np.isfinite(best_err), best_err, np.nan)
     picks, counts = np.unique(pick[1:], return_counts=True)
-    shares = {(float(nn[i]), float(vv[i])): float(c) / max(len(thetas) - 1, 1) for i, c in zip(picks, counts)}
+    shares = {(float(nn[i]), float(vv[i])): float(c) / max(s - 1, 1) for i, c in zip(picks, counts)}
     p = pick[0]
     return DiscreteChoice(float(budget), float(text_tokens), float(nn[p]), float(vv[p]), float(cost[p]),
                           Estimate.from_samples(best_err[0], best_err[1:], fit.level),

@@ -2,9 +2,11 @@
 
 The objective (Hoffmann et al. 2022, approach 3) is a weighted sum of Huber losses of log-error residuals,
     L(c) = sum_i w_i * huber_delta(log_predict(c, log_n_i, log_v_i) - log_err_i),
-where integer weights w express bootstrap resampling (a cell drawn k times has weight k) and zero weights
-leave-one-out. Everything runs in float64 (`jax.enable_x64` locally, never globally): noise-free tables must be
-recovered to 1e-6, which float32 cannot resolve.
+where weights w express bootstrap resampling (a cell drawn k times has k times its weight), zero weights
+leave-one-out, and a cell's precision (`resampling.cell_noise`). The observed log errors may differ from one
+problem to the next (float[B, M]): a bootstrap that resamples seeds within cells changes the cells' errors too.
+Everything runs in float64 (`jax.enable_x64` locally, never globally): noise-free tables must be recovered to
+1e-6, which float32 cannot resolve.
 
 `form` is a law form (see `vlm_jax.scaling.LawForm`): only its `log_predict(coords, log_n, log_v, xp)` is used.
 """
@@ -33,19 +35,32 @@ def _objective(coords, weights, log_n, log_v, log_err, *, form, delta):
 
 @functools.partial(jax.jit, static_argnames=("form", "delta"))
 def _grid_losses(grid, weights, log_n, log_v, log_err, *, form, delta):
-    """float[B, G]: the loss of each of G start points (float[G, P]) under each weight vector (float[B, M])."""
-    huber = _huber_residuals(form, grid, log_n, log_v, log_err, delta)  # [G, M]
-    return weights @ huber.T
+    """float[B, G]: the loss of each of G start points (float[G, P]) under each weight vector (float[B, M]) and
+    its observed log errors (float[B, M])."""
+    pred = form.log_predict(grid, log_n, log_v, jnp)  # [G, M]
+    huber = optax.losses.huber_loss(pred[None] - log_err[:, None], delta=delta)  # [B, G, M]
+    return jnp.einsum("bm,bgm->bg", weights, huber)
+
+
+def _per_problem(log_err, b: int) -> np.ndarray:
+    """float[B, M]: one row of observed log errors per problem (a shared float[M] is repeated)."""
+    log_err = np.asarray(log_err, dtype=np.float64)
+    return np.broadcast_to(log_err, (b, log_err.shape[-1])) if log_err.ndim == 1 else log_err
 
 
 def screen_starts(form, grid, weights, log_n, log_v, log_err, *, delta: float, k: int) -> np.ndarray:
     """float[B, k, P]: for each weight vector (float[B, M]) the k grid points (float[G, P]) of lowest loss.
 
-    Ranking the whole grid by its loss first and running L-BFGS from the best few is what keeps a fit from a
-    start grid of hundreds of points fast; the rest would mostly descend into the same basins.
+    log_err: float[M] shared by all problems, or float[B, M]. Ranking the whole grid by its loss first and running
+    L-BFGS from the best few is what keeps a fit from a start grid of hundreds of points fast; the rest would
+    mostly descend into the same basins.
     """
+    weights = np.asarray(weights, dtype=np.float64)
+    log_err = _per_problem(log_err, len(weights))
     with jax.enable_x64(True):
-        losses = np.asarray(_grid_losses(grid, weights, log_n, log_v, log_err, form=form, delta=delta))
+        losses = np.concatenate([np.asarray(_grid_losses(grid, weights[i:i + _CHUNK], log_n, log_v,
+                                                         log_err[i:i + _CHUNK], form=form, delta=delta))
+                                 for i in range(0, len(weights), _CHUNK)]) if len(weights) else np.zeros((0, 0))
     losses = np.where(np.isfinite(losses), losses, np.inf)
     k = min(k, grid.shape[0])
     best = np.argsort(losses, axis=1, kind="stable")[:, :k]
@@ -87,16 +102,17 @@ def _lbfgs_one(start, weights, log_n, log_v, log_err, *, form, delta, max_iter, 
 @functools.partial(jax.jit, static_argnames=("form", "delta", "max_iter", "gtol", "ftol"),
                    compiler_options={"xla_backend_optimization_level": 2})
 def _lbfgs_batch(starts, weights, log_n, log_v, log_err, *, form, delta, max_iter, gtol, ftol):
-    solve = functools.partial(_lbfgs_one, log_n=log_n, log_v=log_v, log_err=log_err, form=form, delta=delta,
+    solve = functools.partial(_lbfgs_one, log_n=log_n, log_v=log_v, form=form, delta=delta,
                               max_iter=max_iter, gtol=gtol, ftol=ftol)
     # lax.map runs the problems one after another inside one program. vmap would be slower: batched, the line
     # search's branches all execute and every problem waits for the slowest (measured 10-50x slower here).
-    return jax.lax.map(lambda sw: solve(*sw), (starts, weights))
+    return jax.lax.map(lambda swe: solve(swe[0], swe[1], log_err=swe[2]), (starts, weights, log_err))
 
 
 def minimize_batched(form, starts, weights, log_n, log_v, log_err, *, delta: float, max_iter: int = 500,
                      gtol: float = 1e-10, ftol: float = 1e-13):
-    """Independent L-BFGS runs (optax), one per row of starts float[B, P] and weights float[B, M].
+    """Independent L-BFGS runs (optax), one per row of starts float[B, P], weights float[B, M] and log errors
+    (float[M] shared, or float[B, M]).
 
     This is what makes 1000 bootstrap refits take about a second: they run inside compiled programs, with no
     Python between iterations. Returns (coords float[B, P], loss float[B], converged bool[B]); converged means
@@ -111,13 +127,14 @@ def minimize_batched(form, starts, weights, log_n, log_v, log_err, *, delta: flo
     # Pad cells (zero weight: no loss, no gradient) and problems (all-zero weights: stop after one step), so
     # that every call hits the same compiled shapes.
     m_pad = -m % _CELL_BUCKET
-    data = [np.pad(np.asarray(a, dtype=np.float64), (0, m_pad)) for a in (log_n, log_v, log_err)]
+    data = [np.pad(np.asarray(a, dtype=np.float64), (0, m_pad)) for a in (log_n, log_v)]
+    log_err = np.pad(_per_problem(log_err, b), ((0, -b % _CHUNK), (0, m_pad)))
     weights = np.pad(weights, ((0, -b % _CHUNK), (0, m_pad)))
     starts = np.pad(starts, ((0, -b % _CHUNK), (0, 0)), mode="edge")
     outs = []
     with jax.enable_x64(True):
         for i in range(0, weights.shape[0], _CHUNK):
-            outs.append(_lbfgs_batch(starts[i:i + _CHUNK], weights[i:i + _CHUNK], *data, form=form, delta=delta,
-                                     max_iter=max_iter, gtol=gtol, ftol=ftol))
+            outs.append(_lbfgs_batch(starts[i:i + _CHUNK], weights[i:i + _CHUNK], *data, log_err[i:i + _CHUNK],
+                                     form=form, delta=delta, max_iter=max_iter, gtol=gtol, ftol=ftol))
         coords, loss, converged = (np.concatenate([np.asarray(o[j]) for o in outs])[:b] for j in range(3))
     return coords, loss, converged
