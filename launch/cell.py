@@ -4,8 +4,12 @@
 
 `launch.grid` writes job.json and runs this command through its backend (here, or on every host of a TPU slice
 with --distributed). Re-running it resumes: finished stages are skipped, an interrupted one continues from its
-last checkpoint.
+last checkpoint. It owns the directory while it runs (DIR/owner.json, vlm_jax/grid/ownership.py; taken over from the
+launcher, which holds it while the job starts): where another live process owns it, it exits at once with code 73
+and writes nothing.
 """
+
+import sys
 
 from absl import flags, logging
 
@@ -17,11 +21,22 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from vlm_jax.grid import backends
+
+    backends.forward_parent_death()   # the launcher died (local backend): checkpoint and exit, once
+
     from launch import runtime
-    from vlm_jax.grid import cell
+    from vlm_jax.grid import cell, ownership
 
     runtime.start(FLAGS.distributed)
-    result = cell.run_job(FLAGS.job_dir)
+    import jax
+
+    try:   # process 0 holds the lock for the whole slice
+        with ownership.held(FLAGS.job_dir, holder=jax.process_index() == 0, agree=ownership.agree_across_processes):
+            result = cell.run_job(FLAGS.job_dir)
+    except ownership.Owned as e:
+        logging.warning("%s: not started (another process is running this job)", e)
+        sys.exit(ownership.EXIT_OWNED)
     logging.info("job done: %s", {k: v for k, v in result.items() if k != "rows"})
 
 

@@ -5,7 +5,8 @@
     python -m launch.grid --config=configs/grid.py --only='tiny-l_*'     # a subset of cells (fnmatch patterns)
     python -m launch.grid --config=configs/grid.py --retry_failed        # only the cells that failed before
 
-Re-running resumes: finished cells are skipped, interrupted ones continue. Writes CONFIG.dir/results.jsonl,
+Re-running resumes: finished cells are skipped, interrupted ones continue; a cell another launcher is running is
+waited for (--if_owned=skip: skipped), never started twice. Writes CONFIG.dir/results.jsonl,
 summary.json, report.txt and plots/ (see vlm_jax/grid/).
 """
 
@@ -18,6 +19,9 @@ flags.DEFINE_list("only", [], "Run only the cells whose names match these fnmatc
 flags.DEFINE_bool("retry_failed", False, "Run only the cells that failed before.")
 flags.DEFINE_bool("dry_run", False, "Print every command, in order, and run nothing.")
 flags.DEFINE_bool("fit_only", False, "Run no job; rebuild the table, fit and plot from the finished cells.")
+flags.DEFINE_enum("if_owned", "wait", ["wait", "skip"],
+                  "A cell another live process owns (another launcher's, on the same grid): wait for it and take its "
+                  "result, or skip it. Either way it is left to the end, and never run twice at once.")
 FLAGS = flags.FLAGS
 
 
@@ -79,7 +83,7 @@ def main(argv):
               f"{len(grid.seeds)} seeds), {len(todo_cells)} to run, {grid.parallel} at a time on '{grid.backend}'"
               + (f", after {len(todo_first)} pretraining job(s)" if todo_first else ""), flush=True)
         progress = runner.run_jobs(todo_first, todo_cells, backend, grid.parallel,
-                                   echo=lambda line: print(line, flush=True))
+                                   echo=lambda line: print(line, flush=True), if_owned=FLAGS.if_owned)
         if progress.failed:
             print(f"{progress.failed} job(s) failed: see their result.json and log.txt; "
                   f"re-run with --retry_failed after fixing the cause")

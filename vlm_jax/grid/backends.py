@@ -7,15 +7,20 @@ A backend is one module with a `@register("name")` class; the package (vlm_jax/g
 backend module, so importing any part of vlm_jax.grid registers them all.
 
 A backend has `commands(job) -> list[list[str]]` (what `--dry-run` prints, in order) and
-`run(job, log_path) -> int` (runs them, appending stdout and stderr to `log_path`; the exit code of the job).
+`run(job, log_path) -> int` (runs them, appending stdout and stderr to `log_path`; the exit code of the job), and
+may have `stop()` (the launcher is being stopped: end the running jobs, start no other, return once they ended).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -40,13 +45,66 @@ class Job:
     argv: tuple[str, ...]
 
 
+# The signal the kernel sends a local child when its launcher dies, however it dies (SIGKILL included, where nothing
+# in the launcher could run): Linux's prctl(PR_SET_PDEATHSIG). Not SIGTERM itself: a dying multi-threaded parent's
+# children pass to its next live thread, and the kernel signals them again at each such step (measured: two from
+# one SIGKILLed launcher), while a training cell reads a second SIGTERM as "exit now, without a checkpoint".
+# SIGUSR1's default action ends a process, as SIGTERM's does; launch.cell turns the first one into one SIGTERM and
+# ignores the others (forward_parent_death).
+PARENT_DEATH_SIGNAL = signal.SIGUSR1
+
+# What a child runs first: ask for the signal, end at once where the launcher died before that took effect (the
+# child's parent is then another process: nothing would ever signal it), then become the job's command (execve
+# keeps the setting, except into a set-user-ID or set-group-ID binary). A preexec_fn could do the same inside
+# Python's fork, but the launcher has other threads (its pool's, JAX's): unsafe there, and JAX warns at every fork.
+_PRELUDE = ("import ctypes, os, sys\n"
+            "ctypes.CDLL(None).prctl(1, int(sys.argv[1]), 0, 0, 0)\n"   # 1: PR_SET_PDEATHSIG
+            "if os.getppid() != int(sys.argv[2]):\n"
+            "    os._exit(128 + int(sys.argv[1]))\n"
+            "os.execvp(sys.argv[3], sys.argv[3:])\n")
+
+
+def with_parent_death(argv: Sequence[str], parent_pid: int, sig: int = PARENT_DEATH_SIGNAL) -> list[str]:
+    """`argv`, run so that the kernel sends it `sig` when its parent dies (Linux; elsewhere `argv` as it is).
+
+    The "parent" of PR_SET_PDEATHSIG is the *thread* that started the child: `LocalBackend.run` waits for its child
+    in the thread that started it, so that thread outlives the child unless the whole launcher dies (a grid's jobs
+    run in a thread pool whose threads live until the pool is done)."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-S", "-c", _PRELUDE, str(int(sig)), str(parent_pid), *argv]
+
+
+def forward_parent_death(to: int = signal.SIGTERM) -> None:
+    """In a child of LocalBackend (launch.cell, first thing): the first parent-death signal becomes one `to` to this
+    process (a training cell checkpoints and exits; anything else exits); the repeats are ignored."""
+    def forward(*_):
+        signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_IGN)
+        os.kill(os.getpid(), to)
+    signal.signal(PARENT_DEATH_SIGNAL, forward)
+
+
 @register("local")
 class LocalBackend:
     """Runs the job here, as a child process with this interpreter (`python` in argv[0] becomes sys.executable),
-    from the repository root."""
+    from the repository root.
+
+    Children never outlive the launcher. If it dies, however (SIGKILL included), the kernel signals each child
+    (with_parent_death), which launch.cell turns into one SIGTERM: a training cell checkpoints at the end of its step
+    and exits, anything else exits at once (launch/runtime.py); any other command just ends. No one is left to
+    escalate: a cell that hung would keep its ownership lock (vlm_jax/grid/ownership.py), so a re-run would still
+    not train it twice, and would name its PID. If the launcher is stopped (Ctrl-C, SIGTERM: the runner calls
+    `stop`), it sends SIGTERM itself, waits up to STOP_GRACE_S, then SIGKILLs what is left. Each child leads a
+    process group of its own: a Ctrl-C in the terminal reaches the launcher only, which stops the cells as above (a
+    SIGINT would end a training step without a checkpoint), and `stop` signals a cell with any process it started."""
+
+    STOP_GRACE_S = 120.0   # a checkpoint of a local (small) model is written in seconds; a bucket may take longer
 
     def __init__(self, cfg: ml_collections.ConfigDict | None = None):
         self.cfg = cfg
+        self._running: set[subprocess.Popen] = set()
+        self._mutex = threading.Lock()
+        self._stopping = False
 
     def commands(self, job: Job) -> list[list[str]]:
         argv = list(job.argv)
@@ -59,8 +117,53 @@ class LocalBackend:
         rc = 0
         for argv in self.commands(job):
             with open(log_path, "ab") as log:
-                rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=REPO_ROOT).returncode
+                with self._mutex:   # no child starts once `stop` has begun
+                    if self._stopping:
+                        return -signal.SIGTERM
+                    proc = subprocess.Popen(with_parent_death(argv, os.getpid()), stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
+                                            process_group=0)
+                    self._running.add(proc)
+                try:
+                    rc = proc.wait()   # in this thread: see with_parent_death
+                finally:
+                    with self._mutex:
+                        self._running.discard(proc)
             if rc:
                 break
         return rc
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stops every running child and starts no other: SIGTERM to each one's process group, SIGKILL to those still
+        running after `grace_s` (default STOP_GRACE_S) or at a second Ctrl-C; returns once all have exited."""
+        with self._mutex:
+            self._stopping = True
+            procs = list(self._running)
+        grace_s = self.STOP_GRACE_S if grace_s is None else grace_s
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        try:
+            for proc in procs:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        except KeyboardInterrupt:   # a second Ctrl-C: kill them now
+            pass
+        for proc in procs:
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGKILL)
+        for proc in procs:
+            proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """`sig` to the child's process group (it leads one: process_group=0), or to the child alone if that is gone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass

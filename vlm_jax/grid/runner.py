@@ -1,5 +1,7 @@
 """Run a grid: the pretraining jobs first (cells need them), then every cell through the backend, k at a time; a
-failing job is recorded and never stops the others. Progress (done / running / failed, elapsed, ETA) after every job."""
+failing job is recorded and never stops the others; a job another live process owns (vlm_jax/grid/ownership.py:
+another launcher's cell) is left to it, waited for or skipped, never started twice. Progress (done / running /
+failed, elapsed, ETA) after every job. Stopped (Ctrl-C, SIGTERM), it stops its running jobs and waits for them."""
 
 from __future__ import annotations
 
@@ -8,13 +10,15 @@ import fnmatch
 import os
 import posixpath
 import shlex
+import signal
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
 
 from vlm_jax import files
-from vlm_jax.grid import backends, results
+from vlm_jax.grid import backends, ownership, results
 from vlm_jax.grid import spec as spec_lib
 from vlm_jax.grid.spec import GridJob
 
@@ -58,26 +62,32 @@ class Progress:
 
     def __init__(self, total: int, parallel: int, echo: Callable[[str], None]):
         self.total, self.parallel, self.echo = total, parallel, echo
-        self.done = self.failed = self.running = 0
+        self.done = self.failed = self.skipped = self.running = 0
         self.durations: list[float] = []
         self.start = time.perf_counter()
         self.lock = threading.Lock()
 
-    def started(self):
+    def started(self, n: int = 1):
         with self.lock:
-            self.running += 1
+            self.running += n
 
-    def finished(self, job: GridJob, ok: bool, seconds: float, detail: str):
+    def finished(self, job: GridJob, ok: bool | None, seconds: float, detail: str):
+        """ok: done (True), failed (False), or neither (None: skipped, or stopped before its end)."""
         with self.lock:
             self.running -= 1
-            self.done += ok
-            self.failed += not ok
+            if ok is None:
+                self.skipped += 1
+            else:
+                self.done += ok
+                self.failed += not ok
             self.durations.append(seconds)
-            left = self.total - self.done - self.failed
+            ended = self.done + self.failed + self.skipped
+            left = self.total - ended
             elapsed = time.perf_counter() - self.start
             eta = (sum(self.durations) / len(self.durations)) * left / self.parallel
-            self.echo(f"[{self.done + self.failed:>3}/{self.total} | {self.done} done, {self.running} running, "
-                      f"{self.failed} failed | {_fmt_s(elapsed)} elapsed, ETA {_fmt_s(eta) if left else '0s'}] "
+            skipped = f", {self.skipped} skipped" if self.skipped else ""
+            self.echo(f"[{ended:>3}/{self.total} | {self.done} done, {self.running} running, "
+                      f"{self.failed} failed{skipped} | {_fmt_s(elapsed)} elapsed, ETA {_fmt_s(eta) if left else '0s'}] "
                       f"{job.name}: {detail} ({_fmt_s(seconds)})")
 
 
@@ -104,37 +114,135 @@ def log_file(job: GridJob) -> str:
     return os.path.join(job.dir, "log.txt")
 
 
-def run_one(job: GridJob, backend, progress: Progress) -> bool:
-    """Run one job; on failure write result.json with the error and the log's tail (never raises)."""
+WAIT_POLL_S = 2.0   # how often a launcher waiting for a job another process owns looks at its lock
+
+
+def _owned_by(record: dict | None) -> str:
+    if not record:
+        return "another process"
+    who = "another launcher" if record.get("role") == "launcher" else "a cell of another launcher, or started by hand"
+    return f"{ownership.describe(record)} ({who})"
+
+
+def _claim(job: GridJob, echo: Callable[[str], None]) -> ownership.Lock | None:
+    """Takes the job's lock (ownership.py; raises Owned while a live process holds it, takes a stale one over and
+    says so) and writes job.json; the lock is renewed until the job's process takes it over (or it is released).
+    None, writing nothing, where the job is done already (another launcher finished it since `select`)."""
+    lock = ownership.Lock(job.dir, role="launcher", on_lost=lambda lock: None).acquire()   # "lost": handed over
+    try:
+        if lock.took_over:
+            echo(f"{job.name}: the lock of {ownership.describe(lock.took_over)}, no longer running, taken over")
+        if results.status(job, results.read_result(job.dir)) == "done":
+            lock.release()
+            return None
+        files.write_json_atomic(os.path.join(job.dir, "job.json"), job.spec)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _record_failure(job: GridJob, error: str, log_tail: str) -> dict | None:
+    """Writes result.json (failed) under the job's lock; None once written, else the record of the live process that
+    owns the job now (it runs the job again: its result will say how that went)."""
+    try:
+        with ownership.Lock(job.dir, role="launcher", renew_s=None):
+            files.write_json_atomic(os.path.join(job.dir, "result.json"), {
+                "status": "failed", "error": error, "log_tail": log_tail, "spec_digest": results.spec_digest(job.spec)})
+    except ownership.Owned as e:
+        return e.record or {}
+    return None
+
+
+def _log_tail(log_path: str) -> str:
+    if not os.path.exists(log_path):
+        return ""
+    with open(log_path, errors="replace") as f:
+        return "".join(f.readlines()[-20:])
+
+
+def run_one(job: GridJob, backend, progress: Progress, if_owned: str = "wait",
+            stopping: threading.Event | None = None) -> str:
+    """Run one job unless a live process owns its directory (vlm_jax/grid/ownership.py: its cell, started by another
+    launcher or by hand); returns 'done', 'failed', 'skipped', 'stopped' or 'owned'. A job found owned is, by
+    `if_owned`: 'wait' — waited for, then its owner's result taken (or, where the owner stopped before the end, the
+    job run here); 'skip' — skipped; 'defer' — nothing counted, 'owned' returned (run_jobs comes back to it after the
+    others). On failure, result.json holds the error and the log's tail, unless another process owns the job by
+    then. A launcher that finds the job owned writes nothing into its directory. Never raises."""
+    stopping = stopping or threading.Event()
     progress.started()
     start = time.perf_counter()
     log_path = log_file(job)
-    try:
-        files.write_json_atomic(os.path.join(job.dir, "job.json"), job.spec)
-        rc = backend.run(job_command(job), log_path)
-        result = results.read_result(job.dir)
-        ok = rc == 0 and results.status(job, result) == "done"
-        error = None if ok else f"exit code {rc}" + ("" if result else " and no result.json")
-    except Exception:  # a launcher-side error fails this job only
-        ok, error, result = False, traceback.format_exc(limit=3), None
-    if not ok:
-        tail = ""
-        if os.path.exists(log_path):
-            with open(log_path, errors="replace") as f:
-                tail = "".join(f.readlines()[-20:])
-        files.write_json_atomic(os.path.join(job.dir, "result.json"), {
-            "status": "failed", "error": error, "log_tail": tail, "spec_digest": results.spec_digest(job.spec)})
-        detail = f"FAILED ({error}); log: {log_path}"
-    else:
-        detail = _summary_line(result)
-    progress.finished(job, ok, time.perf_counter() - start, detail)
-    return ok
+
+    def finish(outcome: str, ok: bool | None, detail: str) -> str:
+        progress.finished(job, ok, time.perf_counter() - start, detail)
+        return outcome
+
+    waiting = False
+    while True:
+        if stopping.is_set():
+            return finish("stopped", None, "not started: the launcher is stopping")
+        record = error = None
+        try:
+            lock = _claim(job, progress.echo)
+            if lock is None:
+                return finish("done", True, f"done by another launcher: {_summary_line(results.read_result(job.dir))}")
+            try:
+                rc = backend.run(job_command(job), log_path)
+            finally:
+                lock.release()   # (deletes nothing once the job's process has taken it over)
+            if rc != ownership.EXIT_OWNED:   # its cell ran (or could not start): its outcome is this launcher's
+                result = results.read_result(job.dir)
+                if rc == 0 and results.status(job, result) == "done":
+                    return finish("done", True, _summary_line(result))
+                error = f"exit code {rc}" + ("" if result else " and no result.json")
+            else:   # its cell found another cell's lock (one started by hand took ours, or our lease lapsed)
+                record = ownership.owner(job.dir)
+        except ownership.Owned as e:
+            record = e.record
+        except Exception:  # pylint: disable=broad-except   # a launcher-side error fails this job only
+            error = traceback.format_exc(limit=3)
+        if error is not None:
+            if stopping.is_set():
+                return finish("stopped", None, "stopped by the launcher; a re-run resumes it")
+            try:
+                owner = _record_failure(job, error, _log_tail(log_path))
+            except Exception:  # pylint: disable=broad-except
+                owner, error = None, error + "\n(and result.json could not be written: " \
+                    + traceback.format_exc(limit=1).strip().splitlines()[-1] + ")"
+            note = "" if owner is None else f"; not recorded: owned now by {_owned_by(owner)}"
+            return finish("failed", False, f"FAILED ({error}){note}; log: {log_path}")
+
+        # Owned by another live process.
+        if if_owned == "defer":
+            progress.started(-1)
+            return "owned"
+        if if_owned == "skip" and job.is_cell:   # a pretraining job is always waited for: the cells need it
+            return finish("skipped", None, f"owned by {_owned_by(record)}, skipped")
+        if not waiting:
+            progress.echo(f"{job.name}: owned by {_owned_by(record)}, waiting for it")
+            waiting = True
+        try:
+            before = results.read_result(job.dir)
+            while ownership.owner(job.dir) is not None and not stopping.wait(WAIT_POLL_S):
+                pass
+            result = results.read_result(job.dir)
+        except Exception as e:  # pylint: disable=broad-except   # not ours to record: its owner's result will say
+            return finish("failed", False, f"FAILED (while waiting for its owner: {e!r}); not recorded")
+        if stopping.is_set():
+            continue
+        if result != before and results.status(job, result) in ("done", "failed"):
+            ok = results.status(job, result) == "done"
+            detail = (f"done by another launcher: {_summary_line(result)}" if ok else
+                      f"FAILED under another launcher ({result.get('error')}); see {job.dir}/result.json")
+            return finish("done" if ok else "failed", ok, detail)
+        progress.echo(f"{job.name}: its owner stopped before the end; running it here")
 
 
 def refuse(job: GridJob, error: str) -> None:
-    """Record a job as failed without running it (e.g. it cannot fit its TPU slice); --retry_failed retries it."""
-    files.write_json_atomic(os.path.join(job.dir, "result.json"), {
-        "status": "failed", "error": error, "log_tail": "", "spec_digest": results.spec_digest(job.spec)})
+    """Record a job as failed without running it (e.g. it cannot fit its TPU slice); --retry_failed retries it. Not
+    where another live process owns the job (it is running it)."""
+    _record_failure(job, error, "")
 
 
 def dry_run(jobs: Sequence[GridJob], backend, echo: Callable[[str], None]) -> None:
@@ -151,18 +259,60 @@ def cost(job: GridJob) -> float:
                * s["config"]["train"]["steps"] * s["config"]["train"]["batch_size"] for s in job.spec["stages"])
 
 
+def _raise_keyboard_interrupt(*_):
+    raise KeyboardInterrupt
+
+
 def run_jobs(first: Sequence[GridJob], cells: Sequence[GridJob], backend, parallel: int,
-             echo: Callable[[str], None] = print) -> Progress:
+             echo: Callable[[str], None] = print, if_owned: str = "wait") -> Progress:
     """The pretraining jobs still to run (tower, LLMs) `parallel` at a time, then the cells, the costliest first (so
-    that no slot idles at the end behind one long cell). If a pretraining job fails, no cell runs."""
+    that no slot idles at the end behind one long cell). If a pretraining job fails, no cell runs.
+
+    Jobs another live process owns (another launcher's cells) come last: then waited for, their results taken as
+    their owners write them (`if_owned='wait'`), or skipped ('skip'); a pretraining job is always waited for.
+
+    Stopped by Ctrl-C or SIGTERM, it starts no other job, has the backend stop the running ones and waits for them
+    (backend.stop: a local cell checkpoints and exits), records none of them as failed (a re-run resumes them), and
+    exits (SystemExit 130 or 143). A second Ctrl-C or SIGTERM kills the running jobs at once."""
+    if if_owned not in ("wait", "skip"):
+        raise ValueError(f"if_owned must be 'wait' or 'skip', not {if_owned!r}")
     cells = sorted(cells, key=cost, reverse=True)
     progress = Progress(len(first) + len(cells), max(1, parallel), echo)
-    with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
-        failed = [job for job, ok in zip(first, pool.map(lambda job: run_one(job, backend, progress), first))
-                  if not ok]
+    stopping = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
+
+    def run_all(jobs: Sequence[GridJob], later: str) -> list[str]:
+        """Every job once; those found owned after all the others, handled as `later` says."""
+        outcomes = list(pool.map(lambda job: run_one(job, backend, progress, "defer", stopping), jobs))
+        owned = [i for i, outcome in enumerate(outcomes) if outcome == "owned"]
+        for i, outcome in zip(owned, pool.map(lambda i: run_one(jobs[i], backend, progress, later, stopping), owned)):
+            outcomes[i] = outcome
+        return outcomes
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM)) if main_thread else None
+    try:
+        failed = [job for job, outcome in zip(first, run_all(first, "wait")) if outcome != "done"]
         if failed:
             echo(f"pretraining failed ({', '.join(j.name for j in failed)}): no cell can run; see "
                  f"{', '.join(log_file(j) for j in failed)}")
-            return progress
-        list(pool.map(lambda job: run_one(job, backend, progress), cells))
+        else:
+            run_all(cells, if_owned)
+    except (KeyboardInterrupt, SystemExit) as e:
+        stopping.set()
+        if main_thread:   # from now on, another SIGTERM is a second Ctrl-C: kill the running jobs at once
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop = getattr(backend, "stop", None)
+        echo(f"stopping: {progress.running} running job(s) "
+             + ("asked to checkpoint and exit (Ctrl-C again kills them now)" if stop else "left to end"))
+        if stop is not None:
+            stop()
+        pool.shutdown(wait=True)
+        echo("stopped; a re-run resumes the unfinished jobs")
+        raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else e.code) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    pool.shutdown(wait=True)
     return progress
