@@ -7,6 +7,7 @@ then `--config.init="('/ckpt/clip336-qwen7b=vision/.*|llm/.*',)"` in any run of 
 
 A trained run -> HF (the LLM as a Qwen2 directory transformers loads, the compressor + projector as heads/):
     python -m launch.convert --export_run=runs/llava-qwen1.5-7b-quecc-v1-stage2 --out=/export/vlm --dtype=bfloat16
+--export_run and --out may be gs:// folders (shards are streamed to the bucket from a local temporary file).
 """
 
 from absl import app, flags, logging

@@ -6,11 +6,12 @@
 The results file (CSV or JSONL) has columns llm, n_params, visual_tokens, task, error, and optionally seed and
 questions (others are ignored); each task family gets its own fit per law form. The report opens with the decision
 (V*, N* per budget, P(beta_a > beta_b)); fit_summary.json ({"decision", "fits"}) and the plots go beside the
-results file unless --out says.
+results file unless --out says; any of these may be a gs:// path.
 """
 
 import json
 import os
+import posixpath
 
 from absl import app, flags
 
@@ -41,16 +42,17 @@ def _floats(name: str, values) -> list[float]:
 def main(argv) -> int:
     del argv
     from configs import models
-    from vlm_jax import scaling
+    from vlm_jax import files, scaling
 
     if FLAGS.demo == bool(FLAGS.results):
         raise app.UsageError("pass exactly one of --results and --demo")
     if FLAGS.demo and not FLAGS.out:
         raise app.UsageError("--demo needs --out (where the demo table and plots go)")
-    out = FLAGS.out or os.path.dirname(os.path.abspath(FLAGS.results))
+    # Beside the results; a gs:// folder as it is (abspath would make it a local folder named 'gs:').
+    out = FLAGS.out or (posixpath.dirname(FLAGS.results) if files.is_remote(FLAGS.results)
+                        else os.path.dirname(os.path.abspath(FLAGS.results)))
     path = FLAGS.results
     if FLAGS.demo:
-        os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "demo_results.jsonl")
         scaling.tables.write_rows(path, scaling.report.demo_rows(
             {llm: models.llm_param_count(llm) for llm in scaling.report.DEMO_LLMS}, seed=FLAGS.seed))
@@ -60,9 +62,9 @@ def main(argv) -> int:
         budgets=_floats("budgets", FLAGS.budgets) or None, v_range=(1.0, FLAGS.v_max),
         n_bootstrap=FLAGS.bootstrap, seed=FLAGS.seed, level=FLAGS.level, delta=FLAGS.delta,
         plot_dir=out if FLAGS.plots else None, truths=scaling.report.DEMO_LAWS if FLAGS.demo else None)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "fit_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, allow_nan=False)
+    # Not files.write_json_atomic, which sorts keys: the decision stays first.
+    files.write_text_atomic(os.path.join(out, "fit_summary.json"),
+                            json.dumps(summary, indent=1, allow_nan=False) + "\n")
     n_plots = sum(len(s.get("plots", [])) for forms in summary["fits"].values() for s in forms.values())
     print(f"\nfit_summary.json and {n_plots} plots in {out}/")
     return 0

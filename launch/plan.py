@@ -48,8 +48,8 @@ def main(argv):
         slice_for = lambda name: tpu.accelerator_type(tpu_cfg, name)  # noqa: E731
     rows = plan.plan_jobs(cells, slice_for, mfu, FLAGS.try_fixes)
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump(rows, f, indent=2)
+        from vlm_jax import files
+        files.write_text_atomic(FLAGS.out, json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

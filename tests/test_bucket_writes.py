@@ -151,3 +151,29 @@ def test_hf_conversion_writes_its_checkpoint_and_model_config_to_the_bucket(gcs_
     from_bucket, _, _ = state_lib.create_state(cfg, fx.train_config(), mesh, jax.random.key(0), [(out, "llm/.*")])
     a, b = (optim.merge(s.params, s.frozen)["llm"] for s in (from_hf, from_bucket))
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.mark.slow   # starts the convert CLI
+def test_convert_cli_exports_a_bucket_run_to_hf_directories_in_the_bucket(gcs_bucket, bucket_run,   # noqa: F811
+                                                                         tmp_path):
+    """`python -m launch.convert --export_run=gs://... --out=gs://...` (a child process given only the bucket's
+    environment) writes what run_to_hf writes to a local folder, byte for byte."""
+    run_dir, _ = bucket_run
+    local = str(tmp_path / "local")
+    written = convert.run_to_hf(run_dir, local, ("llm", "heads", "vision"), "bfloat16")
+    out = f"{gcs_bucket}/hf-export"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in gcs_bucket.env}
+    env.update(gcs_bucket.env, PYTHONPATH=root, JAX_PLATFORMS="cpu", VLM_JAX_COMPILATION_CACHE="")
+    with empty_cwd(tmp_path / "cwd"):
+        proc = subprocess.run([sys.executable, "-m", "launch.convert", f"--export_run={run_dir}", f"--out={out}",
+                               "--parts=llm,heads,vision"], check=False, capture_output=True, text=True, timeout=300,
+                              env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(written) == ["heads", "llm", "vision"]
+    for part, names in written.items():
+        for name in names:
+            url = f"{out}/{part}/{name}"
+            with open(os.path.join(local, part, name), "rb") as f:
+                assert epath.Path(url).read_bytes() == f.read(), url
+            assert os.path.isfile(stored(gcs_bucket, url))

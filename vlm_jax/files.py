@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import shutil
 import tempfile
+from collections.abc import Callable
 
 from etils import epath
+
+_CHUNK = 64 * 2**20   # bytes per read while streaming a local file to a bucket
 
 
 def is_remote(path) -> bool:
@@ -24,26 +29,61 @@ def inner_path(name: str) -> str | None:
     return norm
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync, rename over `path` (atomic on POSIX); on a bucket,
-    one object upload (an object appears only once its upload completes)."""
-    path = str(path)
-    if is_remote(path):
-        epath.Path(path).write_text(text)
-        return
+@contextlib.contextmanager
+def _replacing(path: str):
+    """Yields a temporary path beside local `path`; once the block has written it: fsync, rename over `path`
+    (atomic on POSIX). On an error the temporary file is removed and `path` is untouched."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync, rename over `path`; on a bucket, one object upload
+    (an object appears only once its upload completes)."""
+    path = str(path)
+    if is_remote(path):
+        epath.Path(path).write_bytes(data)
+        return
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_file_atomic(path, write: Callable[[str], None]) -> None:
+    """`write(local_path)` makes the file (e.g. safetensors' save_file); it then replaces `path` as a whole. For a
+    file too big to hold twice in memory (a multi-GB shard): a bucket gets it from a local temporary file as one
+    streamed, chunked (resumable) upload instead of one in-memory bytes object; a failed upload leaves no object."""
+    path = str(path)
+    if not is_remote(path):
+        with _replacing(path) as tmp:
+            write(tmp)
+        return
+    with tempfile.TemporaryDirectory(prefix="upload-") as folder:
+        tmp = os.path.join(folder, posixpath.basename(path))
+        write(tmp)
+        with open(tmp, "rb") as src:
+            dst = epath.Path(path).open("wb")
+            try:
+                shutil.copyfileobj(src, dst, _CHUNK)
+            except BaseException:
+                if hasattr(dst, "discard"):   # gcsfs: cancel the upload (closing would commit a partial object)
+                    dst.discard()
+                raise
+            dst.close()
 
 
 def write_json_atomic(path, obj) -> None:

@@ -7,11 +7,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
-from etils import epath
 
 from vlm_jax import files, scaling
 from vlm_jax.grid import results
@@ -47,6 +45,8 @@ def plot_observed(table: dict, n_params: dict, path: str, spread: dict | None = 
     each mean when there are several): the token-vs-params error surface as measured."""
     from matplotlib.figure import Figure
 
+    from vlm_jax.scaling import plots
+
     tasks = list(table)
     fig = Figure(figsize=(4.8 * len(tasks), 4.0), dpi=120, layout="constrained")
     for i, task in enumerate(tasks):
@@ -71,15 +71,7 @@ def plot_observed(table: dict, n_params: dict, path: str, spread: dict | None = 
         ax.set_ylabel("LLM (parameters N)")
         ax.set_title(f"{task}: measured error" + (" (mean ± std over seeds)" if several else " (one seed)"))
         fig.colorbar(im, ax=ax, label="error")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def _upload(local: str, folder: str) -> None:
-    dst = epath.Path(folder) / os.path.basename(local)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_bytes(epath.Path(local).read_bytes())
+    return plots.save(fig, path)
 
 
 def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
@@ -103,9 +95,7 @@ def report_rows(grid_dir: str, rows: Sequence[dict], fit_cfg, echo=print) -> dic
         echo(line)
         text.write(line + "\n")
 
-    # Figures are drawn into a local folder; a bucket grid gets copies (matplotlib writes local files).
-    plot_dir = tempfile.mkdtemp(prefix="grid-plots-") if files.is_remote(grid_dir) else os.path.join(grid_dir,
-                                                                                                       "plots")
+    plot_dir = os.path.join(grid_dir, "plots")   # a bucket's too: figures go through scaling.plots.save
     plots = [plot_observed(table, n_params, os.path.join(plot_dir, "observed_error.png"), spread)]
     try:
         tables = scaling.tables_from_rows(rows, source=os.path.join(grid_dir, "results.jsonl"))
@@ -121,12 +111,6 @@ def report_rows(grid_dir: str, rows: Sequence[dict], fit_cfg, echo=print) -> dic
                      + ", ".join(f"V={v} {e:.3f}" for v, e in sorted(by_v.items())))
         fitted = {"decision": {"error": f"{type(e).__name__}: {e}"}, "fits": {}}
     fits = fitted["fits"]
-    if files.is_remote(grid_dir):
-        remote = os.path.join(grid_dir, "plots")
-        for name in sorted(os.listdir(plot_dir)):
-            _upload(os.path.join(plot_dir, name), remote)
-        plots = [p.replace(plot_dir, remote) for p in plots]
-        fits = json.loads(json.dumps(fits).replace(plot_dir, remote))
     summary = {"decision": fitted["decision"], "cells": len({r["cell"] for r in rows}),
                "seeds": sorted({str(r.get("seed", "")) for r in rows}), "errors": table, "seed_spread": spread,
                "n_params": n_params, "fits": fits,

@@ -6,12 +6,13 @@
 - predicted vs observed error, in-sample (with each cell's seed range) and leave-one-N-out.
 Every axis, legend and label reads in human units (27K parameters, 3.2 GFLOPs: `units.py`). A fit with parameters
 the data do not pin down names them in every title; a figure with nothing to show draws a frame that says why.
-`draw_*` return the figure; `plot_*` save it. Figures are drawn on `matplotlib.figure.Figure` (Agg canvas), never
-through pyplot: no global backend state.
+`draw_*` return the figure; `plot_*` save it (`save`: a local folder or a gs:// bucket). Figures are drawn on
+`matplotlib.figure.Figure` (Agg canvas), never through pyplot: no global backend state.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import textwrap
 
@@ -21,6 +22,7 @@ from matplotlib import colors as mcolors
 from matplotlib import ticker as mticker
 from matplotlib.figure import Figure
 
+from vlm_jax import files
 from vlm_jax.scaling import frontier as frontier_lib
 from vlm_jax.scaling import identification, units
 from vlm_jax.scaling.laws import FitResult
@@ -36,9 +38,12 @@ def _title(fit: FitResult, extra: str = "") -> str:
     return title
 
 
-def _save(fig: Figure, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
+def save(fig: Figure, path: str) -> str:
+    """`fig` as a PNG at `path`, a local file or a gs:// object: rendered into memory (savefig only writes local
+    files) and written whole by `files.write_bytes_atomic`. The grid's report saves its figures through it too."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    files.write_bytes_atomic(path, buf.getvalue())
     return path
 
 
@@ -112,7 +117,7 @@ def draw_error_vs_flops(fit: FitResult, *, text_tokens: float = 0.0,
 
 def plot_error_vs_flops(fit: FitResult, path: str, *, text_tokens: float = 0.0,
                         v_range=frontier_lib.DEFAULT_V_RANGE) -> str:
-    return _save(draw_error_vs_flops(fit, text_tokens=text_tokens, v_range=v_range), path)
+    return save(draw_error_vs_flops(fit, text_tokens=text_tokens, v_range=v_range), path)
 
 
 def draw_error_surface(fit: FitResult, *, text_tokens: float = 0.0, resolution: int = 120) -> Figure:
@@ -166,7 +171,7 @@ def draw_error_surface(fit: FitResult, *, text_tokens: float = 0.0, resolution: 
 
 
 def plot_error_surface(fit: FitResult, path: str, *, text_tokens: float = 0.0, resolution: int = 120) -> str:
-    return _save(draw_error_surface(fit, text_tokens=text_tokens, resolution=resolution), path)
+    return save(draw_error_surface(fit, text_tokens=text_tokens, resolution=resolution), path)
 
 
 def draw_predicted_vs_observed(fit: FitResult) -> Figure:
@@ -229,7 +234,7 @@ def draw_predicted_vs_observed(fit: FitResult) -> Figure:
 
 
 def plot_predicted_vs_observed(fit: FitResult, path: str) -> str:
-    return _save(draw_predicted_vs_observed(fit), path)
+    return save(draw_predicted_vs_observed(fit), path)
 
 
 def plot_failed(task: str, form: str, reason: str, out_dir: str) -> str:
@@ -239,7 +244,7 @@ def plot_failed(task: str, form: str, reason: str, out_dir: str) -> str:
     ax.set_title(f"{task}: {form} law", fontsize=10)
     _nothing(ax, f"No fit, so nothing to draw: {reason}")
     fig.tight_layout()
-    return _save(fig, os.path.join(out_dir, f"{_safe(task)}_{form}_failed.png"))
+    return save(fig, os.path.join(out_dir, f"{_safe(task)}_{form}_failed.png"))
 
 
 def write_plots(fit: FitResult, out_dir: str, *, text_tokens=(0.0,), v_range=frontier_lib.DEFAULT_V_RANGE

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
+
+from vlm_jax import files
 
 REQUIRED_COLUMNS = ("llm", "n_params", "visual_tokens", "task", "error")
 _NUMERIC_COLUMNS = ("n_params", "visual_tokens", "error")
@@ -189,23 +193,23 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     """Reads a .csv (header row) or .jsonl/.ndjson (one JSON object per line) results file into row dicts."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".jsonl", ".ndjson", ".json"):
+        raise ValueError(f"{path}: unknown results format {ext!r}; use .csv or .jsonl")
+    # A local file or a gs:// object (a grid's results on a bucket); bytes, so csv sees the file's own newlines.
+    text = epath.Path(path).read_bytes().decode("utf-8")
     if ext == ".csv":
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    if ext in (".jsonl", ".ndjson", ".json"):
-        rows = []
-        with open(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                    rows.append(row)
-        return rows
-    raise ValueError(f"{path}: unknown results format {ext!r}; use .csv or .jsonl")
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
 
 
 def tables_from_rows(rows: Iterable[Mapping], *, source: str = "results") -> dict[str, ScalingTable]:
@@ -252,14 +256,15 @@ def load_tables(path: str | os.PathLike) -> dict[str, ScalingTable]:
 
 
 def write_rows(path: str | os.PathLike, rows: Sequence[Mapping]) -> None:
-    """Writes result rows as JSONL (or CSV when the name ends in .csv); used by the demo and tests."""
+    """Writes result rows as JSONL (or CSV when the name ends in .csv), locally or to a gs:// bucket; used by the
+    demo and tests."""
     path = os.fspath(path)
     if path.lower().endswith(".csv"):
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        files.write_text_atomic(path, text.getvalue())
     else:
-        with open(path, "w") as f:
-            f.writelines(json.dumps(dict(row)) + "\n" for row in rows)
+        files.write_text_atomic(path, "".join(json.dumps(dict(row)) + "\n" for row in rows))

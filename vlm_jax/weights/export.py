@@ -5,6 +5,7 @@ The LLM becomes a Qwen2 directory (config.json + sharded safetensors + index) th
 backwards. The compressor and projector have no transformers class: they are written with their own table
 (`PROJECTOR_TABLE`, then `head_tensors`): the projector under LLaVA's names (`model.mm_projector.0/2`), the compressor under
 `model.mm_compressor.` + our parameter path, with torch's layouts for 2-D kernels.
+Every file goes through `vlm_jax.files`, so the output may be a gs:// folder.
 """
 
 import json
@@ -18,6 +19,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
+from vlm_jax import files
 from vlm_jax.weights import families, load, tables
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -81,23 +83,26 @@ def write_directory(out_dir: str, tensors: dict, config: dict | None, dtype: str
     shards.append(current)
     if jax.process_index() != 0:
         return []
-    os.makedirs(out_dir, exist_ok=True)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-    files = list(names)
+        _write_safetensors(os.path.join(out_dir, name), shard)
+    written = list(names)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())},
                  "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
-        with open(os.path.join(out_dir, load.INDEX), "w") as f:
-            json.dump(index, f, indent=2)
-        files.append(load.INDEX)
+        files.write_text_atomic(os.path.join(out_dir, load.INDEX), json.dumps(index, indent=2))
+        written.append(load.INDEX)
     if config is not None:
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        files.append("config.json")
-    return files
+        files.write_text_atomic(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
+        written.append("config.json")
+    return written
+
+
+def _write_safetensors(path: str, tensors: dict) -> None:
+    """save_file into a local file, then renamed into place or streamed to a bucket (files.write_file_atomic): a
+    shard of a 14B model is GBs, which safetensors.numpy.save would hold a second time in memory as bytes."""
+    files.write_file_atomic(path, lambda local: save_file(tensors, local, metadata={"format": "pt"}))
 
 
 def export_llm(llm_params: dict, llm_cfg, out_dir: str, dtype: str = "float32", max_shard_bytes: int = 5 * 2**30):
@@ -145,9 +150,7 @@ def export_heads(params: dict, model_cfg, out_dir: str, dtype: str = "float32") 
     exported LLM, which keeps its own files)."""
     tensors = {k: np.ascontiguousarray(v.astype(DTYPES[dtype])) for k, v in head_tensors(params).items()}
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        save_file(tensors, os.path.join(out_dir, "heads.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(out_dir, "heads.json"), "w") as f:
-            json.dump({"compressor": model_cfg.compressor.to_dict(), "projector": model_cfg.projector.to_dict()},
-                      f, indent=2)
+        _write_safetensors(os.path.join(out_dir, "heads.safetensors"), tensors)
+        files.write_text_atomic(os.path.join(out_dir, "heads.json"), json.dumps(
+            {"compressor": model_cfg.compressor.to_dict(), "projector": model_cfg.projector.to_dict()}, indent=2))
     return ["heads.safetensors", "heads.json"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
 
 from PIL import Image
 
+from vlm_jax import files
 from vlm_jax.data.synthetic.example import Example, prompt_text
 
 
@@ -15,16 +17,18 @@ def write_llava(out_dir: str | os.PathLike, examples: Sequence[Example], *, json
     """Writes examples in the LLaVA format (PNG images + a JSON list) and returns the JSON path.
 
     Records: {"id", "image": "images/<id>.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
-    {"from": "gpt", "value": answer}]}; image paths are relative to `out_dir` (the LLaVA image folder).
+    {"from": "gpt", "value": answer}]}; image paths are relative to `out_dir` (the LLaVA image folder), which may
+    be a gs:// folder.
     """
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    out_dir = os.fspath(out_dir)
     records = []
     for ex in examples:
         rel = os.path.join("images", f"{ex.id}.png")
-        Image.fromarray(ex.image).save(os.path.join(out_dir, rel))
+        png = io.BytesIO()
+        Image.fromarray(ex.image).save(png, format="PNG")
+        files.write_bytes_atomic(os.path.join(out_dir, rel), png.getvalue())
         records.append({"id": ex.id, "image": rel, "conversations": [
             {"from": "human", "value": prompt_text(ex.question)}, {"from": "gpt", "value": ex.answer}]})
     path = os.path.join(out_dir, json_name)
-    with open(path, "w") as f:
-        json.dump(records, f, indent=1)
+    files.write_text_atomic(path, json.dumps(records, indent=1))
     return path
