@@ -5,6 +5,7 @@ can place it on the mesh by rules; the names used here are the complete vocabula
 """
 
 import math
+import os
 from typing import Sequence
 
 import flax.linen as nn
@@ -174,13 +175,75 @@ def grouped_attention(q, k, v, mask=None, *, query_blocks: int = 1):
 TWO_QUERY_BLOCKS_FROM = 256
 
 
+# The kinds of mask `attention_implementation` tells apart: none, a mask that holds causality over the same T queries
+# and keys (the LLM's layers without a cache; cuDNN may then skip the blocks above the diagonal), any other mask.
+MASK_KINDS = ("none", "causal", "mask")
+
+
+def attention_implementation(platform: str, dtype, head_dim: int, q_len: int, kv_len: int, mask: str,
+                             compute_capability: tuple[int, int] | None = None) -> str:
+    """Which attention kernel runs: 'cpu' (`grouped_attention`, the form XLA's CPU backend runs fastest), 'cudnn'
+    (cuDNN's fused flash-attention kernel through `jax.nn.dot_product_attention(implementation='cudnn')`) or 'xla'
+    (`jax.nn.dot_product_attention`'s XLA path, which XLA itself may still fuse).
+
+    platform: 'cpu', 'cuda' (an NVIDIA GPU), 'rocm', 'tpu', ...; compute_capability: the CUDA device's (major,
+    minor). cuDNN is chosen only where JAX's cuDNN path accepts the call (jax/_src/cudnn/fused_attention_stablehlo.py:
+    `check_layout`, `check_is_flash_attention`) and cuDNN documents the kernel (SM80 or newer):
+    - fp16 or bf16 q/k/v (float32 is not accepted);
+    - head_dim a multiple of 8, at most 256 on Hopper or newer (compute capability 9.0), 128 before;
+    - even query and key lengths: a differentiated call with a bias needs them, and JAX's check counts every call
+      as having one (a mask becomes a bias; without one an empty placeholder stands in: on an H200 under jax
+      0.11.2 CLIP-L/14-336's 577 tokens without a mask failed with "Unsupported sequence length Q 577, KV 577");
+      whether a call is differentiated is not known here, so every call needs them (a decoding step's single
+      query, a frozen tower's odd length: XLA);
+    - a CUDA GPU of compute capability 8.0 or newer (cuDNN's SDPA support matrix: Ampere and later).
+    Anything else falls back to 'xla'; TPU and other backends always take 'xla', as before cuDNN was used.
+    `mask` ('none' | 'causal' | 'mask') is checked but decides nothing yet: the kernel takes each kind.
+    """
+    if mask not in MASK_KINDS:
+        raise ValueError(f"mask kind {mask!r}; choose one of {MASK_KINDS}")
+    if platform == "cpu":
+        return "cpu"
+    if platform != "cuda" or compute_capability is None or tuple(compute_capability) < (8, 0):
+        return "xla"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        return "xla"
+    max_head_dim = 256 if tuple(compute_capability) >= (9, 0) else 128
+    if head_dim % 8 or head_dim > max_head_dim:
+        return "xla"
+    if q_len % 2 or kv_len % 2:
+        return "xla"
+    return "cudnn"
+
+
+def attention_platform() -> tuple[str, tuple[int, int] | None]:
+    """(platform as `attention_implementation` names it, CUDA compute capability or None) of the default backend.
+    VLM_JAX_CUDNN_ATTENTION=0 keeps a CUDA GPU on the XLA path (a comparison, or a cuDNN that fails)."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend, None
+    device = jax.devices()[0]
+    cuda = "cuda" in getattr(device.client, "platform_version", "").lower()
+    if not cuda or os.environ.get("VLM_JAX_CUDNN_ATTENTION", "1") == "0":
+        return "gpu", None
+    major, minor = (int(x) for x in str(device.compute_capability).split(".")[:2])
+    return "cuda", (major, minor)
+
+
 def attention(q, k, v, mask=None, causal: bool = False):
-    """The attention kernel of every layer: the heads-major batched matmuls on the CPU (skipping the blocks a causal
-    mask hides), `jax.nn.dot_product_attention` elsewhere (where XLA, or cuDNN on GPUs, picks the kernel).
-    `causal`: the mask is causal over the same T queries and keys (it holds the causality either way)."""
-    if _cpu_layouts():
+    """The attention kernel of every layer, as `attention_implementation` chooses: the heads-major batched matmuls
+    on the CPU (skipping the blocks a causal mask hides), cuDNN's fused kernel on NVIDIA GPUs where it takes the
+    call, `jax.nn.dot_product_attention`'s XLA path elsewhere. q float[B, T, N, D], k/v float[B, S, K, D], mask
+    bool[B, 1, T, S] or None. `causal`: the mask is causal over the same T queries and keys (it holds the causality
+    either way)."""
+    platform, capability = attention_platform()
+    kind = "none" if mask is None else "causal" if causal else "mask"
+    impl = attention_implementation(platform, q.dtype, q.shape[-1], q.shape[1], k.shape[1], kind, capability)
+    if impl == "cpu":
         blocks = 2 if causal and q.shape[1] >= TWO_QUERY_BLOCKS_FROM else 1
         return grouped_attention(q, k, v, mask, query_blocks=blocks)
+    if impl == "cudnn":   # is_causal lets the kernel skip the blocks the (causal) mask hides anyway
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
