@@ -158,6 +158,12 @@ def start(distributed: bool, coordinator_address: str | None = None, num_process
     import jax
 
     if distributed:
+        # jax reads JAX_COORDINATOR_ADDRESS itself; the count and index too where a launcher (the emulated TPU
+        # slice, a scheduler) sets them for processes it cannot give flags, so one command serves every host.
+        if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+            num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+        if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+            process_id = int(os.environ["JAX_PROCESS_ID"])
         jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes: real cross-process collectives
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
