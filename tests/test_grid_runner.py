@@ -253,3 +253,19 @@ def test_two_grids_on_buckets_never_share_a_log_file(tmp_path):
     assert all(p.startswith(os.path.join("runs", "grid-logs", "grid-smoke-")) for p in one.values())
     local = _jobs(_grid(tmp_path))[1][0]
     assert runner.log_file(local) == os.path.join(local.dir, "log.txt")   # a local job's log lies beside it
+
+
+@pytest.mark.slow
+def test_the_same_grid_run_twice_on_one_machine_writes_the_same_results_file_bitwise(tmp_path):
+    """The README's determinism claim: same command, same machine -> the same results.jsonl, byte for byte (the
+    compilation cache is off in both runs, so the second cannot differ by reusing the first's programs)."""
+    env = dict(os.environ, VLM_JAX_COMPILATION_CACHE="")
+    tables = []
+    for name in ("first", "second"):
+        g = _grid(tmp_path / name)
+        out = subprocess.run(_launch(g), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        with open(os.path.join(g.dir, "results.jsonl"), "rb") as f:
+            tables.append(f.read())
+    assert len(tables[0].splitlines()) == 4   # 2 cells x 2 families
+    assert tables[0] == tables[1]
