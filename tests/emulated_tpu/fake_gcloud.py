@@ -33,9 +33,18 @@ at every use, so a test may change it while a grid runs: a list of
                                                           processes get SIGTERM, then SIGKILL after grace_s
 
 Common keys: "slice" (fnmatch pattern of resource names, default every one), "count" (how many times it acts,
-default 1; spent counts are kept in fired.json), "after_s" (seconds since the slice became ACTIVE; for drop_ssh,
-since the ssh began) and "when_exists" (a local path or gs:// object). Signals and preemption are timed by a
-monitor process per slice, started by `create` and ended by `delete`.
+default 1; spent counts are kept in fired.json), "group" (faults of one group share one count: whichever of them is
+due first acts, the others then never do), "after_s" (seconds since the slice became ACTIVE; for drop_ssh, since
+the ssh began), "when_exists" (a local path or gs:// object; a gs:// "folder" exists once an object below it does)
+and "unless_exists" (the fault is due only while that path does not exist; e.g. a checkpoint step's folder without
+its commit file: a save in progress). Signals and preemption are timed by a monitor process per slice, started by
+`create` and ended by `delete`. Every fault that acts is logged to fired.jsonl (time, slice, the fault, what it
+did: for a signal, the processes it reached and whether its paths existed right after).
+
+Each slice's JAX_COORDINATOR_ADDRESS port is reserved, from `create` to `delete`, in a folder shared by every
+emulated service on this machine (PORTS_DIR): two slices alive at once, of one test or of tests running side by side
+(pytest-xdist), never get the same port. (The coordinator binds it with SO_REUSEPORT, as gRPC does: a second
+coordinator on a port in use would not fail, it would silently share the port's connections.)
 """
 
 from __future__ import annotations
@@ -149,7 +158,28 @@ def log_call(folder: str, argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------------- faults
 
 def _fault_key(fault: dict) -> str:
+    if fault.get("group"):
+        return f"group:{fault['group']}"
     return hashlib.sha256(json.dumps(fault, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def log_fired(folder: str, name: str, fault: dict, **what) -> None:
+    """One line in fired.jsonl: a fault acted (on slice `name`), and what it did."""
+    line = json.dumps({"time": time.time(), "slice": name, "action": fault.get("action"), "fault": fault, **what})
+    fd = os.open(os.path.join(folder, "fired.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def fired_log(folder: str) -> list[dict]:
+    """Every fault that acted, in order (fired.jsonl)."""
+    path = os.path.join(folder, "fired.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _exists(path: str) -> bool:
@@ -173,14 +203,16 @@ def claim(folder: str, action: str, name: str, *, verb: str | None = None, comma
                 continue
             if command is not None and fault.get("match", "") not in command:
                 continue
+            key = _fault_key(fault)
+            if fired.get(key, 0) >= fault.get("count", 1):
+                continue
             if active_at is not None:   # timed faults: due once the slice has been ACTIVE for after_s
                 if time.time() - active_at < fault.get("after_s", 0):
                     continue
                 if fault.get("when_exists") and not _exists(fault["when_exists"]):
                     continue
-            key = _fault_key(fault)
-            if fired.get(key, 0) >= fault.get("count", 1):
-                continue
+                if fault.get("unless_exists") and _exists(fault["unless_exists"]):
+                    continue
             fired[key] = fired.get(key, 0) + 1
             _write_json(fired_path, fired)
             return fault
@@ -237,6 +269,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The slices' coordinator ports, reserved from create to delete, for every emulated service on this machine: a file
+# per port naming its slice (the module docstring says why). A reservation whose slice is gone (deleted, its state
+# folder removed, or made again with another uid) is stale and may be taken.
+PORTS_DIR = os.path.join(tempfile.gettempdir(), "vlm-jax-emulated-tpu-ports")
+
+
+def _reserved(path: str) -> bool:
+    held = _read_json(path)
+    if not held:
+        return False
+    resource = _read_json(resource_path(held["root"], held["name"]))
+    return bool(resource) and resource.get("uid") == held["uid"]
+
+
+def reserve_port(folder: str, name: str, uid: str, write_resource) -> int:
+    """A free port no live slice holds, reserved for slice `name` (uid) of the service in `folder`; calls
+    write_resource(port) while the reservations are locked, so that the reservation is live as it is made."""
+    os.makedirs(PORTS_DIR, exist_ok=True)
+    with locked(PORTS_DIR):
+        for _ in range(1000):
+            port = _free_port()   # free now: no coordinator, nor anything else, listens on it
+            path = os.path.join(PORTS_DIR, str(port))
+            if _reserved(path):   # ... but a slice set up a moment ago may be about to
+                continue
+            write_resource(port)
+            _write_json(path, {"root": folder, "name": name, "uid": uid, "pid": os.getpid()})
+            return port
+    raise Exit(1, f"ERROR: the emulated service found no free port outside the reservations in {PORTS_DIR}")
+
+
+def release_port(resource: dict) -> None:
+    if resource.get("port") is None:
+        return
+    path = os.path.join(PORTS_DIR, str(resource["port"]))
+    with locked(PORTS_DIR):
+        held = _read_json(path)
+        if held and held.get("uid") == resource["uid"]:
+            os.remove(path)
+
+
 def _worker_env(folder: str, resource: dict, i: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(HOME=resource["homes"][i], JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{resource['port']}",
@@ -265,7 +337,9 @@ def _require(flags: dict, *keys: str) -> None:
 
 
 def _fail_if_injected(folder: str, verb: str, name: str) -> None:
-    if claim(folder, "fail", name, verb=verb):
+    fault = claim(folder, "fail", name, verb=verb)
+    if fault:
+        log_fired(folder, name, fault, verb=verb)
         if verb == "ssh":
             raise Exit(255, "ssh: connect to host 127.0.0.1 port 22: Connection refused (emulated)")
         raise Exit(1, f"ERROR: (gcloud.compute.tpus.queued-resources.{verb}) UNAVAILABLE: "
@@ -293,9 +367,13 @@ def create(folder: str, name: str, flags: dict) -> int:
         for home in homes:
             os.makedirs(home)
         resource = dict(name=name, uid=uid, node_id=flags["node-id"], accelerator_type=kind, runtime_version=runtime,
-                        spot=bool(flags.get("spot")), hosts=n, homes=homes, port=_free_port(),
+                        spot=bool(flags.get("spot")), hosts=n, homes=homes, port=None,
                         state="WAITING_FOR_RESOURCES", polls=0, created=time.time(), active_at=None)
-        _write_json(resource_path(folder, name), resource)
+
+        def write_resource(port: int) -> None:
+            resource["port"] = port
+            _write_json(resource_path(folder, name), resource)
+        reserve_port(folder, name, uid, write_resource)
     env = dict(os.environ, **{MARK_ENV: _mark(folder, resource, "monitor")})
     gcloud = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcloud")
     subprocess.Popen([sys.executable, gcloud, "monitor", name, uid], env=env,
@@ -346,6 +424,7 @@ def delete(folder: str, name: str, flags: dict) -> int:
         current = read_resource(folder, name)
         if current and current["uid"] == resource["uid"]:
             os.remove(resource_path(folder, name))
+    release_port(resource)
     print(f"Deleted queued resource [{name}].")
     return 0
 
@@ -369,6 +448,9 @@ def ssh(folder: str, name: str, flags: dict) -> int:
                               start_new_session=True) for i in targets]
 
     def hang_up(*_):   # the connection is gone: sshd hangs up on each session (what they detached lives on)
+        if drop:
+            log_fired(folder, name, drop, after_s=round(time.monotonic() - started, 3),
+                      sessions_running=sum(p.poll() is None for p in procs))
         for p in procs:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -398,12 +480,15 @@ def monitor(folder: str, name: str, uid: str) -> int:
                 if fault is None:
                     continue
                 if action == "preempt":
+                    log_fired(folder, name, fault)
                     preempt(folder, name, uid, fault.get("state", "PREEMPTED"), fault.get("grace_s", 2.0))
                     return 0
                 sig = signal.SIGTERM if action == "sigterm" else signal.SIGKILL
                 who = fault.get("worker", "all")
-                for i in range(resource["hosts"]) if who == "all" else [int(who)]:
-                    signal_marked(_mark(folder, resource, i), sig)
+                reached = {i: signal_marked(_mark(folder, resource, i), sig)
+                           for i in (range(resource["hosts"]) if who == "all" else [int(who)])}
+                log_fired(folder, name, fault, processes=reached, after_signal={
+                    path: _exists(path) for key in ("when_exists", "unless_exists") if (path := fault.get(key))})
         time.sleep(0.1)
 
 
