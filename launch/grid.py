@@ -79,10 +79,15 @@ def main(argv):
         todo_cells = [j for j in todo if j.is_cell]
         if grid.backend == "tpu" and grid.tpu.plan and todo_cells:
             todo_cells = fitting_cells(grid, todo_cells)
+        parallel = grid.parallel
+        if getattr(backend, "slots", None) and parallel > backend.slots:
+            print(f"config.parallel={parallel}, but the devices make {backend.slots} group(s) of "
+                  f"config.local.devices_per_cell: {backend.slots} at a time")
+            parallel = backend.slots
         print(f"grid {grid.dir}: {len(cells)} cells ({len(grid.llms)} LLMs x {len(grid.tokens)} V x "
-              f"{len(grid.seeds)} seeds), {len(todo_cells)} to run, {grid.parallel} at a time on '{grid.backend}'"
+              f"{len(grid.seeds)} seeds), {len(todo_cells)} to run, {parallel} at a time on '{grid.backend}'"
               + (f", after {len(todo_first)} pretraining job(s)" if todo_first else ""), flush=True)
-        progress = runner.run_jobs(todo_first, todo_cells, backend, grid.parallel,
+        progress = runner.run_jobs(todo_first, todo_cells, backend, parallel,
                                    echo=lambda line: print(line, flush=True), if_owned=FLAGS.if_owned)
         if progress.failed:
             print(f"{progress.failed} job(s) failed: see their result.json and log.txt; "

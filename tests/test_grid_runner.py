@@ -97,7 +97,7 @@ def _launch(g, *flags):
 def test_kill_midway_then_rerun_runs_only_the_missing_cells(tmp_path):
     g = _grid(tmp_path)
     (tower,), cells = _jobs(g)
-    done_first, done_second = sorted(cells, key=runner.cost, reverse=True)   # the order the runner starts them
+    done_first, done_second = runner.start_order(cells)   # the order the runner starts them
     first = os.path.join(done_first.dir, "result.json")
     proc = subprocess.Popen(_launch(g), cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -166,6 +166,23 @@ def test_cells_start_costliest_first(tmp_path):
 
     runner.run_jobs([], cells, Recording(), parallel=1, echo=lambda line: None)
     assert started == ["tiny-m_v16", "tiny-m_v4", "tiny-m_v1", "tiny-xs_v16", "tiny-xs_v4", "tiny-xs_v1"]
+
+
+def test_seeds_start_apart_and_pretraining_costliest_first(tmp_path):
+    """A cell's second seed starts after every first seed (it then finds the first seed's compiled programs in the
+    persistent cache); the pretraining jobs start with the largest LLM, so the last one does not hold the cells
+    back alone."""
+    g = helpers.tiny_grid(tmp_path, tokens="1+16")
+    with g.unlocked():
+        g.llms = ("tiny-xs", "tiny-m")
+        g.seeds = (3, 7)
+        g.llm_pretrain.pretrain = True
+    first, cells = _jobs(g)
+    assert [job.name.rsplit("-", 1)[0] for job in first] == ["tower", "llm-tiny-xs", "llm-tiny-m"]
+    assert [job.name.rsplit("-", 1)[0] for job in runner.start_order(first)] == ["llm-tiny-m", "llm-tiny-xs", "tower"]
+    assert [job.name for job in runner.start_order(cells)] == [
+        "tiny-m_v16_s3", "tiny-m_v1_s3", "tiny-xs_v16_s3", "tiny-xs_v1_s3",
+        "tiny-m_v16_s7", "tiny-m_v1_s7", "tiny-xs_v16_s7", "tiny-xs_v1_s7"]
 
 
 def test_cells_run_their_llm_as_the_template_says():

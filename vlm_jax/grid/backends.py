@@ -1,6 +1,7 @@
 """Where a grid job runs: one registry of backends, each turning a `Job` (an argv run on every host) into commands.
 
-    local: the job's argv as a child process of this machine (the launcher runs k of them at a time);
+    local: the job's argv as a child process of this machine (the launcher runs k of them at a time; on a node of
+           GPUs each cell may get devices of its own: `local_config`);
     tpu:   a Cloud TPU slice per job (vlm_jax/grid/tpu.py).
 
 A backend is one module with a `@register("name")` class; the package (vlm_jax/grid/__init__.py) imports every
@@ -13,6 +14,7 @@ may have `stop()` (the launcher is being stopped: end the running jobs, start no
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 
@@ -84,6 +86,64 @@ def forward_parent_death(to: int = signal.SIGTERM) -> None:
     signal.signal(PARENT_DEATH_SIGNAL, forward)
 
 
+def local_config() -> ml_collections.ConfigDict:
+    """config.local: how the local backend shares this machine's accelerators between the cells it runs at once."""
+    c = ml_collections.ConfigDict()
+    c.devices_per_cell = 0   # 0: every cell sees every device (a CPU, one GPU); k: each running cell gets k of its own
+    c.devices = ""   # the ids to share, e.g. '0,1,2,3' ('' = the launcher's CUDA_VISIBLE_DEVICES, else nvidia-smi -L)
+    c.visible_devices_env = "CUDA_VISIBLE_DEVICES"   # the variable that tells a cell its devices (GPUs)
+    return c
+
+
+def detected_devices(env_name: str = "CUDA_VISIBLE_DEVICES") -> list[str]:
+    """This machine's accelerator ids: those the launcher itself was given (`env_name`), else one per GPU that
+    `nvidia-smi -L` lists; [] where neither says anything."""
+    given = os.environ.get(env_name, "").strip()
+    if given:
+        return [d.strip() for d in given.split(",") if d.strip()]
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(line for line in listing.splitlines() if line.startswith("GPU "))]
+
+
+class DevicePool:
+    """Devices handed to cells in fixed groups of `per_cell` consecutive ids ([0,1], [2,3], ...: on a GPU node,
+    neighbours by number usually share the fastest links), one group per running cell; a cell waits for a free
+    group. Ids left over after the last whole group go unused."""
+
+    def __init__(self, devices: Sequence[str], per_cell: int):
+        devices = list(devices)
+        if per_cell < 1:
+            raise ValueError(f"devices_per_cell must be >= 1 here, got {per_cell}")
+        if len(set(devices)) != len(devices):
+            raise ValueError(f"config.local.devices lists a device twice: {','.join(devices)}")
+        if per_cell > len(devices):
+            raise ValueError(f"config.local.devices_per_cell={per_cell}, but only {len(devices)} device(s) to share"
+                             f" ({','.join(devices) or 'none found'}): set config.local.devices or fewer per cell")
+        self.groups = [devices[i:i + per_cell] for i in range(0, len(devices) - per_cell + 1, per_cell)]
+        self.unused = devices[len(self.groups) * per_cell:]
+        self._free = list(range(len(self.groups)))
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def lease(self, cancelled=lambda: False) -> Iterator[list[str] | None]:
+        """The lowest free group while the block runs (None where `cancelled()` turned true while waiting)."""
+        with self._cond:
+            while not self._free and not cancelled():
+                self._cond.wait(0.5)
+            group = None if cancelled() else self._free.pop(0)
+        try:
+            yield None if group is None else list(self.groups[group])
+        finally:
+            if group is not None:
+                with self._cond:
+                    self._free.append(group)
+                    self._free.sort()
+                    self._cond.notify_all()
+
+
 @register("local")
 class LocalBackend:
     """Runs the job here, as a child process with this interpreter (`python` in argv[0] becomes sys.executable),
@@ -96,7 +156,11 @@ class LocalBackend:
     not train it twice, and would name its PID. If the launcher is stopped (Ctrl-C, SIGTERM: the runner calls
     `stop`), it sends SIGTERM itself, waits up to STOP_GRACE_S, then SIGKILLs what is left. Each child leads a
     process group of its own: a Ctrl-C in the terminal reaches the launcher only, which stops the cells as above (a
-    SIGINT would end a training step without a checkpoint), and `stop` signals a cell with any process it started."""
+    SIGINT would end a training step without a checkpoint), and `stop` signals a cell with any process it started.
+
+    With `devices_per_cell` (config.local, `local_config`), each cell gets a group of devices of its own through
+    the environment (CUDA_VISIBLE_DEVICES=2,3): 8 one-GPU cells at once on an 8-GPU node, or one cell over all 8;
+    `slots` is then how many cells can run at once."""
 
     STOP_GRACE_S = 120.0   # a checkpoint of a local (small) model is written in seconds; a bucket may take longer
 
@@ -105,6 +169,13 @@ class LocalBackend:
         self._running: set[subprocess.Popen] = set()
         self._mutex = threading.Lock()
         self._stopping = False
+        per_cell = int(cfg.get("devices_per_cell", 0)) if cfg else 0
+        self._env_name = cfg.get("visible_devices_env", "CUDA_VISIBLE_DEVICES") if cfg else "CUDA_VISIBLE_DEVICES"
+        self.pool = None
+        if per_cell:
+            listed = [d.strip() for d in str(cfg.get("devices", "")).split(",") if d.strip()]
+            self.pool = DevicePool(listed or detected_devices(self._env_name), per_cell)
+        self.slots = len(self.pool.groups) if self.pool else None
 
     def commands(self, job: Job) -> list[list[str]]:
         argv = list(job.argv)
@@ -113,6 +184,14 @@ class LocalBackend:
         return [argv]
 
     def run(self, job: Job, log_path: str) -> int:
+        if self.pool is None:
+            return self._run(job, log_path, None)
+        with self.pool.lease(cancelled=lambda: self._stopping) as devices:
+            if devices is None:
+                return -signal.SIGTERM
+            return self._run(job, log_path, {**os.environ, self._env_name: ",".join(devices)})
+
+    def _run(self, job: Job, log_path: str, env: dict | None) -> int:
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
         rc = 0
         for argv in self.commands(job):
@@ -122,7 +201,7 @@ class LocalBackend:
                         return -signal.SIGTERM
                     proc = subprocess.Popen(with_parent_death(argv, os.getpid()), stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
-                                            process_group=0)
+                                            process_group=0, env=env)
                     self._running.add(proc)
                 try:
                     rc = proc.wait()   # in this thread: see with_parent_death

@@ -17,7 +17,9 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from vlm_jax import files
+import ml_collections
+
+from vlm_jax import files, flops
 from vlm_jax.grid import backends, ownership, results
 from vlm_jax.grid import spec as spec_lib
 from vlm_jax.grid.spec import GridJob
@@ -253,10 +255,25 @@ def dry_run(jobs: Sequence[GridJob], backend, echo: Callable[[str], None]) -> No
 
 
 def cost(job: GridJob) -> float:
-    """A cell's relative cost: LLM parameters x tokens per sequence, summed over its stages (steps x batch)."""
+    """A job's relative cost: parameters x tokens per sequence, summed over its stages (steps x batch); a cell counts
+    its LLM's parameters (its row's N), a pretraining job every parameter of its model."""
     row = job.spec["row"]
-    return sum(row["n_params"] * (s["config"]["data"]["seq_len"] + row["visual_tokens"])
-               * s["config"]["train"]["steps"] * s["config"]["train"]["batch_size"] for s in job.spec["stages"])
+    total = 0.0
+    for stage in job.spec["stages"]:
+        cfg = stage["config"]
+        tokens = cfg["model"]["compressor"]["num_tokens"]
+        n = row["n_params"] if row else sum(flops.param_counts(ml_collections.ConfigDict(cfg["model"])).values())
+        total += n * (cfg["data"]["seq_len"] + tokens) * cfg["train"]["steps"] * cfg["train"]["batch_size"]
+    return total
+
+
+def start_order(jobs: Sequence[GridJob]) -> list[GridJob]:
+    """The costliest first (so that no slot idles at the end behind one long job), seed by seed: a cell's second
+    seed starts after every first seed, and finds the programs its first seed compiled in the persistent
+    compilation cache (seeds run the same programs; started side by side, both would compile them)."""
+    seeds = sorted({job.spec["row"]["seed"] for job in jobs if job.spec["row"]})
+    rank = {seed: i for i, seed in enumerate(seeds)}
+    return sorted(jobs, key=lambda job: (rank.get(job.spec["row"]["seed"], 0) if job.spec["row"] else 0, -cost(job)))
 
 
 def _raise_keyboard_interrupt(*_):
@@ -265,8 +282,8 @@ def _raise_keyboard_interrupt(*_):
 
 def run_jobs(first: Sequence[GridJob], cells: Sequence[GridJob], backend, parallel: int,
              echo: Callable[[str], None] = print, if_owned: str = "wait") -> Progress:
-    """The pretraining jobs still to run (tower, LLMs) `parallel` at a time, then the cells, the costliest first (so
-    that no slot idles at the end behind one long cell). If a pretraining job fails, no cell runs.
+    """The pretraining jobs still to run (tower, LLMs) `parallel` at a time, then the cells, each in `start_order`.
+    If a pretraining job fails, no cell runs.
 
     Jobs another live process owns (another launcher's cells) come last: then waited for, their results taken as
     their owners write them (`if_owned='wait'`), or skipped ('skip'); a pretraining job is always waited for.
@@ -276,7 +293,7 @@ def run_jobs(first: Sequence[GridJob], cells: Sequence[GridJob], backend, parall
     exits (SystemExit 130 or 143). A second Ctrl-C or SIGTERM kills the running jobs at once."""
     if if_owned not in ("wait", "skip"):
         raise ValueError(f"if_owned must be 'wait' or 'skip', not {if_owned!r}")
-    cells = sorted(cells, key=cost, reverse=True)
+    first, cells = start_order(first), start_order(cells)
     progress = Progress(len(first) + len(cells), max(1, parallel), echo)
     stopping = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
