@@ -54,6 +54,7 @@ def tiny_grid(tmp_path, tokens="1+4", **stage2_train):
     g = grid_config.get_config(f"smoke,llms=tiny-xs,tokens={tokens}")
     with g.unlocked():
         g.dir = str(tmp_path / "grid")
+        g.seeds = (0,)   # one seed: cell names without the _s<seed> suffix
         g.cell.train.batch_size = 4
         g.cell.data.read_threads = 1
         g.tower.overrides.train.steps = 2

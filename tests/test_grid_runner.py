@@ -88,7 +88,7 @@ def _launch(g, *flags):
                  "tower.overrides.train.steps": 2, "tower.overrides.train.batch_size": 4,
                  "llm_pretrain.pretrain": False,
                  "stages.stage1.train.steps": 2, "stages.stage2.train.steps": 3, "eval.synthetic_per_family": 8,
-                 "eval.batch_size": 8, "parallel": 1, "fit.bootstrap": 20}
+                 "eval.batch_size": 8, "parallel": 1, "fit.bootstrap": 20, "seeds": "(0,)"}
     return [sys.executable, "-m", "launch.grid", "--config=configs/grid.py:smoke,llms=tiny-xs,tokens=1+4",
             *[f"--config.{k}={v}" for k, v in overrides.items()], *flags]
 

@@ -49,6 +49,7 @@ def test_dry_run_prints_every_gcloud_command_of_a_two_cell_grid():
     grid = grid_config.get_config("smoke,llms=tiny-s,tokens=1+4")
     grid.unlock()
     grid.dir = "gs://bucket/grid"
+    grid.seeds = (0,)
     grid.backend = "tpu"
     grid.tower.pretrain = False   # its name is a hash of the whole run config: not this test's concern
     grid.llm_pretrain.pretrain = False   # (the same)
@@ -216,7 +217,7 @@ def test_every_backend_is_registered_whichever_grid_module_is_imported_first(fir
     # a fresh interpreter: this one has imported the whole grid already
     code = f"import {first}; from vlm_jax.grid.backends import BACKENDS; print(*sorted(BACKENDS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
-    assert out.stdout.split() == ["local", "tpu"]
+    assert out.stdout.split() == ["local", "slurm", "tpu"]
 
 
 def test_the_grid_modules_import_one_another_without_a_cycle():

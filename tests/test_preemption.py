@@ -74,6 +74,25 @@ def test_a_finished_stage_saved_under_another_config_is_an_error_naming_the_key(
         cell.run_stages(changed)
 
 
+@pytest.mark.parametrize("process_0_says", ["finished", "not finished", "config changed"])
+def test_every_process_follows_process_0_on_whether_a_stage_is_finished(process_0_says, tmp_path, monkeypatch):
+    """Multi-host: process 0 creates the checkpoint folder as it starts a stage, so another process looking for
+    itself may see another state and enter other collectives (seen on a 2-task Slurm job). Here this process's
+    own look says "not finished, nothing there" and the broadcast brings process 0's answer."""
+    answer = {"finished": cell._FINISHED, "not finished": cell._NOT_FINISHED,
+              "config changed": cell._CONFIG_CHANGED}[process_0_says]
+    seen = []
+    monkeypatch.setattr(cell, "_from_process_0", lambda mine: seen.append(mine) or answer)
+    monkeypatch.setattr(train, "run", lambda cfg: seen.append("trained"))
+    spec = _stage_spec(tmp_path / "never-started", steps=2)
+    if process_0_says == "config changed":
+        with pytest.raises(ValueError, match="another config"):
+            cell.run_stages(spec)
+    else:
+        cell.run_stages(spec)
+    assert seen == [cell._NOT_FINISHED] + (["trained"] if process_0_says == "not finished" else [])
+
+
 def test_a_preempted_stage_ends_the_job_without_a_result(tmp_path, monkeypatch):
     calls = []
 

@@ -37,7 +37,7 @@ SMALL = ["--config.cell.train.batch_size=4", "--config.cell.data.read_threads=1"
          "--config.llm_pretrain.overrides.train.steps=4", "--config.llm_pretrain.overrides.train.batch_size=4",
          "--config.stages.stage1.train.steps=4", "--config.stages.stage2.train.steps=6",
          "--config.eval.synthetic_per_family=8", "--config.eval.batch_size=8", "--config.fit.bootstrap=20",
-         "--config.parallel=1"]
+         "--config.parallel=1", "--config.seeds=(0,)"]
 
 
 def tpu_flags(repo_url: str, commit: str, **overrides) -> list[str]:

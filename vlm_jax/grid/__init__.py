@@ -4,6 +4,6 @@
 imported here so that it is registered whichever part of the grid is imported first.
 """
 
-from vlm_jax.grid import backends, tpu
+from vlm_jax.grid import backends, slurm, tpu
 
-__all__ = ["backends", "tpu"]
+__all__ = ["backends", "slurm", "tpu"]

@@ -40,13 +40,41 @@ def stage_finished(cfg: ml_collections.ConfigDict) -> bool:
     return True
 
 
+_NOT_FINISHED, _FINISHED, _CONFIG_CHANGED = 0, 1, 2
+
+
+def _from_process_0(value: int) -> int:
+    """Process 0's `value` on every process of a multi-host job (a broadcast; one process: `value` itself)."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def stage_finished_everywhere(cfg: ml_collections.ConfigDict) -> bool:
+    """`stage_finished` as process 0 sees it, on every process. Each process reading the folder itself can see it
+    at another moment (process 0 creates it as it starts the stage), and processes that disagree enter different
+    collectives and fail."""
+    try:
+        state, error = (_FINISHED if stage_finished(cfg) else _NOT_FINISHED), None
+    except ValueError as e:
+        state, error = _CONFIG_CHANGED, e
+    agreed = _from_process_0(state)
+    if agreed == _CONFIG_CHANGED:
+        raise error or ValueError(f"{cfg.run_dir} holds a finished stage trained with another config (see process 0)")
+    return agreed == _FINISHED
+
+
 def run_stages(spec: dict) -> float:
     """Train every stage not yet finished; returns the seconds spent training in this call. A stage stopped early
     (preemption) raises train.Preempted: the job ends there, resumable, and records nothing."""
     seconds = 0.0
     for stage in spec["stages"]:
         cfg = ml_collections.ConfigDict(stage["config"])
-        if stage_finished(cfg):
+        if stage_finished_everywhere(cfg):
             log.info("stage %s: already finished, skipped", stage["name"])
             continue
         start = time.perf_counter()
