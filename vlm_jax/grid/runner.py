@@ -271,9 +271,9 @@ def start_order(jobs: Sequence[GridJob]) -> list[GridJob]:
     """The costliest first (so that no slot idles at the end behind one long job), seed by seed: a cell's second
     seed starts after every first seed, and finds the programs its first seed compiled in the persistent
     compilation cache (seeds run the same programs; started side by side, both would compile them)."""
-    seeds = sorted({job.spec["row"]["seed"] for job in jobs if job.spec["row"]})
-    rank = {seed: i for i, seed in enumerate(seeds)}
-    return sorted(jobs, key=lambda job: (rank.get(job.spec["row"]["seed"], 0) if job.spec["row"] else 0, -cost(job)))
+    seed_of = lambda job: (job.spec["row"] or {}).get("seed", 0)  # noqa: E731
+    rank = {seed: i for i, seed in enumerate(sorted({seed_of(job) for job in jobs}))}
+    return sorted(jobs, key=lambda job: (rank[seed_of(job)], -cost(job)))
 
 
 def _raise_keyboard_interrupt(*_):
