@@ -350,7 +350,6 @@ def check_requeued_cells_resume_and_equal_the_undisturbed_rows(runs):
     for key, row in sorted(rows_of(run).items()):
         print(f"  {key}: disturbed {row}\n  {' ' * len(str(key))}  undisturbed {rows_of(runs['undisturbed'])[key]}")
     assert rows_of(run) == rows_of(runs["undisturbed"])   # bitwise (every computed column)
-    print("notes:", runs["notes"])
     assert runs["queue"].strip() == "" and runs["processes"] == [], (runs["queue"], runs["processes"])
 
 
