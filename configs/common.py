@@ -44,6 +44,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         checkpoint_every=500,
         keep_checkpoints=2,
         peak_flops_per_device=0.0,  # MFU denominator; 0 = vendor table or a measured matmul peak
+        # Elastic V (vlm_jax/elastic.py): one model for a set of V. mode '' (off) | 'mqt' (a random V of `tokens`
+        # each step) | 'm3' (the mean loss over all of `tokens` each step); model.compressor.num_tokens = max(tokens)
+        elastic=dict(mode="", tokens=()),
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)

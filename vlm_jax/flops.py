@@ -207,16 +207,26 @@ def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: boo
     counts = param_counts(model_cfg, params)
     llm_cfg = model_cfg.llm
     attention = attention_flops(llm_cfg.num_layers, llm_cfg.num_heads, llm_cfg.head_dim, seq_len, causal=True)
-    n_matmul, n_body = llm_matmul_params(llm_cfg, counts["llm"])
+    n_matmul, _ = llm_matmul_params(llm_cfg, counts["llm"])
     per_seq = (6.0 if train_llm else 4.0) * n_matmul * seq_len + 3.0 * attention
-    per_image = (3.0 if train_vision else 1.0) * _vision_forward(model_cfg, counts["vision"])
+    per_image = shared_image_flops(model_cfg, train_vision=train_vision,
+                                   question_len=seq_len if question_len is None else question_len, params=params)
     if compressor_flops_per_image is None:
         compressor_flops_per_image = compressor_flops(model_cfg)
     per_image += 3.0 * compressor_flops_per_image
     per_image += 3.0 * llm_linear_flops(counts["projector"], visual_tokens(model_cfg))
-    if needs_query_pass(model_cfg):
-        per_image += sum(_llm_forward(llm_cfg, n_body, seq_len if question_len is None else question_len))
     return batch_size * (per_seq + images_per_sequence * per_image)
+
+
+def shared_image_flops(model_cfg, *, train_vision: bool, question_len: int, params=None) -> float:
+    """Training FLOPs per image that do not depend on V: the tower ((3 if trained else 1) x its forward) and the
+    query pass of a `needs_query` head (forward only, over question_len tokens). An M3 step (elastic V) runs them
+    once for all its scales."""
+    counts = param_counts(model_cfg, params)
+    out = (3.0 if train_vision else 1.0) * _vision_forward(model_cfg, counts["vision"])
+    if needs_query_pass(model_cfg):
+        out += sum(_llm_forward(model_cfg.llm, llm_matmul_params(model_cfg.llm, counts["llm"])[1], question_len))
+    return out
 
 
 def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_second: float) -> float:

@@ -19,7 +19,7 @@ import optax
 from etils import epath
 from flax import traverse_util
 
-from vlm_jax import checkpoints, flops, optim, sharding, weights
+from vlm_jax import checkpoints, elastic, flops, optim, sharding, weights
 from vlm_jax.models import layers, vlm
 from vlm_jax.models import llm as llm_lib
 
@@ -82,31 +82,53 @@ def model_inputs(batch):
 # --- the step ------------------------------------------------------------------------------------
 
 def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk: int = 0,
-                    skip_nonfinite: bool = False):
+                    skip_nonfinite: bool = False, scales: tuple = ()):
     """`(state, batch) -> (state, metrics)`: forward, loss on answer tokens, gradients of trainable params only.
 
     loss_chunk > 0 computes the output layer and loss that many positions at a time (`chunked_cross_entropy`).
     metrics['finite'] says whether loss and gradient norm were finite; with `skip_nonfinite` an update where they
     were not leaves parameters and optimizer state as they were (the step still counts).
+    scales (elastic V, vlm_jax/elastic.py): the batch is built for V_max and trimmed to each V of `scales`; the loss
+    is the mean of the per-V losses (M3: the whole set, metrics 'loss/v{V}'; MQT: the one V drawn for this step,
+    metrics 'visual_tokens'). (): the published single-V step.
     """
 
-    def loss_fn(trainable, frozen, batch):
-        params = optim.merge(trainable, frozen)
+    def loss_of(params, hidden, batch):
         if not loss_chunk:
-            logits = model.apply({"params": params}, **model_inputs(batch))
+            logits = model.apply({"params": params}, hidden, method=vlm.VLM.logits)
             return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-        hidden = model.apply({"params": params}, **model_inputs(batch), method=vlm.VLM.hidden_states)
         weights = llm_lib.output_weights(params["llm"], model.cfg.llm)
         return chunked_cross_entropy(hidden, weights, batch["targets"], batch["loss_mask"], loss_chunk,
                                      jnp.dtype(model.cfg.dtype))
 
+    def loss_fn(trainable, frozen, batch):
+        params = optim.merge(trainable, frozen)
+        if not scales and not loss_chunk:
+            logits = model.apply({"params": params}, **model_inputs(batch))
+            loss, n = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+            return loss, (n, {})
+        if not scales:
+            hidden = model.apply({"params": params}, **model_inputs(batch), method=vlm.VLM.hidden_states)
+            loss, n = loss_of(params, hidden, batch)
+            return loss, (n, {})
+        trimmed = {v: elastic.trim(batch, v) for v in scales}
+        texts = {v: (b["tokens"], b["attention_mask"], b["image_positions"]) for v, b in trimmed.items()}
+        hidden = model.apply({"params": params}, batch["pixels"], texts, batch.get("question_tokens"),
+                             batch.get("question_mask"), method=vlm.VLM.hidden_states_per_scale)
+        per_scale = {v: loss_of(params, hidden[v], trimmed[v]) for v in scales}
+        loss = sum(loss for loss, _ in per_scale.values()) / len(scales)
+        extra = ({"visual_tokens": jnp.asarray(scales[0], jnp.int32)} if len(scales) == 1 else
+                 {f"loss/v{v}": loss for v, (loss, _) in per_scale.items()})
+        return loss, (per_scale[scales[0]][1], extra)   # the answer tokens are the same at every V
+
     def train_step(state: TrainState, batch):
-        (loss, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen, batch)
+        (loss, (n_tokens, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen,
+                                                                                       batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": grad_norm, "finite": finite}
+        metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": grad_norm, "finite": finite, **extra}
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         if skip_nonfinite:
             new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
@@ -138,23 +160,36 @@ def make_eval_step(model: vlm.VLM, loss_chunk: int = 0):
     return eval_step
 
 
-def jit_train_step(config: ml_collections.ConfigDict, mesh, layout, *, donate_state: bool = True):
+def jit_train_step(config: ml_collections.ConfigDict, mesh, layout, *, donate_state: bool = True, scales=()):
     """The run's train step, jitted over `mesh` with the state's shardings: every setting of `config.train` that
     changes the program (loss_chunk, skip_nonfinite) is read here and nowhere else. `layout`: `state_layout`'s
     result for this config and mesh. The state is donated (updated in place) unless `donate_state` is False, as a
-    benchmark that times one state again and again needs."""
+    benchmark that times one state again and again needs. scales: elastic V (`jit_train_steps`)."""
     _, abstract, tx = layout
     shardings = shardings_of(abstract)
     t = config.train
-    step = make_train_step(vlm.VLM(config.model), tx, t.loss_chunk, t.get("skip_nonfinite", False))
+    model = vlm.VLM(elastic.model_config(config.model, t))
+    step = make_train_step(model, tx, t.loss_chunk, t.get("skip_nonfinite", False), tuple(scales))
     return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,) if donate_state else ())
+
+
+def jit_train_steps(config: ml_collections.ConfigDict, mesh, layout, **kwargs) -> dict:
+    """{program key: jitted step}: one step, key None, unless train.elastic is on (vlm_jax/elastic.py): MQT has one
+    program per V of the set, M3 one over all of them. jax.jit compiles a program when it first runs.
+    `elastic.MODES[mode].program_at(seed, step, set)` names the program of a step."""
+    name = elastic.mode(config)
+    if not name:
+        return {None: jit_train_step(config, mesh, layout, **kwargs)}
+    return {key: jit_train_step(config, mesh, layout, scales=scales, **kwargs)
+            for key, scales in elastic.MODES[name].programs(elastic.tokens(config)).items()}
 
 
 def jit_eval_step(config: ml_collections.ConfigDict, mesh, layout):
     """The run's validation step over merged parameters, jitted like `jit_train_step`."""
     shardings = shardings_of(layout[1])
-    return jax.jit(make_eval_step(vlm.VLM(config.model), config.train.loss_chunk),
+    model = vlm.VLM(elastic.model_config(config.model, config.train))
+    return jax.jit(make_eval_step(model, config.train.loss_chunk),
                    in_shardings=(optim.merge(shardings.params, shardings.frozen), sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
@@ -181,21 +216,32 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in shapes.items()}
 
 
-def step_flops(config: ml_collections.ConfigDict, trainable_parts) -> float:
+def step_flops(config: ml_collections.ConfigDict, trainable_parts, num_tokens: int | None = None) -> float:
     """Model FLOPs of one train step of `config` (vlm_jax.flops), given the top-level parts that train
-    (e.g. {'compressor', 'projector', 'llm'}): the numerator of MFU, and of planned step times."""
+    (e.g. {'compressor', 'projector', 'llm'}): the numerator of MFU, and of planned step times.
+    Elastic V (vlm_jax/elastic.py): MQT counts the step at the drawn V `num_tokens` (unset: the mean over the set,
+    what a plan expects); M3 the sum over its scales, with the tower and the query pass once."""
     m, t = config.model, config.train
-    return flops.train_step_flops(m, batch_size=t.batch_size, seq_len=config.data.seq_len + m.compressor.num_tokens,
-                                  train_llm="llm" in trainable_parts, train_vision="vision" in trainable_parts,
-                                  question_len=config.data.question_len,
-                                  images_per_sequence=images_per_sequence(config))
+    kwargs = dict(batch_size=t.batch_size, train_llm="llm" in trainable_parts,
+                  train_vision="vision" in trainable_parts, question_len=config.data.question_len,
+                  images_per_sequence=images_per_sequence(config))
+    name = elastic.mode(config)
+    if not name:
+        return flops.train_step_flops(m, seq_len=config.data.seq_len + m.compressor.num_tokens, **kwargs)
+    per_v = {v: flops.train_step_flops(elastic.fixed_model(m, v), seq_len=config.data.seq_len + v, **kwargs)
+             for v in elastic.tokens(config)}
+    shared = t.batch_size * flops.shared_image_flops(m, train_vision=kwargs["train_vision"],
+                                                     question_len=config.data.question_len)
+    return elastic.MODES[name].flops(per_v, shared, num_tokens)
 
 
 # --- the state -----------------------------------------------------------------------------------
 
 def state_layout(model_cfg, train_cfg, mesh, strict_mesh: bool = False):
     """(init_state: rng -> TrainState, abstract TrainState with shardings, optimizer), nothing allocated.
-    Parameters the mesh cannot divide are reported loudly (an error when `strict_mesh`)."""
+    Parameters the mesh cannot divide are reported loudly (an error when `strict_mesh`). Under elastic V the head
+    holds the weights of every V of train.elastic.tokens (vlm_jax/elastic.py)."""
+    model_cfg = elastic.model_config(model_cfg, train_cfg)
     init = vlm.init_fn(model_cfg)
     rng = jax.random.key(0)
     boxed = jax.eval_shape(init, rng)

@@ -20,7 +20,7 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from vlm_jax import checkpoints, files, flops, hardware, optim, sharding
+from vlm_jax import checkpoints, elastic, files, flops, hardware, optim, sharding
 from vlm_jax import state as state_lib
 from vlm_jax.data import batching, pipeline
 from vlm_jax.models import heads
@@ -52,7 +52,8 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, vocab_siz
     if m.vision.image_size % m.vision.patch_size:
         raise ValueError(f"model.vision.image_size={m.vision.image_size} is not a multiple of "
                          f"model.vision.patch_size={m.vision.patch_size}")
-    heads.validate(m.compressor, m.vision)
+    elastic.validate(config)
+    heads.validate(elastic.model_config(m, config.train).compressor, m.vision)
     if m.llm.hidden_size % m.llm.num_heads:
         raise ValueError(f"model.llm.hidden_size={m.llm.hidden_size} is not divisible by "
                          f"model.llm.num_heads={m.llm.num_heads}")
@@ -187,10 +188,16 @@ def keep_metrics_up_to(path: str, step: int) -> None:
 
 
 def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config` as a run saves it in config.json: references resolved, and the layer layout the checkpoints have
-    decided (llm.scan_layers unset: a loop on the CPU only)."""
+    """`config` as a run saves it in config.json: references resolved, the layer layout the checkpoints have
+    decided (llm.scan_layers unset: a loop on the CPU only), and under elastic V the set the head's weights serve
+    (model.compressor.nested_tokens, so that evaluation builds the same tree); train.elastic dropped when off, so
+    runs saved before it existed resume unchanged."""
     config = config.copy_and_resolve_references()
     config.model.llm.scan_layers = llm_lib.scans_layers(config.model.llm)
+    with config.unlocked():
+        config.model = elastic.model_config(config.model, config.train)
+        if "elastic" in config.train and not elastic.mode(config):
+            del config.train["elastic"]
     return config
 
 
@@ -259,10 +266,16 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
         state, _, _ = state_lib.create_state(m, t, mesh, jax.random.key(config.seed),
                                              checkpoints.init_sources(config.get("init")), layout)
 
-    # --- update step ----------------------------------------------------------------------------
-    train_step = state_lib.jit_train_step(config, mesh, layout)
+    # --- update step (elastic V: one program per drawn V (MQT), or one over every V (M3); vlm_jax/elastic.py) ----
+    train_steps = state_lib.jit_train_steps(config, mesh, layout)
+    mode = elastic.MODES.get(elastic.mode(config))
+
+    def program_at(step):
+        return mode.program_at(config.seed, step, elastic.tokens(config)) if mode else None
     skip_nonfinite = t.get("skip_nonfinite", False)
-    step_flops = state_lib.step_flops(config, set(state.params))
+    step_flops = state_lib.step_flops(config, set(state.params))   # elastic MQT: the mean over the set
+    flops_of = {key: state_lib.step_flops(config, set(state.params), key) if isinstance(key, int) else step_flops
+                for key in train_steps}   # per program (MQT: the drawn V's step)
     peak, peak_source = hardware.peak_flops_per_device(t.peak_flops_per_device)
     logging.info("MFU denominator: %.3g FLOP/s per device (%s); %.3g FLOPs per step", peak, peak_source,
                  step_flops)
@@ -282,6 +295,7 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
     # --- loop -----------------------------------------------------------------------------------
     step = int(jax.device_get(state.step))
     window, throughput, last, skipped_updates = [], Throughput(), {}, 0
+    window_programs = []   # the program of each timed step since the last log line (elastic MQT: its V's FLOPs)
 
     def check_finite(window_metrics) -> int:
         """Non-finite updates in the window so far: an error naming the first one (before anything is saved, so
@@ -295,24 +309,31 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
                 f"stopped without saving: the last checkpoint (step {ckpt.latest_step()}) is intact. "
                 f"train.skip_nonfinite=True skips such updates instead")
         return len(bad)
-    compiled = False
+    compiled = set()   # programs that have run (elastic MQT compiles one per V when first drawn)
     try:
         with Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
             while step < t.steps:
                 host_batch = next(data_iter)
-                throughput.add_batch(host_batch)
+                program = program_at(step)
+                if mode:
+                    elastic.check_batch(host_batch)
+                throughput.add_batch(host_batch if not isinstance(program, int) else
+                                     elastic.trim(host_batch, program, np))
                 batch = sharding.put_batch(host_batch, mesh)
                 with jax.transfer_guard("disallow"):
-                    state, metrics = train_step(state, batch)
+                    state, metrics = train_steps[program](state, batch)
                 step += 1
                 window.append(metrics)
-                if not compiled:   # keep compilation out of the throughput figures
+                if program not in compiled:   # keep compilation out of the throughput figures
                     jax.block_until_ready(metrics)
-                    logging.info("step %d compiled and ran in %.1fs", step, time.perf_counter() - throughput.start)
-                    compiled = True
+                    logging.info("step %d compiled and ran in %.1fs%s", step, time.perf_counter() - throughput.start,
+                                 "" if program is None else f" (elastic program {program})")
+                    compiled.add(program)
                     throughput.restart()
+                    window_programs = []
                 else:
                     throughput.steps += 1
+                    window_programs.append(program)
                 stopping = preemption.stop_after(step)
                 evaluated = {}
                 if eval_every and (step % eval_every == 0 or step == t.steps):
@@ -328,7 +349,11 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
                     last = {
                         "step": step, "loss": float(losses[-1]), "loss_avg": float(losses.mean()),
                         "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(lr_at(step - 1)),
-                        **throughput.figures(step_flops, peak * mesh.size),
+                        **throughput.figures(float(np.mean([flops_of[p] for p in window_programs]))
+                                             if window_programs else step_flops, peak * mesh.size),
+                        # elastic V: the last step's V (MQT) or its per-V losses (M3)
+                        **{k: (int(v) if k == "visual_tokens" else float(v)) for k, v in fetched[-1].items()
+                           if k == "visual_tokens" or k.startswith("loss/v")},
                     }
                     last.update(pipeline_counters(data_iter))
                     if skipped_updates:
@@ -342,7 +367,7 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
                                  "-" if last["mfu"] is None else f"{100 * last['mfu']:.2f}%")
                     if jax.process_index() == 0:
                         files.append_line(metrics_path, json.dumps(last))
-                    window = []
+                    window, window_programs = [], []
                     throughput.restart()
                 elif evaluated and jax.process_index() == 0:   # an eval between log steps gets its own line
                     files.append_line(metrics_path, json.dumps({"step": step, **evaluated}))

@@ -4,6 +4,9 @@ The data pipeline reserves exactly V image slots in the token sequence (`image_p
 projected visual embeddings there (scatter with mode='drop', so a text-only row, whose positions are all out of
 range, is untouched). A packed row (data/packing.py) holds K examples: K images, K x V slots, segment ids in the
 attention mask. Shapes never depend on data, so one compiled step serves every batch.
+
+Elastic V (vlm_jax/elastic.py): a model whose head nests (`model.compressor.nested_tokens`) takes `num_tokens=V` for
+any V of the set, on a sequence with V image slots; unset, it is the published single-V model.
 """
 
 import flax.linen as nn
@@ -53,13 +56,17 @@ class VLM(nn.Module):
         back into the LLM through it (the query only conditions the compressor)."""
         return jax.lax.stop_gradient(self.llm.last_hidden(question_tokens, question_mask))
 
-    def encode_images(self, pixels, question_tokens=None, question_mask=None):
+    def encode_images(self, pixels, question_tokens=None, question_mask=None, num_tokens=None):
         """pixels float[B, S, S, 3] -> visual embeddings float[B, V, D] ready for the LLM. A packed batch holds K
-        images per row (float[B, K, S, S, 3], questions int[B, K, Lq]) -> float[B, K * V, D], in slot order."""
+        images per row (float[B, K, S, S, 3], questions int[B, K, Lq]) -> float[B, K * V, D], in slot order.
+        num_tokens: V (elastic: a V of the set); a tuple of them gives a tuple of embeddings, one per V, from one
+        pass of the tower and of the query (M3)."""
         if pixels.ndim == 5:
+            if isinstance(num_tokens, tuple):
+                raise ValueError("elastic V over packed rows is not supported (train.elastic with data.pack_examples)")
             b, k = pixels.shape[:2]
             flat = lambda x: None if x is None else x.reshape((b * k,) + x.shape[2:])  # noqa: E731
-            visual = self.encode_images(flat(pixels), flat(question_tokens), flat(question_mask))
+            visual = self.encode_images(flat(pixels), flat(question_tokens), flat(question_mask), num_tokens)
             return visual.reshape(b, k * visual.shape[1], visual.shape[2])
         features = self.vision(pixels, self.head_cls.vision_layers(self.cfg.compressor, self.cfg.vision))
         query = None
@@ -67,7 +74,9 @@ class VLM(nn.Module):
             if question_tokens is None:
                 raise ValueError(f"compressor head {self.cfg.compressor.name!r} needs question_tokens")
             query = self.query_embedding(question_tokens, question_mask)
-        return self.projector(self.compressor(features, query))
+        if isinstance(num_tokens, tuple):
+            return tuple(self.projector(self.compressor(features, query, v)) for v in num_tokens)
+        return self.projector(self.compressor(features, query, num_tokens))
 
     def embed_inputs(self, tokens, image_positions, visual):
         """Token embeddings with the visual embeddings written into the image slots: float[B, T, D]."""
@@ -76,16 +85,30 @@ class VLM(nn.Module):
         return x.at[rows, image_positions].set(visual.astype(x.dtype), mode="drop")
 
     def hidden_states(self, pixels, tokens, attention_mask, image_positions, question_tokens=None,
-                      question_mask=None):
+                      question_mask=None, num_tokens=None):
         """The LLM's final-norm hidden states float[B, T, D] (the chunked training loss applies the output layer)."""
-        visual = self.encode_images(pixels, question_tokens, question_mask)
+        visual = self.encode_images(pixels, question_tokens, question_mask, num_tokens)
         hidden, _ = self.llm(self.embed_inputs(tokens, image_positions, visual), attention_mask)
         return hidden
 
-    def __call__(self, pixels, tokens, attention_mask, image_positions, question_tokens=None, question_mask=None):
-        """Next-token logits float32[B, T, vocab] for a batch in the pipeline's layout."""
+    def hidden_states_per_scale(self, pixels, texts, question_tokens=None, question_mask=None):
+        """M3: texts {V: (tokens, attention_mask, image_positions)}, the batch trimmed to each V -> {V: hidden
+        float[B, L_V, D]}, one LLM pass per V; the tower and the query pass run once for all of them."""
+        scales = tuple(texts)
+        visuals = self.encode_images(pixels, question_tokens, question_mask, scales)
+        return {v: self.llm(self.embed_inputs(texts[v][0], texts[v][2], visual), texts[v][1])[0]
+                for v, visual in zip(scales, visuals)}
+
+    def logits(self, hidden):
+        """float[B, T, D] final-norm hidden states -> float32[B, T, vocab]."""
+        return self.llm.logits(hidden)
+
+    def __call__(self, pixels, tokens, attention_mask, image_positions, question_tokens=None, question_mask=None,
+                 num_tokens=None):
+        """Next-token logits float32[B, T, vocab] for a batch in the pipeline's layout (V = num_tokens image slots;
+        default model.compressor.num_tokens)."""
         return self.llm.logits(self.hidden_states(pixels, tokens, attention_mask, image_positions, question_tokens,
-                                                  question_mask))
+                                                  question_mask, num_tokens))
 
 
 def dummy_inputs(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 8, question_len: int = 4):

@@ -62,6 +62,9 @@ class Head(nn.Module):
     Built as `Head(cfg=compressor_cfg, vision_cfg=..., llm_cfg=..., dtype=...)`; subclasses set `DEFAULTS`,
     `needs_query`, and override `vision_layers`/`check` when they read more layers or tile the grid differently,
     and `flops_per_image` when XLA's count of their computation is not their cost.
+
+    Elastic V (vlm_jax/elastic.py): a head with `NESTS` produces every V of `cfg.nested_tokens` (a set whose
+    largest is `cfg.num_tokens`) from one set of weights; `__call__(features, query, num_tokens=V)` picks one.
     """
     cfg: ml_collections.ConfigDict
     vision_cfg: ml_collections.ConfigDict
@@ -71,6 +74,7 @@ class Head(nn.Module):
     DEFAULTS: ClassVar[dict] = {}
     needs_query: ClassVar[bool] = False
     TORCH_INIT: ClassVar[str] = "torch"   # the authors' initialisation (vlm_jax/models/torch_init.py)
+    NESTS: ClassVar[bool] = False         # can serve every V of model.compressor.nested_tokens (elastic V)
 
     @classmethod
     def vision_layers(cls, cfg, vision_cfg):
@@ -118,6 +122,19 @@ class Head(nn.Module):
         an LLM forward and counted by vlm_jax.flops, not here."""
         fn, abstract_args = cls.cost_fn(model_cfg)
         return xla_cost.xla_flops(fn, *abstract_args)
+
+    def nested_tokens(self) -> tuple:
+        """The V this head serves: model.compressor.nested_tokens (elastic V), else just num_tokens."""
+        return tuple(self.cfg.get("nested_tokens", None) or (self.cfg.num_tokens,))
+
+    def tokens(self, num_tokens=None) -> int:
+        """V of this call: `num_tokens` (one of `nested_tokens`), default model.compressor.num_tokens."""
+        if num_tokens is None:
+            return self.cfg.num_tokens
+        if num_tokens not in self.nested_tokens():
+            raise ValueError(f"compressor head {self.cfg.name!r} was built for V in {self.nested_tokens()}, "
+                             f"asked for V={num_tokens} (set model.compressor.nested_tokens / train.elastic.tokens)")
+        return num_tokens
 
     def selected(self, features):
         """Patch tokens of the selected layer reshaped to the grid: float[B, g, g, Dv]."""

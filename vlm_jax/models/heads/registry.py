@@ -17,8 +17,9 @@ Every head is a linen Module built as `Head(cfg=compressor_cfg, vision_cfg=..., 
 - `vision_layers(cfg, vision_cfg)`: the vision hidden-state indices it reads;
 - `check(cfg, grid)`: raises ValueError naming head, V and grid when it cannot produce V tokens;
 - `flops_per_image(model_cfg)`: its forward FLOPs per image (default: XLA's count of the head alone);
-- `__call__(features, query)`: features {layer index: float[B, 1 + g*g, Dv]} (class token first), query
-  float[B, D_llm] or None -> float[B, V, Dv].
+- `__call__(features, query, num_tokens=None)`: features {layer index: float[B, 1 + g*g, Dv]} (class token first),
+  query float[B, D_llm] or None -> float[B, V, Dv]; `num_tokens` picks a V of `nested_tokens` (elastic V);
+- `NESTS`: whether one set of weights serves every V of `model.compressor.nested_tokens` (elastic V).
 """
 
 import flax.linen as nn
@@ -41,13 +42,24 @@ def validate(cfg: ml_collections.ConfigDict, vision_cfg: ml_collections.ConfigDi
     """Start-up check of `config.model.compressor`: known head, known keys, a V the head can produce, vision
     taps inside the tower, a head count that divides the vision width."""
     head = get(cfg.name)
-    unknown = set(cfg.keys()) - {"name", "num_tokens"} - set(head.DEFAULTS)
+    unknown = set(cfg.keys()) - {"name", "num_tokens", "nested_tokens"} - set(head.DEFAULTS)
     if unknown:
         raise ValueError(f"model.compressor: unknown key(s) {sorted(unknown)} for head {cfg.name!r}; "
                          f"it takes {sorted(head.DEFAULTS)}")
     if cfg.num_tokens < 1:
         raise ValueError(f"model.compressor.num_tokens must be >= 1, got {cfg.num_tokens}")
     head.check(cfg, vision_cfg.image_size // vision_cfg.patch_size)
+    nested = tuple(cfg.get("nested_tokens", None) or ())
+    if nested:
+        if not head.NESTS:
+            raise ValueError(f"compressor head {cfg.name!r} does not nest: it cannot serve several V from one set of "
+                             f"weights (elastic V); nesting heads: {sorted(n for n in REGISTRY if get(n).NESTS)}")
+        if max(nested) != cfg.num_tokens or len(set(nested)) != len(nested):
+            raise ValueError(f"model.compressor.nested_tokens={nested} must be distinct V whose largest is "
+                             f"model.compressor.num_tokens={cfg.num_tokens}")
+        for v in nested:   # every V of the set must be one the head can produce
+            head.check(ml_collections.ConfigDict(dict(cfg.to_dict(), num_tokens=v)),
+                       vision_cfg.image_size // vision_cfg.patch_size)
     head.vision_layers(cfg, vision_cfg)   # raises, naming the index, for a tap outside the tower
     if "num_heads" in head.DEFAULTS:
         heads = option(cfg, head, "num_heads")
@@ -70,17 +82,20 @@ class AllTokens(Head):
     def flops_per_image(cls, model_cfg) -> float:
         return 0.0   # passes tokens through: nothing to compute
 
-    def __call__(self, features, query=None):
+    def __call__(self, features, query=None, num_tokens=None):
+        self.tokens(num_tokens)
         return vision.patch_tokens(features[self.vision_cfg.select_layer]).astype(self.dtype)
 
 
 @register("avgpool")
 class AvgPool(Head):
-    """2-D average pooling of the patch grid to sqrt(V) x sqrt(V) tokens (no parameters)."""
+    """2-D average pooling of the patch grid to sqrt(V) x sqrt(V) tokens (no parameters: nests for free)."""
 
-    def __call__(self, features, query=None):
+    NESTS = True
+
+    def __call__(self, features, query=None, num_tokens=None):
         x = self.selected(features)
-        side = grid_side(self.cfg.name, self.cfg.num_tokens, x.shape[1])
+        side = grid_side(self.cfg.name, self.tokens(num_tokens), x.shape[1])
         window = x.shape[1] // side
         pooled = nn.avg_pool(x, (window, window), strides=(window, window), padding="VALID")
         return pooled.reshape(x.shape[0], side * side, x.shape[-1]).astype(self.dtype)

@@ -6,6 +6,8 @@
 
 Query-agnostic, and with no grid structure any V >= 1 works (no tiling constraint). Keys/values are the selected
 layer's patch tokens, which already carry CLIP's position embeddings.
+Nested (elastic V): V tokens are the first V latents (MQT-LLaVA's prefix of queries). Latents attend to the image
+only, never to each other, so the V outputs are the first V of the V_max outputs.
 """
 
 import flax.linen as nn
@@ -45,6 +47,8 @@ class Resampler(Head):
         mlp_ratio=4,    # MLP hidden width = mlp_ratio * Dv
     )
 
+    NESTS = True
+
     @classmethod
     def check(cls, cfg, grid):
         depth = option(cfg, cls, "depth")
@@ -52,12 +56,13 @@ class Resampler(Head):
             raise ValueError(f"compressor head 'resampler': depth must be >= 1, got {depth}")
 
     @nn.compact
-    def __call__(self, features, query=None):
+    def __call__(self, features, query=None, num_tokens=None):
         media = vision.patch_tokens(features[self.vision_cfg.select_layer]).astype(self.dtype)   # [B, P, Dv]
         b, _, d = media.shape
         latents = self.param("latents", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                      (None, "compressor_embed")),
                              (self.cfg.num_tokens, d))
+        latents = latents[:self.tokens(num_tokens)]
         x = jnp.broadcast_to(latents.astype(self.dtype), (b,) + latents.shape)
         for i in range(option(self.cfg, Resampler, "depth")):
             x = ResamplerBlock(option(self.cfg, Resampler, "num_heads"), option(self.cfg, Resampler, "mlp_ratio"),

@@ -11,6 +11,7 @@ cross-attention, the compressor of the paper's scaling grid. Query-agnostic.
 As in the authors' release, the attention output goes straight into the projector; `residual=True` adds the point
 feature to it (a variant; with the same weights the outputs differ completely).
 As with QueCC, at V = g*g each region is one token and the query projection gets no gradient.
+No parameter depends on V (points are sampled, regions cut, without weights), so the head nests for free (elastic V).
 """
 
 import flax.linen as nn
@@ -43,16 +44,17 @@ class TokenPacker(Head):
     )
 
     TORCH_INIT = "torch_trunc_normal"   # TokenPacker's _init_weights
+    NESTS = True
 
     @classmethod
     def vision_layers(cls, cfg, vision_cfg):
         return (vision_cfg.select_layer,) + vision_taps(cfg, vision_cfg)
 
     @nn.compact
-    def __call__(self, features, query=None):
+    def __call__(self, features, query=None, num_tokens=None):
         x = self.selected(features).astype(self.dtype)                           # [B, g, g, Dv]
         b, g, _, d = x.shape
-        side = grid_side(self.cfg.name, self.cfg.num_tokens, g)
+        side = grid_side(self.cfg.name, self.tokens(num_tokens), g)
 
         points = downsample_points(x.astype(jnp.float32), side).astype(self.dtype).reshape(b * side * side, 1, d)
         q = layers.dense(d, ("compressor_embed", "compressor_hidden"), False, self.dtype, "q_proj")(points)
