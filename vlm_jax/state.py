@@ -216,23 +216,33 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in shapes.items()}
 
 
-def step_flops(config: ml_collections.ConfigDict, trainable_parts, num_tokens: int | None = None) -> float:
-    """Model FLOPs of one train step of `config` (vlm_jax.flops), given the top-level parts that train
-    (e.g. {'compressor', 'projector', 'llm'}): the numerator of MFU, and of planned step times.
-    Elastic V (vlm_jax/elastic.py): MQT counts the step at the drawn V `num_tokens` (unset: the mean over the set,
-    what a plan expects); M3 the sum over its scales, with the tower and the query pass once."""
+def program_flops(config: ml_collections.ConfigDict, trainable_parts) -> dict:
+    """{program key (`jit_train_steps`): model FLOPs of one step it runs} (vlm_jax.flops), given the top-level
+    parts that train (e.g. {'compressor', 'projector', 'llm'}). Elastic V (vlm_jax/elastic.py): an MQT program
+    counts its V's step; M3's the sum over its scales, with the tower and the query pass once."""
     m, t = config.model, config.train
     kwargs = dict(batch_size=t.batch_size, train_llm="llm" in trainable_parts,
                   train_vision="vision" in trainable_parts, question_len=config.data.question_len,
                   images_per_sequence=images_per_sequence(config))
     name = elastic.mode(config)
     if not name:
-        return flops.train_step_flops(m, seq_len=config.data.seq_len + m.compressor.num_tokens, **kwargs)
+        return {None: flops.train_step_flops(m, seq_len=config.data.seq_len + m.compressor.num_tokens, **kwargs)}
     per_v = {v: flops.train_step_flops(elastic.fixed_model(m, v), seq_len=config.data.seq_len + v, **kwargs)
              for v in elastic.tokens(config)}
     shared = t.batch_size * flops.shared_image_flops(m, train_vision=kwargs["train_vision"],
                                                      question_len=config.data.question_len)
-    return elastic.MODES[name].flops(per_v, shared, num_tokens)
+    mode = elastic.MODES[name]
+    return {key: mode.flops(per_v, shared, key if isinstance(key, int) else None)
+            for key in mode.programs(elastic.tokens(config))}
+
+
+def step_flops(config: ml_collections.ConfigDict, trainable_parts, num_tokens: int | None = None) -> float:
+    """Model FLOPs of one train step of `config`: the numerator of MFU, and of planned step times. Elastic MQT:
+    the step at the drawn V `num_tokens` (unset: the mean over the set, what a plan expects)."""
+    per_program = program_flops(config, trainable_parts)
+    if num_tokens is not None and num_tokens in per_program:
+        return per_program[num_tokens]
+    return sum(per_program.values()) / len(per_program)
 
 
 # --- the state -----------------------------------------------------------------------------------

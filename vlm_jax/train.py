@@ -273,9 +273,8 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
     def program_at(step):
         return mode.program_at(config.seed, step, elastic.tokens(config)) if mode else None
     skip_nonfinite = t.get("skip_nonfinite", False)
-    step_flops = state_lib.step_flops(config, set(state.params))   # elastic MQT: the mean over the set
-    flops_of = {key: state_lib.step_flops(config, set(state.params), key) if isinstance(key, int) else step_flops
-                for key in train_steps}   # per program (MQT: the drawn V's step)
+    flops_of = state_lib.program_flops(config, set(state.params))   # per program (MQT: the drawn V's step)
+    step_flops = sum(flops_of.values()) / len(flops_of)   # elastic MQT: the mean over the set
     peak, peak_source = hardware.peak_flops_per_device(t.peak_flops_per_device)
     logging.info("MFU denominator: %.3g FLOP/s per device (%s); %.3g FLOPs per step", peak, peak_source,
                  step_flops)

@@ -32,6 +32,10 @@ from vlm_jax.registry import Registry
 BACKENDS = Registry("grid backend", "config.backend")
 register = BACKENDS.register
 
+# A job's exit status when it stopped with its checkpoint saved: resumable, not finished (sysexits.h EX_TEMPFAIL;
+# launch.runtime.EXIT_STOPPED, vlm_jax.train.Preempted.EXIT_CODE).
+EX_TEMPFAIL = 75
+
 
 def make(name: str, cfg: ml_collections.ConfigDict):
     """The backend called `name`, configured by `cfg` (config.backend.<name>; may be empty)."""
@@ -45,6 +49,38 @@ class Job:
 
     name: str
     argv: tuple[str, ...]
+
+
+class FollowedJobs:
+    """A backend whose jobs run elsewhere and are followed from here (tpu, slurm). `run` counts the jobs in flight
+    and starts none once `stop` has begun (EX_TEMPFAIL: resumable); `stop` returns once every `run` has returned.
+    A subclass's `_run(job, log_path)` runs one job and, seeing `_stopping` set, ends it on a checkpoint."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._stopping = threading.Event()
+        self._running = 0
+
+    def stop(self) -> None:
+        with self._idle:
+            self._stopping.set()
+            self._idle.wait_for(lambda: self._running == 0)
+
+    def run(self, job: Job, log_path: str) -> int:
+        with self._idle:
+            if self._stopping.is_set():
+                return EX_TEMPFAIL
+            self._running += 1
+        try:
+            return self._run(job, log_path)
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+
+    def _run(self, job: Job, log_path: str) -> int:
+        raise NotImplementedError
 
 
 # The signal the kernel sends a local child when its launcher dies, however it dies (SIGKILL included, where nothing

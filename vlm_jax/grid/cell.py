@@ -17,7 +17,7 @@ import numpy as np
 
 from vlm_jax import checkpoints, files, flops, train
 from vlm_jax import state as state_lib
-from vlm_jax.grid import results
+from vlm_jax.grid import ownership, results
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,7 @@ def stage_finished(cfg: ml_collections.ConfigDict) -> bool:
 _NOT_FINISHED, _FINISHED, _CONFIG_CHANGED = 0, 1, 2
 
 
-def _from_process_0(value: int) -> int:
-    """Process 0's `value` on every process of a multi-host job (a broadcast; one process: `value` itself)."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+_from_process_0 = ownership.from_process_0
 
 
 def stage_finished_everywhere(cfg: ml_collections.ConfigDict) -> bool:

@@ -370,16 +370,21 @@ class Lock:
         self.release()
 
 
-def agree_across_processes(acquired: bool) -> bool:
-    """Process 0's answer, on every process of a multi-host job (a broadcast; one process: `acquired` itself)."""
+def from_process_0(value: int) -> int:
+    """Process 0's `value`, on every process of a multi-host job (a broadcast; one process: `value` itself)."""
     import jax  # pylint: disable=import-outside-toplevel
 
     if jax.process_count() == 1:
-        return acquired
+        return value
     import numpy as np  # pylint: disable=import-outside-toplevel
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(acquired)))
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def agree_across_processes(acquired: bool) -> bool:
+    """Process 0's answer, on every process of a multi-host job."""
+    return bool(from_process_0(int(acquired)))
 
 
 @contextlib.contextmanager

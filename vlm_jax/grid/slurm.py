@@ -35,7 +35,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 
 import ml_collections
@@ -43,7 +42,7 @@ import ml_collections
 from vlm_jax.grid import backends
 from vlm_jax.paths import REPO_ROOT
 
-EX_TEMPFAIL = 75   # launch.cell's exit code when a stage stopped on SIGTERM with its checkpoint saved
+EX_TEMPFAIL = backends.EX_TEMPFAIL
 # Job states after which the job will not run again by itself (JOB_STATES in Slurm's slurm.h, as scontrol names
 # them). REQUEUED, REQUEUE_HOLD, REQUEUE_FED, SPECIAL_EXIT, COMPLETING and every pending or running state are not.
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -188,7 +187,7 @@ def verdict(info: dict[str, str]) -> int | None:
 
 
 @backends.register("slurm")
-class SlurmBackend:
+class SlurmBackend(backends.FollowedJobs):
     """One Slurm batch job per grid job (see the module docstring)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict | None):
@@ -196,10 +195,7 @@ class SlurmBackend:
             raise ValueError("the slurm backend needs config.slurm (vlm_jax.grid.slurm.default_config())")
         validate(cfg)
         self.cfg = cfg
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._stopping = threading.Event()
-        self._running = 0
+        super().__init__()
 
     def commands(self, job: backends.Job) -> list[list[str]]:
         """Write the script, submit it, follow the job (what --dry_run prints)."""
@@ -210,28 +206,15 @@ class SlurmBackend:
 
     # -------------------------------------------------------------------------------------------- run
 
-    def stop(self) -> None:
-        """The launcher is stopping: each running job's cell is sent SIGTERM (it checkpoints and exits 75, and its
-        script does not requeue it), each pending one cancelled; returns once every run() has returned."""
-        with self._idle:
-            self._stopping.set()
-            self._idle.wait_for(lambda: self._running == 0)
+    # stop() (backends.FollowedJobs): each running job's cell is sent SIGTERM (it checkpoints and exits 75, and
+    # its script does not requeue it), each pending one cancelled.
 
-    def run(self, job: backends.Job, log_path: str) -> int:
-        with self._idle:
-            if self._stopping.is_set():
-                return EX_TEMPFAIL
-            self._running += 1
-        try:
-            os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-            with open(log_path, "ab") as log:
-                return self._run(job, log)
-        finally:
-            with self._idle:
-                self._running -= 1
-                self._idle.notify_all()
+    def _run(self, job: backends.Job, log_path: str) -> int:
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        with open(log_path, "ab") as log:
+            return self._submit_and_follow(job, log)
 
-    def _run(self, job: backends.Job, log) -> int:
+    def _submit_and_follow(self, job: backends.Job, log) -> int:
         folder = script_folder(self.cfg, job)
         os.makedirs(folder, exist_ok=True)
         stop_file = os.path.join(folder, STOP_FILE)

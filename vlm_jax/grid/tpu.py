@@ -21,7 +21,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -30,7 +29,7 @@ import ml_collections
 from vlm_jax.grid import backends
 from vlm_jax.paths import REPO_ROOT
 
-EX_TEMPFAIL = 75   # launch.cell's exit status when a stage stopped on SIGTERM with its checkpoint saved
+EX_TEMPFAIL = backends.EX_TEMPFAIL
 MIN_PYTHON = (3, 11)   # jax 0.10, flax, orbax and grain
 
 # Accelerator type prefix -> (runtime version, what the type's number counts). Cloud TPU docs, "TPU software
@@ -272,7 +271,7 @@ def fresh_path(path: str):
 # ------------------------------------------------------------------------------------------------ the backend
 
 @backends.register("tpu")
-class TpuBackend:
+class TpuBackend(backends.FollowedJobs):
     """One queued-resource TPU slice per job (and per resumption), deleted when the job ends (unless keep)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict | None):
@@ -291,10 +290,7 @@ class TpuBackend:
                 runtime_version(cfg, kind), hosts(cfg, kind)
             except ValueError as e:
                 raise ValueError(f"config.tpu.accelerator_type(s): {e}") from None
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._running = 0
-        self._idle = threading.Condition(self._lock)
+        super().__init__()
 
     def accelerator_type(self, job_name: str) -> str:
         return accelerator_type(self.cfg, job_name)
@@ -357,24 +353,8 @@ class TpuBackend:
 
     # -------------------------------------------------------------------------------------------- run
 
-    def stop(self) -> None:
-        """The launcher is stopping: every running job gets SIGTERM on its workers (it saves its checkpoint and
-        exits 75), its slice is deleted; no job starts. Returns once every run() has returned."""
-        with self._idle:
-            self._stopping.set()
-            self._idle.wait_for(lambda: self._running == 0)
-
-    def run(self, job: backends.Job, log_path: str) -> int:
-        with self._idle:
-            if self._stopping.is_set():
-                return EX_TEMPFAIL
-            self._running += 1
-        try:
-            return self._run(job, log_path)
-        finally:
-            with self._idle:
-                self._running -= 1
-                self._idle.notify_all()
+    # stop() (backends.FollowedJobs): every running job gets SIGTERM on its workers (it saves its checkpoint and
+    # exits 75), its slice is deleted; no job starts.
 
     def _run(self, job: backends.Job, log_path: str) -> int:
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
