@@ -19,6 +19,9 @@ Variants:
   QueCC; stage 1 on LLaVA-558K (lr 1e-3, batch 256), stage 2 on LLaVA-665K (lr 2e-5, batch 128); the paper's
   benchmarks in its reasoning/understanding and OCR groups. Set the weight, data and bucket paths.
 
+Elastic V: `--config.elastic.mode=mqt` (or `m3`) trains one model per (LLM, seed) for every V of the axis and
+evaluates it at each V (same table rows), then sweeps the adaptive-V router over its answers (README: Elastic V).
+
 Argument keys: variant name, then `llms=a+b`, `tokens=1+16` to shrink the axes (`smoke,llms=tiny-s+tiny-m,tokens=1+16`).
 
 Each setting has its reason beside it; what was tried on the way to the smoke default, with every measurement, is
@@ -65,6 +68,7 @@ def smoke(arg) -> ml_collections.ConfigDict:
     # exponent was identified: configs/grid_notes.md.)
     config.seeds = (0, 1)
     config.weights_dir = ""   # tiny LLMs start from scratch; the tower is pretrained by the grid (config.tower)
+    config.elastic = elastic_config()
 
     cell = ml_collections.ConfigDict()
     cell.seed = 0
@@ -157,6 +161,7 @@ def paper(arg) -> ml_collections.ConfigDict:
     # Pretrained weights: WEIGHTS/clip-vit-l14-336 and WEIGHTS/<each LLM preset>, each converted once from its
     # Hugging Face directory by launch.convert (or, on a local disk, the Hugging Face directory itself).
     config.weights_dir = "gs://YOUR_BUCKET/vlm-jax/weights"
+    config.elastic = elastic_config()
     config.cell = cell
     # Data on every worker's disk (or a bucket mounted there): DATA/llava/... as LLaVA-1.5 ships it, DATA/eval/...
     data = "/data"
@@ -195,6 +200,13 @@ def eval_config(*, synthetic_per_family: int, tasks: dict, benchmarks: dict | No
     return ml_collections.ConfigDict(dict(
         synthetic_per_family=synthetic_per_family, tasks=tasks, benchmarks=benchmarks or {}, data_root=data_root,
         batch_size=batch_size, max_new_tokens=max_new_tokens, seq_len=seq_len, text_tokens=text_tokens))
+
+
+def elastic_config() -> ml_collections.ConfigDict:
+    """--config.elastic.mode=mqt (or m3): one model per (LLM, seed) trained for every V of config.tokens at once
+    (vlm_jax/elastic.py), evaluated at each V into the same table rows, with the adaptive-V router's sweep
+    (vlm_jax/evaluation/router.py). '' (default): one model per (LLM, V, seed), as the paper trains."""
+    return ml_collections.ConfigDict(dict(mode=""))
 
 
 def fit_config(bootstrap: int) -> ml_collections.ConfigDict:

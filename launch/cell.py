@@ -37,7 +37,7 @@ def main(argv):
     except ownership.Owned as e:
         logging.warning("%s: not started (another process is running this job)", e)
         sys.exit(ownership.EXIT_OWNED)
-    logging.info("job done: %s", {k: v for k, v in result.items() if k != "rows"})
+    logging.info("job done: %s", {k: v for k, v in result.items() if k not in ("rows", "router")})
 
 
 if __name__ == "__main__":

@@ -84,8 +84,11 @@ def main(argv):
             print(f"config.parallel={parallel}, but the devices make {backend.slots} group(s) of "
                   f"config.local.devices_per_cell: {backend.slots} at a time")
             parallel = backend.slots
-        print(f"grid {grid.dir}: {len(cells)} cells ({len(grid.llms)} LLMs x {len(grid.tokens)} V x "
-              f"{len(grid.seeds)} seeds), {len(todo_cells)} to run, {parallel} at a time on '{grid.backend}'"
+        shape = (f"{len(cells)} cells ({len(grid.llms)} LLMs x {len(grid.tokens)} V x {len(grid.seeds)} seeds)"
+                 if not spec.elastic_mode(grid) else
+                 f"{len(cells)} {spec.training_label(grid)} models ({len(grid.llms)} LLMs x {len(grid.seeds)} seeds, "
+                 f"each evaluated at V = {', '.join(map(str, sorted(grid.tokens)))})")
+        print(f"grid {grid.dir}: {shape}, {len(todo_cells)} to run, {parallel} at a time on '{grid.backend}'"
               + (f", after {len(todo_first)} pretraining job(s)" if todo_first else ""), flush=True)
         progress = runner.run_jobs(todo_first, todo_cells, backend, parallel,
                                    echo=lambda line: print(line, flush=True), if_owned=FLAGS.if_owned)

@@ -91,20 +91,24 @@ class DecodeState:
 
 class GenerationOutput(NamedTuple):
     """tokens int32[B, T] (pad_id after a row's stop token); lengths int32[B]: tokens before the first stop token
-    (T when none came); logits float32[B, T, vocab] or None."""
+    (T when none came); logits float32[B, T, vocab] or None; logprobs float32[B, T]: each emitted token's log
+    probability under the (vocabulary-limited, untempered) next-token distribution, 0 after the stop token (an
+    answer's confidence: vlm_jax.evaluation.router)."""
 
     tokens: Any
     lengths: Any
     logits: Any = None
+    logprobs: Any = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Functions of the bound VLM module (passed to `model.apply(..., method=...)`).
 
 
-def _encode_prompt(m: vlm_lib.VLM, batch):
-    """Prompt embeddings float[B, L, D]: text embeddings with the visual embeddings in the image slots."""
-    visual = m.encode_images(batch["pixels"], batch["question_tokens"], batch["question_mask"])
+def _encode_prompt(m: vlm_lib.VLM, batch, num_tokens=None):
+    """Prompt embeddings float[B, L, D]: text embeddings with the visual embeddings in the image slots (V =
+    num_tokens of an elastic model's set; default model.compressor.num_tokens)."""
+    visual = m.encode_images(batch["pixels"], batch["question_tokens"], batch["question_mask"], num_tokens)
     return m.embed_inputs(batch["tokens"], batch["image_positions"], visual)
 
 
@@ -190,9 +194,10 @@ def strip_prefix(batch: Mapping[str, Any], prefix_tokens) -> dict[str, np.ndarra
 
 
 def prefill(model: vlm_lib.VLM, params, batch: Mapping[str, Any], max_new_tokens: int, pad_id: int = 0,
-            prefix: TextPrefix | None = None) -> DecodeState:
+            prefix: TextPrefix | None = None, num_tokens: int | None = None) -> DecodeState:
     """Run right-padded prompts (after a cached prefix, if given) into a fresh cache with room for
-    `max_new_tokens` more tokens. batch: the PROMPT_KEYS of `make_prompt_batch`."""
+    `max_new_tokens` more tokens. batch: the PROMPT_KEYS of `make_prompt_batch` (its image slots: num_tokens V of
+    an elastic model, else model.compressor.num_tokens)."""
     variables = {"params": params}
     tokens, mask, image_positions = left_pad(batch["tokens"], batch["attention_mask"], batch["image_positions"],
                                              pad_id)
@@ -206,7 +211,8 @@ def prefill(model: vlm_lib.VLM, params, batch: Mapping[str, Any], max_new_tokens
         k = k.at[:, :, :p].set(jnp.broadcast_to(prefix.cache[0], k[:, :, :p].shape).astype(k.dtype))
         v = v.at[:, :, :p].set(jnp.broadcast_to(prefix.cache[1], v[:, :, :p].shape).astype(v.dtype))
     cache_mask = jnp.concatenate([jnp.ones((b, p), jnp.int32), mask, jnp.zeros((b, max_new_tokens), jnp.int32)], 1)
-    x = model.apply(variables, dict(batch, tokens=tokens, image_positions=image_positions), method=_encode_prompt)
+    x = model.apply(variables, dict(batch, tokens=tokens, image_positions=image_positions), num_tokens,
+                    method=_encode_prompt)
     positions = p + llm_lib.positions_from_mask(mask)
     logits, cache = model.apply(variables, x, cache_mask, positions, (k, v), p, method=_run_llm)
     return DecodeState(cache=cache, mask=cache_mask, index=jnp.asarray(p + length, jnp.int32),
@@ -242,47 +248,51 @@ def sample_tokens(logits, rng, temperature: float, top_p: float):
 
 
 def generate(model: vlm_lib.VLM, params, batch: Mapping[str, Any], config: GenerationConfig, rng=None,
-             prefix: TextPrefix | None = None) -> GenerationOutput:
+             prefix: TextPrefix | None = None, num_tokens: int | None = None) -> GenerationOutput:
     """Prefill + decode loop (traceable; `Generator` is the jitted entry point)."""
     t = config.max_new_tokens
     rng = jax.random.key(0) if rng is None else rng
-    state = prefill(model, params, batch, t, config.pad_id, prefix)
+    state = prefill(model, params, batch, t, config.pad_id, prefix, num_tokens)
     b = state.logits.shape[0]
     stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
 
-    def emit(i, state, out, lengths, done, logits_out):
-        """Sample token i from state.logits and record it."""
+    def emit(i, state, out, lengths, done, logits_out, logprobs):
+        """Sample token i from state.logits and record it (with its log probability)."""
         logits = state.logits
         if config.vocab_limit:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < config.vocab_limit, logits, -jnp.inf)
         token = sample_tokens(logits, jax.random.fold_in(rng, i), config.temperature, config.top_p)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), token[:, None],
+                                      axis=-1)[:, 0]
+        logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, logprob))
         token = jnp.where(done, config.pad_id, token)
         stopped = jnp.isin(token, stop_ids) & ~done
         lengths = jnp.where(stopped, i, lengths)
         out = out.at[:, i].set(token)
         if logits_out is not None:
             logits_out = logits_out.at[:, i].set(state.logits)
-        return token, out, lengths, done | stopped, logits_out
+        return token, out, lengths, done | stopped, logits_out, logprobs
 
     out = jnp.full((b, t), config.pad_id, jnp.int32)
     lengths = jnp.full((b,), t, jnp.int32)
     done = jnp.zeros((b,), bool)
     logits_out = jnp.zeros((b, t, state.logits.shape[-1]), jnp.float32) if config.return_logits else None
-    token, out, lengths, done, logits_out = emit(0, state, out, lengths, done, logits_out)
+    logprobs = jnp.zeros((b, t), jnp.float32)
+    token, out, lengths, done, logits_out, logprobs = emit(0, state, out, lengths, done, logits_out, logprobs)
 
     def cond(carry):
-        i, _, _, _, _, done, _ = carry
+        i, _, _, _, _, done, _, _ = carry
         return (i < t) & ~jnp.all(done)
 
     def body(carry):
-        i, state, token, out, lengths, done, logits_out = carry
+        i, state, token, out, lengths, done, logits_out, logprobs = carry
         state = decode_step(model, params, state, token)
-        token, out, lengths, done, logits_out = emit(i, state, out, lengths, done, logits_out)
-        return i + 1, state, token, out, lengths, done, logits_out
+        token, out, lengths, done, logits_out, logprobs = emit(i, state, out, lengths, done, logits_out, logprobs)
+        return i + 1, state, token, out, lengths, done, logits_out, logprobs
 
-    carry = (jnp.asarray(1, jnp.int32), state, token, out, lengths, done, logits_out)
-    _, _, _, out, lengths, _, logits_out = jax.lax.while_loop(cond, body, carry)
-    return GenerationOutput(out, lengths, logits_out)
+    carry = (jnp.asarray(1, jnp.int32), state, token, out, lengths, done, logits_out, logprobs)
+    _, _, _, out, lengths, _, logits_out, logprobs = jax.lax.while_loop(cond, body, carry)
+    return GenerationOutput(out, lengths, logits_out, logprobs)
 
 
 def encode_prefix(model: vlm_lib.VLM, params, prefix_tokens) -> TextPrefix:
@@ -306,10 +316,11 @@ class Generator:
         out = gen(params, strip_prefix(batch, prefix_ids), prefix=prefix)   # same tokens, less work
     """
 
-    def __init__(self, model: vlm_lib.VLM, config: GenerationConfig):
-        self.model, self.config = model, config
+    def __init__(self, model: vlm_lib.VLM, config: GenerationConfig, num_tokens: int | None = None):
+        """num_tokens: the V an elastic model answers with (one of model.compressor.nested_tokens)."""
+        self.model, self.config, self.num_tokens = model, config, num_tokens
         self._generate = jax.jit(lambda params, batch, rng, prefix: generate(model, params, batch, config, rng,
-                                                                             prefix))
+                                                                             prefix, num_tokens))
         self._prefix = jax.jit(lambda params, tokens: encode_prefix(model, params, tokens))
 
     def __call__(self, params, batch: Mapping[str, Any], rng=None, prefix: TextPrefix | None = None

@@ -34,7 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vlm_jax import files, sharding
-from vlm_jax.evaluation import generate, scorers
+from vlm_jax.evaluation import generate, router, scorers
 from vlm_jax.data import batching, errors, images, pipeline, synthetic
 from vlm_jax.data.tokenize import IMAGE_PLACEHOLDER, USER, Tokenizer, render_chat
 from vlm_jax.models import vlm
@@ -169,9 +169,12 @@ class Answerer:
     so one compiled program serves a whole benchmark)."""
 
     def __init__(self, config: ml_collections.ConfigDict, params, tokenizer: Tokenizer, *, batch_size: int = 32,
-                 max_new_tokens: int = 16, use_prefix_cache: bool = True, seq_len: int = 0, mesh=None):
+                 max_new_tokens: int = 16, use_prefix_cache: bool = True, seq_len: int = 0, mesh=None,
+                 num_tokens: int | None = None):
         """mesh: the device mesh `params` are sharded over (vlm_jax.state.load_params(run_dir, mesh)); generation then runs
-        partitioned over it, so a model too big for one device is evaluated as it was trained. None: one device."""
+        partitioned over it, so a model too big for one device is evaluated as it was trained. None: one device.
+        num_tokens: the V an elastic model answers with (a V of model.compressor.nested_tokens); default
+        model.compressor.num_tokens."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.config, self.params, self.tokenizer, self.batch_size = config, params, tokenizer, batch_size
@@ -182,9 +185,13 @@ class Answerer:
         self.data_cfg = ml_collections.ConfigDict(config.data.to_dict())
         if seq_len:
             self.data_cfg.seq_len = seq_len
+        nested = tuple(config.model.compressor.get("nested_tokens", None) or (config.model.compressor.num_tokens,))
+        if num_tokens is not None and num_tokens not in nested:
+            raise ValueError(f"num_tokens={num_tokens}: this model answers with V in {nested}")
+        self.num_tokens = num_tokens or config.model.compressor.num_tokens
         self.generator = generate.Generator(vlm.VLM(config.model), generate.GenerationConfig(
             max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
-            vocab_limit=tokenizer.vocab_size))
+            vocab_limit=tokenizer.vocab_size), num_tokens=num_tokens)
         self.prefix_tokens = chat_prefix_tokens(tokenizer, self.data_cfg.system_prompt) if use_prefix_cache else None
         with self._on_mesh():
             self.prefix = (self.generator.encode_prefix(params, self.prefix_tokens)
@@ -201,6 +208,11 @@ class Answerer:
         """Answers to `items`. Over a mesh of several processes every process passes the same items and answers
         all of them, batch by batch, in one collective program: so the item counts must agree, and a batch that
         one process cannot build (its copy of an image missing, say) stops every process, not that one alone."""
+        return self.answer(items)[0]
+
+    def answer(self, items: Sequence[EvalItem]) -> tuple[list[str], np.ndarray]:
+        """(answers, confidences float[len(items)]): `__call__`'s answers and each one's confidence
+        (router.confidence: the geometric mean probability of its tokens)."""
         m = self.config.model
         shared = self.mesh is not None and self.mesh.is_multi_process
         if shared:
@@ -209,6 +221,7 @@ class Answerer:
                 raise ValueError(f"the processes hold {counts.tolist()} questions: each must pass the same "
                                  f"benchmark (every process answers all of it)")
         answers: list[str] = []
+        confidences: list[np.ndarray] = []
         for start in range(0, len(items), self.batch_size):
             chunk = list(items[start:start + self.batch_size])
             real = len(chunk)
@@ -218,7 +231,7 @@ class Answerer:
                 batch = pipeline.make_prompt_batch(
                     [_load_image(it, m.vision.image_size, self.data_cfg.image_aspect_ratio) for it in chunk],
                     [it.prompt for it in chunk], tokenizer=self.tokenizer, data_cfg=self.data_cfg,
-                    num_visual_tokens=m.compressor.num_tokens, image_size=m.vision.image_size)
+                    num_visual_tokens=self.num_tokens, image_size=m.vision.image_size)
             except ValueError as e:
                 error = e
             if shared:   # every process learns whether another could not build this batch
@@ -234,7 +247,8 @@ class Answerer:
                 out = _fetch(self.generator(self.params, batch, prefix=self.prefix))
             for row in range(real):
                 answers.append(self.tokenizer.decode(out.tokens[row, :out.lengths[row]]).strip())
-        return answers
+            confidences.append(router.confidence(out.logprobs, out.lengths)[:real])
+        return answers, (np.concatenate(confidences) if confidences else np.zeros(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -292,20 +306,26 @@ def summarize(results: Mapping[str, scorers.Score], chosen: Sequence[str] | None
     }
 
 
-def write_predictions(path: str, benchmark: Benchmark, predictions: Sequence[str], result: scorers.Score) -> None:
+def write_predictions(path: str, benchmark: Benchmark, predictions: Sequence[str], result: scorers.Score,
+                      confidences: Sequence[float] | None = None) -> None:
     """One JSON line per question, to a local path or a bucket (one object upload)."""
     lines = []
-    for item, text, credit in zip(benchmark.items, predictions, result.per_item):
+    confidences = [None] * len(predictions) if confidences is None else confidences
+    for item, text, credit, conf in zip(benchmark.items, predictions, result.per_item, confidences):
         row = {"question_id": item.question_id, "prompt": item.prompt, "text": text, "credit": credit,
                "reference": {k: v for k, v in item.reference.items() if k not in ("question_id", "text")}}
+        if conf is not None:
+            row["confidence"] = float(conf)
         lines.append(json.dumps(row, default=str) + "\n")
     files.write_text_atomic(path, "".join(lines))
 
 
 def evaluate(answerer: Answerer, benchmarks: Sequence[Benchmark], out_dir: str | None = None,
-             error_benchmarks: Sequence[str] | None = None) -> dict:
+             error_benchmarks: Sequence[str] | None = None, per_item: dict | None = None) -> dict:
     """Answer, score and summarise every benchmark; with out_dir (a folder or a gs:// prefix), write predictions
-    and summary.json there. Every process answers (generation is collective over the mesh); process 0 writes."""
+    and summary.json there. Every process answers (generation is collective over the mesh); process 0 writes.
+    answerer: an Answerer, or any callable items -> answers (then without confidences). per_item: filled with
+    {benchmark: (credits float[Q], confidences float[Q] or None)} (the router's inputs)."""
     if not benchmarks:
         raise ValueError("no benchmarks to evaluate")
     names = [b.name for b in benchmarks]
@@ -315,13 +335,18 @@ def evaluate(answerer: Answerer, benchmarks: Sequence[Benchmark], out_dir: str |
     results = {}
     for b in benchmarks:
         start = time.perf_counter()
-        predictions = answerer(b.items)
+        if hasattr(answerer, "answer"):
+            predictions, confidences = answerer.answer(b.items)
+        else:   # any callable items -> answers: no confidences
+            predictions, confidences = answerer(b.items), None
         results[b.name] = score_benchmark(b, predictions)
+        if per_item is not None:
+            per_item[b.name] = (np.asarray(results[b.name].per_item, np.float64), confidences)
         log.info("%s: %.4f (%d questions, %.1f s)", b.name, results[b.name].score, len(b.items),
                      time.perf_counter() - start)
         if out_dir:
             write_predictions(os.path.join(out_dir, f"{b.name.replace('/', '_')}.predictions.jsonl"), b,
-                              predictions, results[b.name])
+                              predictions, results[b.name], confidences)
     summary = summarize(results, error_benchmarks)
     summary["num_questions"] = {b.name: len(b.items) for b in benchmarks}
     summary["baselines"] = {b.name: answer_baselines(b) for b in benchmarks}

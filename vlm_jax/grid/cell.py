@@ -15,7 +15,7 @@ import time
 import ml_collections
 import numpy as np
 
-from vlm_jax import checkpoints, files, flops, train
+from vlm_jax import checkpoints, elastic, files, flops, train
 from vlm_jax import state as state_lib
 from vlm_jax.grid import ownership, results
 
@@ -76,8 +76,10 @@ def run_stages(spec: dict) -> float:
     return seconds
 
 
-def evaluate_cell(spec: dict) -> dict:
-    """{task: {accuracy, benchmarks: {name: score}}} from the last stage's checkpoint."""
+def evaluate_cell(spec: dict, num_tokens: int | None = None, per_item: dict | None = None) -> dict:
+    """{task: {accuracy, benchmarks: {name: score}, questions}} from the last stage's checkpoint, answered with
+    num_tokens V (an elastic model; predictions then in eval-v{V}/), else the model's own V. per_item: filled with
+    {task: (credits float[Q], confidences float[Q])} over the task's benchmarks (the router's inputs)."""
     from vlm_jax.data import pipeline
     from vlm_jax.evaluation import Answerer, evaluate, llava_benchmark, synthetic_benchmarks
 
@@ -91,8 +93,11 @@ def evaluate_cell(spec: dict) -> dict:
     for name, (scorer, questions, answers, image_dir) in sorted(e["benchmarks"].items()):
         benchmarks.append(llava_benchmark(name, root(questions), root(answers), root(image_dir) or "", scorer))
     answerer = Answerer(config, params, pipeline.make_tokenizer(config.data), batch_size=e["batch_size"],
-                        max_new_tokens=e["max_new_tokens"], seq_len=e["seq_len"])
-    summary = evaluate(answerer, benchmarks, os.path.join(os.path.dirname(run_dir), "eval"))
+                        max_new_tokens=e["max_new_tokens"], seq_len=e["seq_len"], num_tokens=num_tokens)
+    items: dict = {}
+    summary = evaluate(answerer, benchmarks,
+                       os.path.join(os.path.dirname(run_dir), f"eval-v{num_tokens}" if num_tokens else "eval"),
+                       per_item=items)
     tasks = {}
     for task, names in sorted(e["tasks"].items()):
         names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
@@ -103,6 +108,8 @@ def evaluate_cell(spec: dict) -> dict:
         tasks[task] = {"accuracy": float(np.mean([summary["scores"][n] for n in names])),
                        "benchmarks": {n: summary["scores"][n] for n in names},
                        "questions": int(sum(summary["num_questions"][n] for n in names))}
+        if per_item is not None:
+            per_item[task] = tuple(np.concatenate([items[n][i] for n in names]) for i in (0, 1))
     return tasks
 
 
@@ -114,23 +121,53 @@ def measured_error(accuracy: float, questions: int) -> float:
     return max(1.0 - accuracy, 0.5 / max(questions, 1))
 
 
+def table_rows(row: dict, tasks: dict, model_cfg, text_tokens: int) -> list[dict]:
+    """The results-table rows of one evaluated model at one V (one per task)."""
+    infer = flops.inference_flops(model_cfg, text_tokens=text_tokens)
+    # (no times in the rows: the table is the same bitwise whenever the training is; result.json keeps them)
+    return [dict(row, task=task, error=measured_error(t["accuracy"], t["questions"]), accuracy=t["accuracy"],
+                 benchmarks=t["benchmarks"], questions=t["questions"], inference_flops=infer,
+                 text_tokens=text_tokens) for task, t in tasks.items()]
+
+
+def router_sweeps(per_v: dict, model_cfg, text_tokens: int) -> dict:
+    """Adaptive V over the elastic model's ladder (evaluation.router): {task and 'mixed' (every task's questions
+    together): the sweep over thresholds}, each answer's cost the LLM's 2 N (Q + V) as the law's FLOPs are."""
+    from vlm_jax.evaluation import router
+
+    ladder = sorted(per_v)
+    cost = np.array([flops.inference_flops(elastic.fixed_model(model_cfg, v), text_tokens=text_tokens,
+                                           llm_only=True) for v in ladder])
+    tasks = sorted(per_v[ladder[0]])
+    stacked = {task: [np.stack([per_v[v][task][i] for v in ladder]) for i in (0, 1)] for task in tasks}
+    stacked["mixed"] = [np.concatenate([stacked[t][i] for t in tasks], axis=1) for i in (0, 1)]
+    return {"ladder": ladder, "flops": cost.tolist(), "text_tokens": text_tokens,
+            "sweeps": {task: router.sweep(credits, conf, cost) for task, (credits, conf) in stacked.items()}}
+
+
 def run_job(job_dir: str) -> dict:
-    """Run the job in `job_dir` to completion and write its result.json; returns the result."""
+    """Run the job in `job_dir` to completion and write its result.json; returns the result. An elastic cell
+    (spec['rows'], one per V) is evaluated at every V, and the router's sweeps over those answers are kept."""
     spec = read_spec(job_dir)
     start = time.perf_counter()
     train_s = run_stages(spec)
     result = {"status": "ok", "spec_digest": results.spec_digest(spec), "train_s": round(train_s, 1)}
-    if spec["eval"]:
+    model_cfg = ml_collections.ConfigDict(spec["stages"][-1]["config"]["model"])
+    q = int(spec["eval"]["text_tokens"]) if spec["eval"] else 0
+    if spec.get("rows"):   # elastic: one model, every V of its set
+        result["rows"], per_v = [], {}
+        for row in spec["rows"]:
+            v = int(row["visual_tokens"])
+            per_v[v] = {}
+            tasks = evaluate_cell(spec, num_tokens=v, per_item=per_v[v])
+            result["rows"] += table_rows(row, tasks, elastic.fixed_model(model_cfg, v), q)
+        result["accuracy"] = {f"{r['task']}@V={r['visual_tokens']}": r["accuracy"] for r in result["rows"]}
+        result["router"] = router_sweeps(per_v, model_cfg, q)
+    elif spec["eval"]:
         tasks = evaluate_cell(spec)
         result["accuracy"] = {task: t["accuracy"] for task, t in tasks.items()}
-    if spec["row"] is not None:
-        model_cfg = ml_collections.ConfigDict(spec["stages"][-1]["config"]["model"])
-        q = int(spec["eval"]["text_tokens"])
-        infer = flops.inference_flops(model_cfg, text_tokens=q)
-        result["rows"] = [dict(spec["row"], task=task, error=measured_error(t["accuracy"], t["questions"]),
-                               accuracy=t["accuracy"], benchmarks=t["benchmarks"], questions=t["questions"],
-                               inference_flops=infer, text_tokens=q) for task, t in tasks.items()]
-        # (no times in the rows: the table is the same bitwise whenever the training is; result.json keeps them)
+        if spec["row"] is not None:
+            result["rows"] = table_rows(spec["row"], tasks, model_cfg, q)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     files.write_json_atomic(os.path.join(job_dir, "result.json"), result)
     return result

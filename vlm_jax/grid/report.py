@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vlm_jax import files, scaling
-from vlm_jax.grid import results
+from vlm_jax.grid import adaptive, results
 from vlm_jax.scaling import units
 
 
@@ -40,7 +40,20 @@ def seed_spread(rows: Sequence[dict]) -> dict:
             for t, by_llm in _seed_errors(rows).items()}
 
 
-def plot_observed(table: dict, n_params: dict, path: str, spread: dict | None = None) -> str:
+TRAINING = {"per-V": "per-V models: one per LLM, V and seed",
+            "elastic-mqt": "elastic-mqt models: one per LLM and seed, trained at a random V of the set each step, "
+                           "evaluated at every V",
+            "elastic-m3": "elastic-m3 models: one per LLM and seed, trained on the mean loss over every V of the set, "
+                          "evaluated at every V"}
+
+
+def training_of(rows: Sequence[dict]) -> str:
+    """How the rows' models were trained ('per-V' for rows without the column: the per-V grid writes none)."""
+    kinds = sorted({r.get("training", "per-V") for r in rows})
+    return "+".join(kinds)
+
+
+def plot_observed(table: dict, n_params: dict, path: str, spread: dict | None = None, training: str = "per-V") -> str:
     """One heatmap per task of the measured error over (N, V) (mean over seeds, with the std across seeds below
     each mean when there are several): the token-vs-params error surface as measured."""
     from matplotlib.figure import Figure
@@ -69,7 +82,8 @@ def plot_observed(table: dict, n_params: dict, path: str, spread: dict | None = 
         ax.set_yticks(range(len(llms)), [f"{llm}\n{units.params(n_params[llm])}" for llm in llms])
         ax.set_xlabel("visual tokens V")
         ax.set_ylabel("LLM (parameters N)")
-        ax.set_title(f"{task}: measured error" + (" (mean ± std over seeds)" if several else " (one seed)"))
+        ax.set_title(f"{task}: measured error" + (" (mean ± std over seeds)" if several else " (one seed)")
+                     + f"\n{training} models", fontsize=10)
         fig.colorbar(im, ax=ax, label="error")
     return plots.save(fig, path)
 
@@ -80,15 +94,17 @@ def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
     if not rows:
         echo("no finished cell yet: nothing to fit")
         return {}
-    return report_rows(grid_dir, rows, fit_cfg, echo)
+    return report_rows(grid_dir, rows, fit_cfg, echo, jobs)
 
 
-def report_rows(grid_dir: str, rows: Sequence[dict], fit_cfg, echo=print) -> dict:
+def report_rows(grid_dir: str, rows: Sequence[dict], fit_cfg, echo=print, jobs=()) -> dict:
     """summary.json, report.txt and plots/ of the results rows (fit_cfg: forms, text_tokens, bootstrap, seed,
-    level); returns the summary. report.txt opens with the decision, then the measured table, then each fit."""
+    level); returns the summary. report.txt opens with how the models were trained and the decision, then the
+    measured table, then each fit; an elastic grid's `jobs` add the adaptive-V section (grid/adaptive.py)."""
     n_params = {r["llm"]: r["n_params"] for r in rows}
     table = error_table(rows)
     spread = seed_spread(rows)
+    training = training_of(rows)
     text = io.StringIO()
 
     def both(line: str) -> None:
@@ -96,25 +112,35 @@ def report_rows(grid_dir: str, rows: Sequence[dict], fit_cfg, echo=print) -> dic
         text.write(line + "\n")
 
     plot_dir = os.path.join(grid_dir, "plots")   # a bucket's too: figures go through scaling.plots.save
-    plots = [plot_observed(table, n_params, os.path.join(plot_dir, "observed_error.png"), spread)]
+    plots = [plot_observed(table, n_params, os.path.join(plot_dir, "observed_error.png"), spread, training)]
+    routed = adaptive.report(jobs, rows, table, n_params, plot_dir, training)
     try:
         tables = scaling.tables_from_rows(rows, source=os.path.join(grid_dir, "results.jsonl"))
         fitted = scaling.report.fit_tables(
             tables, list(fit_cfg.forms), text_tokens=tuple(fit_cfg.text_tokens), n_bootstrap=fit_cfg.bootstrap,
             seed=fit_cfg.seed, level=fit_cfg.level, plot_dir=plot_dir, echo=both,
-            v_range=(1.0, float(max(r["visual_tokens"] for r in rows))))
+            v_range=(1.0, float(max(r["visual_tokens"] for r in rows))), overlays=routed.get("overlays"),
+            observed=f"the grid's {TRAINING.get(training, training)}\n\n" + scaling.report.format_observed(tables))
     except Exception as e:  # noqa: BLE001  (the means still stand; each fit's own failure is caught inside)
-        both(f"DECISION: none -- no fit: {type(e).__name__}: {e}\n\nmean error (over seeds) per task, LLM and V:")
+        both(f"DECISION: none -- no fit: {type(e).__name__}: {e}\n\nthe grid's {TRAINING.get(training, training)}"
+             "\nmean error (over seeds) per task, LLM and V:")
         for task, by_llm in table.items():
             for llm, by_v in by_llm.items():
                 both(f"  {task} {llm} ({units.params(n_params[llm])}): "
                      + ", ".join(f"V={v} {e:.3f}" for v, e in sorted(by_v.items())))
         fitted = {"decision": {"error": f"{type(e).__name__}: {e}"}, "fits": {}}
     fits = fitted["fits"]
-    summary = {"decision": fitted["decision"], "cells": len({r["cell"] for r in rows}),
+    if routed:
+        both("")
+        for line in routed["lines"]:
+            both(line)
+    summary = {"decision": fitted["decision"], "training": training, "cells": len({r["cell"] for r in rows}),
                "seeds": sorted({str(r.get("seed", "")) for r in rows}), "errors": table, "seed_spread": spread,
                "n_params": n_params, "fits": fits,
-               "plots": plots + [p for forms in fits.values() for f in forms.values() for p in f.get("plots", [])]}
+               "plots": plots + routed.get("plots", [])
+               + [p for forms in fits.values() for f in forms.values() for p in f.get("plots", [])]}
+    if routed:
+        summary["adaptive_v"] = {"curves": routed["curves"], "decisions": routed["decisions"]}
     summary = scaling.report.json_safe(summary)
     # Written here rather than by files.write_json_atomic, which sorts keys: the decision stays first.
     files.write_text_atomic(os.path.join(grid_dir, "summary.json"),

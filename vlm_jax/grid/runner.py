@@ -96,7 +96,12 @@ class Progress:
 def _summary_line(result: dict | None) -> str:
     if not result or "rows" not in result:
         return "ok"
-    return "  ".join(f"{r['task']} acc {r['accuracy']:.3f}" for r in result["rows"])
+    by_v: dict = {}
+    for r in result["rows"]:
+        by_v.setdefault(r["visual_tokens"], []).append(f"{r['task']} acc {r['accuracy']:.3f}")
+    if len(by_v) == 1:
+        return "  ".join(next(iter(by_v.values())))
+    return " | ".join(f"V={v}: " + "  ".join(parts) for v, parts in by_v.items())   # an elastic cell
 
 
 def grid_dir(job: GridJob) -> str:

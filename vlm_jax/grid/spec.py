@@ -135,15 +135,37 @@ def pretrained(grid: ml_collections.ConfigDict, llm: str, pretraining: Sequence[
     return sources
 
 
+def elastic_mode(grid: ml_collections.ConfigDict) -> str:
+    """The grid's elastic-V mode ('' = one model per V; 'mqt' / 'm3': one model per LLM and seed for every V)."""
+    e = grid.get("elastic", None)
+    return e.mode if e is not None else ""
+
+
+def training_label(grid: ml_collections.ConfigDict) -> str:
+    """What the results rows say about how their models were trained: 'per-V', 'elastic-mqt' or 'elastic-m3'."""
+    mode = elastic_mode(grid)
+    return f"elastic-{mode}" if mode else "per-V"
+
+
 def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: Callable,
               pretraining: Sequence[GridJob]) -> list[GridJob]:
     """Every (LLM, V, seed) cell: stage 1 (from the pretrained parts / config init sources), stage 2 (from stage 1),
-    evaluation. `n_params(model_cfg)` is the LLM's parameter count (the scaling law's N)."""
+    evaluation. `n_params(model_cfg)` is the LLM's parameter count (the scaling law's N).
+
+    An elastic grid (`config.elastic.mode` 'mqt' or 'm3', vlm_jax/elastic.py) trains one job per (LLM, seed) for
+    every V of `config.tokens` at once (model.compressor.num_tokens = the largest) and evaluates it at each V: its
+    `spec['rows']` are the rows the per-V grid's cells would write (same cell names and columns, plus `training`),
+    so the table, the fits and the plots read it unchanged."""
+    mode = elastic_mode(grid)
+    if mode and mode not in ("mqt", "m3"):
+        raise ValueError(f"config.elastic.mode={mode!r}; choose '' (one model per V), 'mqt' or 'm3'")
+    trained_tokens = (max(grid.tokens),) if mode else tuple(grid.tokens)
     jobs, llm_params = [], {}
     for llm in grid.llms:
-        for tokens in grid.tokens:
+        for tokens in trained_tokens:
             for seed in grid.seeds:
-                name = cell_name(llm, tokens, seed, len(grid.seeds))
+                name = (f"{llm}_elastic-{mode}" + (f"_s{seed}" if len(grid.seeds) > 1 else "") if mode
+                        else cell_name(llm, tokens, seed, len(grid.seeds)))
                 job_dir = os.path.join(grid.dir, "cells", name)
                 stages, previous = [], None
                 for stage_name, overrides in grid.stages.items():
@@ -151,6 +173,9 @@ def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: C
                     cfg.model.llm = cell_llm(cfg.model.llm, llm_config, llm)
                     cfg.model.compressor.num_tokens = tokens
                     cfg.seed = seed
+                    if mode:
+                        cfg.train.elastic = ml_collections.ConfigDict(dict(mode=mode,
+                                                                           tokens=tuple(sorted(grid.tokens))))
                     cfg.run_dir = os.path.join(job_dir, stage_name)
                     if previous is None:   # the first stage starts from the pretrained parts
                         init = list(cfg.init) + pretrained(grid, llm, pretraining)
@@ -162,5 +187,9 @@ def cell_jobs(grid: ml_collections.ConfigDict, llm_config: Callable, n_params: C
                 if llm not in llm_params:   # N does not depend on V: count once per LLM (a 7B model takes seconds)
                     llm_params[llm] = int(n_params(cfg.model))
                 row = {"cell": name, "llm": llm, "n_params": llm_params[llm], "visual_tokens": tokens, "seed": seed}
-                jobs.append(GridJob(name, job_dir, {"stages": stages, "eval": grid.eval.to_dict(), "row": row}))
+                spec = {"stages": stages, "eval": grid.eval.to_dict(), "row": row}
+                if mode:   # one row per V, as the per-V grid's cells would write them
+                    spec["rows"] = [dict(row, cell=cell_name(llm, v, seed, len(grid.seeds)), visual_tokens=v,
+                                         training=training_label(grid)) for v in sorted(grid.tokens)]
+                jobs.append(GridJob(name, job_dir, spec))
     return jobs

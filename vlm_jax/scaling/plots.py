@@ -12,9 +12,11 @@ the data do not pin down names them in every title; a figure with nothing to sho
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import textwrap
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -60,6 +62,18 @@ def _finite(x) -> np.ndarray:
     return np.where(np.isfinite(x), x, np.nan)
 
 
+@dataclasses.dataclass(frozen=True)
+class Overlay:
+    """Measured (FLOPs, error) points drawn on the error-vs-FLOPs figure of Q = text_tokens, in the colour of the
+    LLM of N = n (billions) when the figure has it: e.g. the adaptive-V router's threshold sweep."""
+
+    label: str
+    flops: Sequence[float]
+    error: Sequence[float]
+    text_tokens: float
+    n: float = 0.0
+
+
 def frontier_curve(fit: FitResult, budgets, text_tokens: float, *, v_range=frontier_lib.DEFAULT_V_RANGE):
     """Arrays over budgets float[C]: (n, v, error, error_lo, error_hi) of the continuous optimum."""
     points = frontier_lib.frontier(fit, budgets, text_tokens, v_range=v_range)
@@ -69,8 +83,9 @@ def frontier_curve(fit: FitResult, budgets, text_tokens: float, *, v_range=front
 
 
 def draw_error_vs_flops(fit: FitResult, *, text_tokens: float = 0.0,
-                        v_range=frontier_lib.DEFAULT_V_RANGE) -> Figure:
-    """Error against inference FLOPs 2 N (Q + V): one curve per N over V, plus the frontier."""
+                        v_range=frontier_lib.DEFAULT_V_RANGE, overlays: Sequence[Overlay] = ()) -> Figure:
+    """Error against inference FLOPs 2 N (Q + V): one curve per N over V, plus the frontier (and the `overlays`
+    of this Q, dotted with crosses)."""
     fig = Figure(figsize=(7.0, 4.8))
     ax = fig.subplots()
     table = fit.table
@@ -101,6 +116,10 @@ def draw_error_vs_flops(fit: FitResult, *, text_tokens: float = 0.0,
     else:
         why = fit.no_interval or "no bootstrap was run"
         ax.plot([], [], " ", label=textwrap.fill(f"no interval: {why}", 45))
+    colour_of = dict(zip(table.n_values, palette))
+    for o in overlays:
+        if o.text_tokens == text_tokens:
+            ax.plot(o.flops, _finite(o.error), "x:", color=colour_of.get(o.n, "0.3"), lw=1.3, ms=5, label=o.label)
     # Keep the measured errors in view: a wide interval band (or a law that diverges at small N) would otherwise
     # set the scale and flatten every curve and point onto the axis.
     ax.set_ylim(0.0, 1.25 * max(float(np.max(table.error)), 1e-3))
@@ -116,8 +135,8 @@ def draw_error_vs_flops(fit: FitResult, *, text_tokens: float = 0.0,
 
 
 def plot_error_vs_flops(fit: FitResult, path: str, *, text_tokens: float = 0.0,
-                        v_range=frontier_lib.DEFAULT_V_RANGE) -> str:
-    return save(draw_error_vs_flops(fit, text_tokens=text_tokens, v_range=v_range), path)
+                        v_range=frontier_lib.DEFAULT_V_RANGE, overlays: Sequence[Overlay] = ()) -> str:
+    return save(draw_error_vs_flops(fit, text_tokens=text_tokens, v_range=v_range, overlays=overlays), path)
 
 
 def draw_error_surface(fit: FitResult, *, text_tokens: float = 0.0, resolution: int = 120) -> Figure:
@@ -247,13 +266,14 @@ def plot_failed(task: str, form: str, reason: str, out_dir: str) -> str:
     return save(fig, os.path.join(out_dir, f"{_safe(task)}_{form}_failed.png"))
 
 
-def write_plots(fit: FitResult, out_dir: str, *, text_tokens=(0.0,), v_range=frontier_lib.DEFAULT_V_RANGE
-                ) -> list[str]:
+def write_plots(fit: FitResult, out_dir: str, *, text_tokens=(0.0,), v_range=frontier_lib.DEFAULT_V_RANGE,
+                overlays: Sequence[Overlay] = ()) -> list[str]:
     """All figures of one fit into out_dir, named <task>_<form>_*.png; returns the paths."""
     stem = os.path.join(out_dir, f"{_safe(fit.table.task)}_{fit.form.name}")
     paths = [plot_predicted_vs_observed(fit, f"{stem}_pred_vs_obs.png")]
     for q in text_tokens:
-        paths.append(plot_error_vs_flops(fit, f"{stem}_error_vs_flops_q{q:g}.png", text_tokens=q, v_range=v_range))
+        paths.append(plot_error_vs_flops(fit, f"{stem}_error_vs_flops_q{q:g}.png", text_tokens=q, v_range=v_range,
+                                         overlays=overlays))
         paths.append(plot_error_surface(fit, f"{stem}_surface_q{q:g}.png", text_tokens=q))
     return paths
 

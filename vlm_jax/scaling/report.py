@@ -267,14 +267,15 @@ def fit_json(fit: FitResult, optimal_v: dict, plots: list) -> dict:
 def fit_tables(tables: dict, forms: Sequence[str], *, text_tokens: Sequence[float] = (0.0, 64.0, 256.0),
                budgets: Sequence[float] | None = None, v_range=frontier.DEFAULT_V_RANGE, n_bootstrap: int = 1000,
                seed: int = 0, level: float = 0.95, delta: float = 1e-3, plot_dir: str | None = None,
-               truths: dict | None = None, echo=print, observed: str = "") -> dict:
+               truths: dict | None = None, echo=print, observed: str = "", overlays: dict | None = None) -> dict:
     """Fit every law form to every task's table; echo the report (the decision first, then `observed` --
     default: the measured cells, `format_observed` --, then each fit); write PNGs to `plot_dir` (None: none).
 
     Returns the JSON-ready summary {"decision": ..., "fits": {task: {form: {params: {name: {point, lo, hi,
     identified, reason?}}, r2, optimal_v: {Q: {budget_flops, v, n_params, error}}, plots: [...]} or {error}}}};
-    `truths` {task: (form name, theta)} prints the known values next to the fit. Nothing in it is NaN or
-    infinite: such values are null with a reason.
+    `truths` {task: (form name, theta)} prints the known values next to the fit; `overlays` {task: [plots.Overlay]}
+    adds measured points to that task's error-vs-FLOPs figures. Nothing in it is NaN or infinite: such values are
+    null with a reason.
     """
     from vlm_jax.scaling import plots   # matplotlib only when plotting
 
@@ -297,11 +298,11 @@ def fit_tables(tables: dict, forms: Sequence[str], *, text_tokens: Sequence[floa
                 summary.setdefault(task, {})[name] = {"error": err, "plots": written}
                 continue
             summary.setdefault(task, {})[name] = _report_fit(fit, plots, truths, text_tokens, budgets, v_range,
-                                                             plot_dir, echo)
+                                                             plot_dir, echo, (overlays or {}).get(task, ()))
     return json_safe({"decision": decision, "fits": summary})
 
 
-def _report_fit(fit, plots, truths, text_tokens, budgets, v_range, plot_dir, echo) -> dict:
+def _report_fit(fit, plots, truths, text_tokens, budgets, v_range, plot_dir, echo, overlays=()) -> dict:
     """One fit's text and JSON; a failure while reporting or plotting it is recorded, not raised."""
     task = fit.table.task
     truth = truths.get(task) if truths else None
@@ -325,7 +326,7 @@ def _report_fit(fit, plots, truths, text_tokens, budgets, v_range, plot_dir, ech
     written = []
     if plot_dir:
         try:
-            written = plots.write_plots(fit, plot_dir, text_tokens=text_tokens, v_range=v_range)
+            written = plots.write_plots(fit, plot_dir, text_tokens=text_tokens, v_range=v_range, overlays=overlays)
         except Exception as e:  # noqa: BLE001
             problems["plot_error"] = decision_lib._error_text(e)
             echo(f"   plots failed: {problems['plot_error']}")
