@@ -5,7 +5,8 @@
     python -m launch.plan --config=configs/grid.py:paper,llms=qwen1.5-7b,tokens=576 --topology=v5p-16 --mfu=0.5
 
 Prints, per cell and stage: the mesh, HBM per device (arguments / temporaries / total against the chip's capacity),
-whether it fits, compile time, step FLOPs (vlm_jax.flops), and the step time, hours and chip-hours at --mfu. A
+whether it fits, compile time, step FLOPs (vlm_jax.flops), and the step time, hours and chip-hours at --mfu; an
+elastic-V stage's memory is that of its heaviest program, named at the row's end (e.g. 'm3 over V=(1, 4, 16)'). A
 stage that does not fit is recompiled with full rematerialisation, then on larger slices, and the first change that
 fits is shown. Without --topology, each cell gets the slice the grid's tpu backend would provision for it.
 """

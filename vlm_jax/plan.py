@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from vlm_jax import hardware, sharding
+from vlm_jax import elastic, hardware, sharding
 from vlm_jax import state as state_lib
 from vlm_jax.models import llm as llm_lib
 
@@ -109,6 +109,7 @@ class StagePlan:
     mfu: float
     error: str = ""
     out_of_memory: str = ""   # the compiler's own refusal: it will not assign more buffers than the chip holds
+    program: str = ""         # elastic V: the program measured, e.g. 'm3 over V=(1, 4, 16)' or 'mqt V=16'
 
     @property
     def fits(self) -> bool:
@@ -127,9 +128,21 @@ class StagePlan:
         return self.hours * self.chips
 
 
+def heaviest_program(run_cfg: ml_collections.ConfigDict) -> tuple:
+    """(key of `state.jit_train_steps`, label) of the program whose memory a run needs: the largest sum of scales
+    (elastic V: M3's one program, MQT's V_max; fixed V: the one step, labelled '')."""
+    name = elastic.mode(run_cfg)
+    if not name:
+        return None, ""
+    programs = elastic.MODES[name].programs(elastic.tokens(run_cfg))
+    key = max(programs, key=lambda k: sum(programs[k]))
+    scales = programs[key]
+    return key, f"{name} over V={scales}" if len(scales) > 1 else f"{name} V={scales[0]}"
+
+
 def plan_stage(run_cfg: ml_collections.ConfigDict, slice_name: str, mfu: float = DEFAULT_MFU) -> StagePlan:
-    """Compile `run_cfg`'s train step (the one `train.run` runs: vlm_jax.state.jit_train_step) for `slice_name`
-    and measure it."""
+    """Compile `run_cfg`'s train step (the one `train.run` runs: vlm_jax.state.jit_train_steps, its heaviest
+    program under elastic V) for `slice_name` and measure it."""
     run_cfg = run_cfg.copy_and_resolve_references()
     run_cfg.model.llm.scan_layers = llm_lib.scans_layers(run_cfg.model.llm, "tpu")   # as the TPU worker runs it
     s = parse_slice(slice_name)
@@ -137,14 +150,16 @@ def plan_stage(run_cfg: ml_collections.ConfigDict, slice_name: str, mfu: float =
     mesh = sharding.make_mesh(run_cfg.mesh, list(devices))
     t = run_cfg.train
     capacity = s.chip.hbm_bytes * s.chips // len(devices)
+    key, program = heaviest_program(run_cfg)
     base = dict(slice=slice_name, mesh={k: int(v) for k, v in mesh.shape.items()}, devices=len(devices),
-                chips=s.chips, capacity=capacity, peak_per_chip=s.chip.peak_bf16, steps=int(t.steps), mfu=mfu)
+                chips=s.chips, capacity=capacity, peak_per_chip=s.chip.peak_bf16, steps=int(t.steps), mfu=mfu,
+                program=program)
     t0, trainable = time.perf_counter(), set()
     try:
         layout = state_lib.state_layout(run_cfg.model, t, mesh, strict_mesh=run_cfg.mesh.get("strict", False))
         abstract = layout[1]
         trainable = set(abstract.params)   # top-level parts this stage trains
-        step = state_lib.jit_train_step(run_cfg, mesh, layout)
+        step = state_lib.jit_train_steps(run_cfg, mesh, layout)[key]
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
             compiled = step.lower(abstract, state_lib.abstract_batch(run_cfg, mesh)).compile()
         ma = compiled.memory_analysis()
@@ -195,7 +210,7 @@ def format_row(name: str, stage: str, p: StagePlan, suggestion: str = "") -> str
     line = (f"{name:<22} {stage:<7} {p.slice:<13} {mesh:<8} {gib(p.arguments):7.2f} {gib(p.temporaries):7.2f} "
             f"{gib(p.total):7.2f} /{gib(p.capacity):6.1f}  {fits:<4} {p.compile_seconds:6.0f} {p.step_flops:9.3g} "
             f"{p.step_seconds:7.2f} {p.hours:7.1f} {p.chip_hours:9.0f}")
-    return line + (f"   -> fits with {suggestion}" if suggestion else "")
+    return line + (f"   {p.program}" if p.program else "") + (f"   -> fits with {suggestion}" if suggestion else "")
 
 
 HEADER = (f"{'cell':<22} {'stage':<7} {'slice':<13} {'mesh':<8} {'args':>7} {'temp':>7} {'total':>7} "
