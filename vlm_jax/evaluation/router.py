@@ -7,8 +7,10 @@ V_1; while the confidence is below t and a larger V is left, answer again at the
 cost per question is the sum of the inference FLOPs of every V it tried (each retry runs the LLM again over the
 new prompt; the tower's features could be kept between tries, so the FLOPs measure is the LLM's).
 
-Greedy answers are deterministic, so the policy's outcome for any threshold follows from every question answered
-once at every V (`choose`, `policy`, `sweep`): what the grid reports. `AdaptiveAnswerer` runs the policy live,
+Greedy answers are deterministic, so the policy's outcome for any threshold and ladder follows from every question
+answered once at every V (`choose`, `policy`, `sweep`): what the grid reports, for every ladder from the smallest V
+to the largest (`ladders`: skipping rungs saves the tries of questions that need the largest V anyway), and the
+best of them at each cost (`pareto`). `AdaptiveAnswerer` runs the policy live,
 answering at a larger V only the questions that escalate; tests check the two agree.
 """
 
@@ -18,10 +20,21 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-# Thresholds swept by default: 0 (never escalate: always V_1), then confidences up to 1 - 1e-4, then above 1
-# (always escalate to the largest V).
-THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995,
-              0.9999, 1.01)
+# Thresholds swept by default: 0 (never escalate: always the first V), 0.01 ... 1 in steps of 0.01 and finer
+# towards 1 (where a small model's confident answers sit), and 1.01 (always escalate to the largest V).
+THRESHOLDS = tuple(sorted({round(t, 4) for t in np.linspace(0.0, 1.0, 101)}
+                          | {0.991, 0.993, 0.995, 0.997, 0.998, 0.999, 0.9995, 0.9999, 1.01}))
+
+
+def ladders(tokens: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every ladder from the smallest V of the set to the largest, through any subset of the others (2^(K-2) of
+    them): skipping rungs saves the tries of questions that need the largest V anyway."""
+    vs = sorted(tokens)
+    if len(vs) < 2:
+        return [tuple(vs)]
+    middle = vs[1:-1]
+    out = [(vs[0], *[v for i, v in enumerate(middle) if mask >> i & 1], vs[-1]) for mask in range(2 ** len(middle))]
+    return sorted(out, key=lambda ladder: (len(ladder), ladder))
 
 
 def confidence(logprobs, lengths) -> np.ndarray:
@@ -46,15 +59,16 @@ def choose(confidences, threshold: float) -> np.ndarray:
 
 def policy(credits, confidences, flops, threshold: float) -> dict:
     """The policy at `threshold`: {'threshold', 'error' (1 - mean credit), 'flops' (mean per question),
-    'share': fraction of questions answered at each V}. credits float[K, Q] (1 = right), flops float[K]: one
-    answer's inference FLOPs at each V of the ladder."""
+    'share': fraction of questions answered at each V, 'tried': fraction that tried each V (the FLOPs at any
+    other cost per V are tried . cost)}. credits float[K, Q] (1 = right), flops float[K]: one answer's inference
+    FLOPs at each V of the ladder."""
     credits, flops = np.asarray(credits, np.float64), np.asarray(flops, np.float64)
     chosen = choose(confidences, threshold)
     q = np.arange(credits.shape[1])
-    spent = np.cumsum(flops)[chosen]   # every V up to the chosen one was tried
+    tried = [float(np.mean(chosen >= k)) for k in range(credits.shape[0])]   # every V up to the chosen one
     return {"threshold": float(threshold), "error": float(1.0 - credits[chosen, q].mean()),
-            "flops": float(spent.mean()),
-            "share": [float(np.mean(chosen == k)) for k in range(credits.shape[0])]}
+            "flops": float(np.dot(tried, flops)),
+            "share": [float(np.mean(chosen == k)) for k in range(credits.shape[0])], "tried": tried}
 
 
 def sweep(credits, confidences, flops, thresholds: Sequence[float] = THRESHOLDS) -> list[dict]:
@@ -62,10 +76,20 @@ def sweep(credits, confidences, flops, thresholds: Sequence[float] = THRESHOLDS)
     return [policy(credits, confidences, flops, t) for t in thresholds]
 
 
-def matching(curve: Sequence[dict], target_error: float) -> dict | None:
-    """The cheapest point of a sweep whose error is at most `target_error` (None if none reaches it)."""
+def matching(curve: Sequence[dict], target_error: float, cost=lambda p: p["flops"]) -> dict | None:
+    """The cheapest point (by `cost`) of a sweep whose error is at most `target_error` (None if none reaches it)."""
     ok = [p for p in curve if p["error"] <= target_error + 1e-12]
-    return min(ok, key=lambda p: (p["flops"], p["threshold"])) if ok else None
+    return min(ok, key=lambda p: (cost(p), p["threshold"])) if ok else None
+
+
+def pareto(points: Sequence[dict]) -> list[dict]:
+    """The points no other beats in both FLOPs and error, cheapest first: the best any ladder and threshold
+    reach at each cost."""
+    out: list[dict] = []
+    for p in sorted(points, key=lambda p: (p["flops"], p["error"])):
+        if not out or p["error"] < out[-1]["error"]:
+            out.append(p)
+    return out
 
 
 class AdaptiveAnswerer:

@@ -29,64 +29,77 @@ def collect(jobs) -> list[dict]:
 
 
 def mean_curves(entries: Sequence[dict]) -> dict:
-    """{llm: {'ladder', 'flops', 'text_tokens', 'seeds', 'sweeps': {task: [point]}}}: each threshold's error, FLOPs
-    and shares averaged over the LLM's seeds (every seed swept the same thresholds)."""
+    """{llm: {'tokens', 'flops', 'text_tokens', 'n_params', 'seeds', 'points': {task: [point]}}}: every (ladder,
+    threshold) point of every task, its error, FLOPs, shares and tries averaged over the LLM's seeds (every seed
+    swept the same ladders and thresholds); a point names its 'ladder'."""
     by_llm: dict = {}
     for e in entries:
-        by_llm.setdefault(e["llm"], []).append(e["router"])
+        by_llm.setdefault(e["llm"], []).append(e)
     out = {}
-    for llm, routers in by_llm.items():
-        first = routers[0]
-        sweeps = {}
-        for task in first["sweeps"]:
-            points = []
-            for i, p in enumerate(first["sweeps"][task]):
-                same = [r["sweeps"][task][i] for r in routers]
-                points.append({"threshold": p["threshold"],
-                               "error": float(np.mean([q["error"] for q in same])),
-                               "flops": float(np.mean([q["flops"] for q in same])),
-                               "share": np.mean([q["share"] for q in same], axis=0).tolist()})
-            sweeps[task] = points
-        out[llm] = dict(ladder=first["ladder"], flops=first["flops"], text_tokens=first["text_tokens"],
-                        seeds=len(routers), sweeps=sweeps)
+    for llm, seeds in by_llm.items():
+        first = seeds[0]["router"]
+        points: dict = {}
+        for ladder, by_task in first["sweeps"].items():
+            for task, sweep in by_task.items():
+                for i, p in enumerate(sweep):
+                    same = [e["router"]["sweeps"][ladder][task][i] for e in seeds]
+                    points.setdefault(task, []).append(dict(
+                        ladder=ladder, threshold=p["threshold"],
+                        **{k: float(np.mean([q[k] for q in same])) for k in ("error", "flops")},
+                        **{k: np.mean([q[k] for q in same], axis=0).tolist() for k in ("share", "tried")}))
+        out[llm] = dict(tokens=first["tokens"], flops=first["flops"], text_tokens=first["text_tokens"],
+                        n_params=seeds[0]["n_params"], seeds=len(seeds), points=points)
     return out
 
 
+def flops_at(point: dict, n_params: float, text_tokens: float) -> float:
+    """A point's mean FLOPs per question at another Q: its tries of each rung times 2 N (Q + V)."""
+    ladder = [int(v) for v in point["ladder"].split("+")]
+    return float(sum(t * 2.0 * n_params * (text_tokens + v) for t, v in zip(point["tried"], ladder)))
+
+
 def overlays(curves: dict, n_params: dict) -> dict:
-    """{task: [plots.Overlay]}: each LLM's sweep on that task's error-vs-FLOPs figures."""
+    """{task: [plots.Overlay]}: each LLM's best policy points (Pareto over ladders and thresholds) on that task's
+    error-vs-FLOPs figures."""
     from vlm_jax.scaling import plots
 
     out: dict = {}
     for llm, c in curves.items():
-        for task, points in c["sweeps"].items():
+        for task, points in c["points"].items():
             if task != MIXED:
+                front = router.pareto(points)
                 out.setdefault(task, []).append(plots.Overlay(
-                    f"adaptive V, N = {units.params(n_params[llm])}", [p["flops"] for p in points],
-                    [p["error"] for p in points], float(c["text_tokens"]), n_params[llm] / 1e9))
+                    f"adaptive V, N = {units.params(n_params[llm])}", [p["flops"] for p in front],
+                    [p["error"] for p in front], float(c["text_tokens"]), n_params[llm] / 1e9))
     return out
 
 
 def decisions(curves: dict, errors: dict) -> dict:
-    """{llm: {task: matching}}: per task, the cheapest threshold whose error is at most the model's own error at
-    its largest V (mean over seeds, `errors` {task: {llm: {V: error}}}), with the mixed set's error and FLOPs at
-    that threshold and their ratio to answering every question at the largest V."""
+    """{llm: {task: entry}}: per task, of the (ladder, threshold) points whose error on the task is at most the
+    model's own error at its largest V (mean over seeds, `errors` {task: {llm: {V: error}}}), the one whose mixed-set
+    FLOPs are lowest; with the mixed set's error there and its FLOPs as a fraction of answering every question at
+    the largest V, at the table's Q and at Q = 0 (a cached text prefix: the paper's regime)."""
     out: dict = {}
     for llm, c in curves.items():
-        v_max, always = c["ladder"][-1], c["flops"][-1]
-        mixed = {p["threshold"]: p for p in c["sweeps"].get(MIXED, [])}
-        for task, points in c["sweeps"].items():
+        v_max, n = c["tokens"][-1], c["n_params"]
+        mixed = {(p["ladder"], p["threshold"]): p for p in c["points"].get(MIXED, [])}
+        for task, points in c["points"].items():
             if task == MIXED or v_max not in errors.get(task, {}).get(llm, {}):
                 continue
             target = errors[task][llm][v_max]
-            match = router.matching(points, target)
-            entry = {"target_error": target, "v_max": v_max}
+            entry: dict = {"target_error": target, "v_max": v_max}
+            match = router.matching([p for p in points if (p["ladder"], p["threshold"]) in mixed], target,
+                                    cost=lambda p: (mixed[(p["ladder"], p["threshold"])]["flops"],  # noqa: B023
+                                                    len(p["ladder"])))   # of equal cost, the shortest ladder
             if match:
-                m = mixed.get(match["threshold"])
-                entry.update(threshold=match["threshold"], error=match["error"], flops=match["flops"],
-                             flops_fraction=match["flops"] / always, share=match["share"])
-                if m:
-                    entry.update(mixed_error=m["error"], mixed_flops=m["flops"], mixed_fraction=m["flops"] / always,
-                                 mixed_share=m["share"])
+                m = mixed[(match["ladder"], match["threshold"])]
+                q = c["text_tokens"]
+                entry.update(ladder=match["ladder"], threshold=match["threshold"], error=match["error"],
+                             mixed_error=m["error"], mixed_share=m["share"],
+                             mixed_fraction=m["flops"] / c["flops"][-1],
+                             mixed_fraction_q0=flops_at(m, n, 0.0) / (2.0 * n * v_max), text_tokens=q)
+            else:
+                entry["best_error"] = min(p["error"] for p in points)
             out.setdefault(llm, {})[task] = entry
     return out
 
@@ -96,26 +109,24 @@ def format_section(curves: dict, decided: dict, n_params: dict, label: str) -> l
     if not curves:
         return []
     any_c = next(iter(curves.values()))
-    lines = [f"ADAPTIVE V ({label} models): answer at V={any_c['ladder'][0]}, ask again at the next V of "
-             f"{tuple(any_c['ladder'])} while the answer's confidence (geometric mean token probability) is below "
-             f"t; FLOPs per question = 2·N·(Q+V) summed over the tries, Q = {any_c['text_tokens']:g}; "
-             f"mean over seeds"]
+    lines = [f"ADAPTIVE V ({label} models, mean over seeds): answer at the smallest V, ask again at the next V of a "
+             f"ladder while the answer's confidence (geometric mean token probability) is below t; every ladder "
+             f"from V={any_c['tokens'][0]} to V={any_c['tokens'][-1]} and t in [0, 1.01] swept on the evaluation "
+             f"questions (in-sample); FLOPs per question = 2·N·(Q+V) summed over the tries"]
     for llm, c in curves.items():
-        v_max = c["ladder"][-1]
+        v_max = c["tokens"][-1]
         for task, d in decided.get(llm, {}).items():
             head = (f"  {llm} ({units.params(n_params[llm])}), {task}: to match its V={v_max} error "
                     f"{d['target_error']:.3f}")
             if "threshold" not in d:
-                best = min(c["sweeps"][task], key=lambda p: p["error"])
-                lines.append(f"{head}: no threshold does (lowest {best['error']:.3f} at t = {best['threshold']:g})")
+                lines.append(f"{head}: no ladder and threshold does (lowest {d['best_error']:.3f})")
                 continue
-            text = (f"{head}: t = {d['threshold']:g} -> error {d['error']:.3f} at "
-                    f"{d['flops_fraction']:.2f} of always V={v_max}")
-            if "mixed_fraction" in d:
-                shares = ", ".join(f"V={v} {s:.0%}" for v, s in zip(c["ladder"], d["mixed_share"]))
-                text += (f"; mixed set at this t: error {d['mixed_error']:.3f}, {units.flops(d['mixed_flops'])} "
-                         f"per question = {d['mixed_fraction']:.2f} of always V={v_max} (answered at {shares})")
-            lines.append(text)
+            ladder = [int(v) for v in d["ladder"].split("+")]
+            shares = ", ".join(f"V={v} {s:.0%}" for v, s in zip(ladder, d["mixed_share"]))
+            lines.append(f"{head}: ladder {d['ladder'].replace('+', '->')}, t = {d['threshold']:g}: {task} error "
+                         f"{d['error']:.3f}; mixed set error {d['mixed_error']:.3f} at {d['mixed_fraction']:.2f} of "
+                         f"always V={v_max}'s FLOPs (Q = {d['text_tokens']:g}), {d['mixed_fraction_q0']:.2f} at "
+                         f"Q = 0; answered at {shares}")
     return lines
 
 
@@ -138,12 +149,12 @@ def plot_mixed(curves: dict, rows: Sequence[dict], n_params: dict, path: str, la
         for r in rows:
             if r["llm"] == llm:
                 by_v.setdefault(int(r["visual_tokens"]), []).append(r["error"])
-        vs = [v for v in c["ladder"] if v in by_v]
-        ax.plot([c["flops"][c["ladder"].index(v)] for v in vs], [np.mean(by_v[v]) for v in vs], "o-",
+        vs = [v for v in c["tokens"] if v in by_v]
+        ax.plot([c["flops"][c["tokens"].index(v)] for v in vs], [np.mean(by_v[v]) for v in vs], "o-",
                 color=colour, lw=1.5, label=f"N = {units.params(n_params[llm])}, fixed V = {', '.join(map(str, vs))}")
-        sweep = c["sweeps"].get(MIXED, [])
-        ax.plot([p["flops"] for p in sweep], [p["error"] for p in sweep], "x:", color=colour, lw=1.3,
-                label=f"N = {units.params(n_params[llm])}, adaptive V (threshold sweep)")
+        front = router.pareto(c["points"].get(MIXED, []))
+        ax.plot([p["flops"] for p in front], [p["error"] for p in front], "x:", color=colour, lw=1.3,
+                label=f"N = {units.params(n_params[llm])}, adaptive V (best ladder and threshold at each cost)")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(units.flops_formatter())
     q = next(iter(curves.values()))["text_tokens"] if curves else 0
@@ -157,11 +168,13 @@ def plot_mixed(curves: dict, rows: Sequence[dict], n_params: dict, path: str, la
 
 
 def report(jobs, rows: Sequence[dict], errors: dict, n_params: dict, plot_dir: str, label: str) -> dict:
-    """{'curves', 'decisions', 'lines', 'overlays', 'plots'} for the grid report; empty without elastic cells."""
+    """{'json' (the decisions and each model's Pareto points), 'lines', 'overlays', 'plots'} for the grid report;
+    empty without elastic cells."""
     curves = mean_curves(collect(jobs))
     if not curves:
         return {}
     decided = decisions(curves, errors)
     plot = plot_mixed(curves, rows, n_params, os.path.join(plot_dir, "adaptive_v_mixed.png"), label)
-    return {"curves": curves, "decisions": decided, "lines": format_section(curves, decided, n_params, label),
+    fronts = {llm: {task: router.pareto(points) for task, points in c["points"].items()} for llm, c in curves.items()}
+    return {"json": {"decisions": decided, "pareto": fronts}, "lines": format_section(curves, decided, n_params, label),
             "overlays": overlays(curves, n_params), "plots": [plot]}

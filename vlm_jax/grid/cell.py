@@ -131,18 +131,22 @@ def table_rows(row: dict, tasks: dict, model_cfg, text_tokens: int) -> list[dict
 
 
 def router_sweeps(per_v: dict, model_cfg, text_tokens: int) -> dict:
-    """Adaptive V over the elastic model's ladder (evaluation.router): {task and 'mixed' (every task's questions
-    together): the sweep over thresholds}, each answer's cost the LLM's 2 N (Q + V) as the law's FLOPs are."""
+    """Adaptive V over the elastic model's answers at every V (evaluation.router): {'tokens', 'flops' (one answer's
+    2 N (Q + V) at each V, as the law counts FLOPs), 'text_tokens', 'sweeps': {ladder '1+4+64': {task, and 'mixed'
+    (every task's questions together): the threshold sweep}}} for every ladder from the smallest V to the largest."""
     from vlm_jax.evaluation import router
 
-    ladder = sorted(per_v)
-    cost = np.array([flops.inference_flops(elastic.fixed_model(model_cfg, v), text_tokens=text_tokens,
-                                           llm_only=True) for v in ladder])
-    tasks = sorted(per_v[ladder[0]])
-    stacked = {task: [np.stack([per_v[v][task][i] for v in ladder]) for i in (0, 1)] for task in tasks}
-    stacked["mixed"] = [np.concatenate([stacked[t][i] for t in tasks], axis=1) for i in (0, 1)]
-    return {"ladder": ladder, "flops": cost.tolist(), "text_tokens": text_tokens,
-            "sweeps": {task: router.sweep(credits, conf, cost) for task, (credits, conf) in stacked.items()}}
+    tokens = sorted(per_v)
+    cost = {v: flops.inference_flops(elastic.fixed_model(model_cfg, v), text_tokens=text_tokens, llm_only=True)
+            for v in tokens}
+    tasks = sorted(per_v[tokens[0]])
+    sweeps = {}
+    for ladder in router.ladders(tokens):
+        stacked = {task: [np.stack([per_v[v][task][i] for v in ladder]) for i in (0, 1)] for task in tasks}
+        stacked["mixed"] = [np.concatenate([stacked[t][i] for t in tasks], axis=1) for i in (0, 1)]
+        sweeps["+".join(map(str, ladder))] = {
+            task: router.sweep(credits, conf, [cost[v] for v in ladder]) for task, (credits, conf) in stacked.items()}
+    return {"tokens": tokens, "flops": [cost[v] for v in tokens], "text_tokens": text_tokens, "sweeps": sweeps}
 
 
 def run_job(job_dir: str) -> dict:

@@ -113,7 +113,11 @@ def report_rows(grid_dir: str, rows: Sequence[dict], fit_cfg, echo=print, jobs=(
 
     plot_dir = os.path.join(grid_dir, "plots")   # a bucket's too: figures go through scaling.plots.save
     plots = [plot_observed(table, n_params, os.path.join(plot_dir, "observed_error.png"), spread, training)]
-    routed = adaptive.report(jobs, rows, table, n_params, plot_dir, training)
+    try:
+        routed = adaptive.report(jobs, rows, table, n_params, plot_dir, training)
+    except Exception as e:  # noqa: BLE001  (the table and the fits stand without it)
+        routed = {"json": {"error": f"{type(e).__name__}: {e}"}, "plots": [],
+                  "lines": [f"ADAPTIVE V: failed: {type(e).__name__}: {e}"]}
     try:
         tables = scaling.tables_from_rows(rows, source=os.path.join(grid_dir, "results.jsonl"))
         fitted = scaling.report.fit_tables(
@@ -140,7 +144,7 @@ def report_rows(grid_dir: str, rows: Sequence[dict], fit_cfg, echo=print, jobs=(
                "plots": plots + routed.get("plots", [])
                + [p for forms in fits.values() for f in forms.values() for p in f.get("plots", [])]}
     if routed:
-        summary["adaptive_v"] = {"curves": routed["curves"], "decisions": routed["decisions"]}
+        summary["adaptive_v"] = routed["json"]
     summary = scaling.report.json_safe(summary)
     # Written here rather than by files.write_json_atomic, which sorts keys: the decision stays first.
     files.write_text_atomic(os.path.join(grid_dir, "summary.json"),
