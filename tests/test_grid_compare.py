@@ -35,13 +35,16 @@ def _grid(path, errors, training=None, wall=(), train=()):
 
 
 def test_compare_flags_cells_outside_the_reference_seed_range_and_sums_cell_time(tmp_path):
-    a = _grid(tmp_path / "a", {("m", 1): [0.50, 0.54], ("m", 64): [0.04, 0.06]}, wall=(30, 30, 30, 30),
+    a = _grid(tmp_path / "a", {("m", 1): [0.50, 0.54], ("m", 16): [0.30, 0.34], ("m", 64): [0.04, 0.06]},
+              wall=(30, 30, 30, 30),
               train=(20, 20, 20, 20))
-    b = _grid(tmp_path / "b", {("m", 1): [0.51, 0.53], ("m", 64): [0.18, 0.20]}, training="elastic-mqt",
+    b = _grid(tmp_path / "b", {("m", 1): [0.51, 0.53], ("m", 16): [0.20, 0.22], ("m", 64): [0.18, 0.20]},
+              training="elastic-mqt",
               wall=(24, 24), train=(16, 16))
     lines, out = compare.compare(a, b)
     assert out["cells"]["detail/m/V=1"]["outside"] == 0.0        # 0.52 inside [0.50, 0.54]
     assert abs(out["cells"]["detail/m/V=64"]["outside"] - (0.19 - 0.06)) < 1e-12
+    assert abs(out["cells"]["detail/m/V=16"]["outside"] - (0.21 - 0.30)) < 1e-12   # below the range
     assert out["time"]["wall_ratio"] == 48 / 120 and out["time"]["train_ratio"] == 32 / 80
     text = "\n".join(lines)
     assert "(per-V)" in text and "(elastic-mqt)" in text and "!+0.130" in text
