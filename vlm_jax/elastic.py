@@ -35,8 +35,9 @@ V on the trimmed sequence; its loss is the mean of the per-V losses. FLOPs (`ste
 step (without a step, the mean over the set: a uniform draw's expectation, for plans); M3 the sum over the scales,
 the shared tower and query pass once.
 
-Evaluation (train.eval_every) runs at V_max. The elastic grid and the per-question router (issue 28, items 2, 4)
-are not built here.
+Evaluation (train.eval_every) runs at V_max; an evaluation.Answerer answers at any V of the set (`num_tokens`). The
+elastic grid (one model per LLM and seed, evaluated at every V: grid/spec.py's `config.elastic`) and the adaptive-V
+router (evaluation/router.py, grid/adaptive.py) build on this.
 """
 
 import dataclasses
