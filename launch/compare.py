@@ -6,7 +6,7 @@ outside the first's range, the fitted exponents of each, and the cell time each 
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_string("a", None, "The reference grid's directory (e.g. the per-V grid).")
 flags.DEFINE_string("b", None, "The grid compared with it (e.g. the elastic grid of the same axes).")
@@ -27,4 +27,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch import runtime
+    runtime.run(main)
