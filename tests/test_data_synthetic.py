@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from vlm_jax.data import pipeline, synthetic
-from vlm_jax.data.synthetic import SyntheticOptions
+from vlm_jax.data.synthetic import SyntheticOptions, reasoning
 
 
 def test_examples_are_a_pure_function_of_split_family_index_and_seed():
@@ -106,7 +106,7 @@ def test_detail_answers_are_the_colour_inside_the_asked_marker():
 def test_all_question_kinds_occur_with_short_balanced_answers():
     exs = [e for f in synthetic.FAMILIES for e in synthetic.make_examples("train", f, 600)]
     kinds = collections.Counter(e.kind for e in exs)
-    assert set(kinds) == set(synthetic.REASONING_KINDS) | {"read", "where", "inside"}   # single characters by default
+    assert set(kinds) == set(reasoning.DEFAULT_KINDS) | {"read", "where", "inside"}   # single characters by default
     longer = synthetic.make_examples("train", "ocr", 300, SyntheticOptions(ocr_length=2))
     assert {e.kind for e in longer} == {"read", "where", "char"}
     assert max(len(e.answer) for e in longer if e.kind == "read") == 2
@@ -199,7 +199,7 @@ def test_options_are_read_from_data_synthetic_with_one_question_per_image_outsid
     older = {"seed": 3, "ocr_length": 2}   # a run's config from before later keys existed: their defaults
     assert SyntheticOptions.from_config(older) == SyntheticOptions(seed=3, ocr_length=2)
     # kind lists are kept checked, so equal options draw equal items
-    assert SyntheticOptions(reasoning_kinds="") == SyntheticOptions(reasoning_kinds=list(synthetic.REASONING_KINDS))
+    assert SyntheticOptions(reasoning_kinds="") == SyntheticOptions(reasoning_kinds=list(reasoning.DEFAULT_KINDS))
     assert SyntheticOptions(detail_kinds=" ").detail_kinds == "inside"
     with pytest.raises(dataclasses.FrozenInstanceError):
         train.seed = 1
@@ -335,3 +335,28 @@ def test_value_questions_answer_one_value_per_drawn_colour_plus_or_times_the_ask
     assert all(len(v) == 1 for v in value_of.values()) and len({min(v) for v in value_of.values()}) == 5
     ones, zeros = [(c, a) for c, k, a in times if k == 1], [a for _, k, a in times if k == 0]
     assert ones and zeros and all({a} == value_of[c] for c, a in ones) and set(zeros) == {0}
+
+
+def test_big_times_questions_compute_by_hand_and_stay_out_of_the_default_kinds():
+    """value_times_big on fixed one-object scenes, answers worked by hand from COLOR_VALUES (blue = 3, purple = 5);
+    '' does not select it, so configs that select '' draw the items they drew before."""
+    blue = [reasoning.ColoredShape("blue", "circle", (0, 0))]
+    purple = [reasoning.ColoredShape("purple", "square", (0, 0))]
+
+    class Fixed:   # the draws in order: which one-of-its-shape object (the only one), then the number
+        def __init__(self, *values):
+            self.values = [0, *values]
+
+        def integers(self, *args):
+            return self.values.pop(0)
+    big = reasoning.REASONING_KINDS["value_times_big"]
+    assert big(Fixed(57), blue) == ("what is the value of the circle times 57?", "171")   # 3 * 57
+    assert big(Fixed(99), purple) == ("what is the value of the square times 99?", "495")   # the largest answer
+    assert not set(reasoning.OPT_IN_KINDS) & set(SyntheticOptions().reasoning_kinds.split(","))
+    # every answer is at most 3 digits (the grid's 3 answer tokens) and the number asked falls in 20-99
+    tok = pipeline.make_tokenizer(pipeline.default_config())
+    for ex in synthetic.make_examples("validation", "reasoning", 300, SyntheticOptions(
+            reasoning_grid=1, reasoning_objects=1, reasoning_kinds="has_color,value_times_big")):
+        if ex.kind == "value_times_big":
+            (number,) = [int(w) for w in ex.question.removesuffix("?").split() if w.isdigit()]
+            assert 20 <= number < 100 and len(tok.encode(ex.answer)) <= 3 and int(ex.answer) <= 495

@@ -25,8 +25,7 @@ if TYPE_CHECKING:
     from vlm_jax.data.synthetic.options import SyntheticOptions
 
 SHAPES = ("circle", "square", "triangle")
-# What each colour is worth in the `value_plus` / `value_times` questions: a fact of this world, learnt from its
-# questions alone.
+# What each colour is worth in the `value_*` questions: a fact of this world, learnt from its questions alone.
 COLOR_VALUES = {"red": 1, "green": 2, "blue": 3, "yellow": 4, "purple": 5}
 MIN_OBJECTS, MAX_OBJECTS = 2, 5
 GRID = 4  # objects fill cells of a GRID x GRID layout (CANVAS // GRID = 16 px), so relations are never ambiguous
@@ -76,14 +75,17 @@ def _shape_of(rng, objs):
     return None if o is None else (f"what shape is the {o.color} one?", o.shape)
 
 
-def _value_arithmetic(rng, objs, op: str):
+def _value_arithmetic(rng, objs, op: str, numbers: tuple[int, int] | None = None):
     """'what is the value of the circle plus 37?' (0-89) or 'times 12' (0-19), asked of a shape that occurs once:
     its colour's value (COLOR_VALUES, known only from training) plus / times the number, one or two digits.
-    Perception gives the colour; the rest is knowledge and multi-digit arithmetic, the LLM's work."""
+    Perception gives the colour; the rest is knowledge and multi-digit arithmetic, the LLM's work. `numbers`
+    (low, high): the range the number is drawn from instead (`value_times_big`: 20-99, three-digit answers with
+    carries: arithmetic that sets an error graded by LLM size where the one-digit products are learnt by all)."""
     o = _only_one(rng, objs, "shape")
     if o is None:
         return None
-    k, value = int(rng.integers(90 if op == "plus" else 20)), COLOR_VALUES[o.color]
+    low, high = numbers or (0, 90 if op == "plus" else 20)
+    k, value = int(rng.integers(low, high)), COLOR_VALUES[o.color]
     return f"what is the value of the {o.shape} {op} {k}?", str(value + k if op == "plus" else value * k)
 
 
@@ -177,6 +179,7 @@ REASONING_KINDS = {
     "count_color": _count_color,
     "value_plus": functools.partial(_value_arithmetic, op="plus"),
     "value_times": functools.partial(_value_arithmetic, op="times"),
+    "value_times_big": functools.partial(_value_arithmetic, op="times", numbers=(20, 100)),
     "count_shape": _count_shape,
     "exists": _exists,
     "has_color": functools.partial(_has, attr="color"),
@@ -186,16 +189,19 @@ REASONING_KINDS = {
     "relation": _relation,
     "query_color": _query_color,
 }
+# Opt-in kinds, left out of '' (every other kind), so configs that select '' keep drawing the items they drew.
+OPT_IN_KINDS = ("value_times_big",)
+DEFAULT_KINDS = tuple(k for k in REASONING_KINDS if k not in OPT_IN_KINDS)
 # Kinds that fit every scene: a selection needs one of them, or some scene would have no question.
 ALWAYS_APPLY = ("count_all", "count_color", "count_shape", "exists", "has_color", "has_shape", "compare",
                 "compare_color")
 
 
 def parse_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
-    """'count_all,compare' or a sequence -> checked reasoning kinds; '' = all of them."""
+    """'count_all,compare' or a sequence -> checked reasoning kinds; '' = all of them but the OPT_IN_KINDS."""
     names = tuple(k.strip() for k in (kinds.split(",") if isinstance(kinds, str) else kinds) if k.strip())
     if not names:
-        return tuple(REASONING_KINDS)
+        return DEFAULT_KINDS
     unknown = sorted(set(names) - set(REASONING_KINDS))
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"reasoning_kinds must be distinct names from {sorted(REASONING_KINDS)}, got {kinds!r}")
