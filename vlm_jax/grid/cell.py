@@ -76,10 +76,11 @@ def run_stages(spec: dict) -> float:
     return seconds
 
 
-def evaluate_cell(spec: dict, num_tokens: int | None = None, per_item: dict | None = None) -> dict:
-    """{task: {accuracy, benchmarks: {name: score}, questions}} from the last stage's checkpoint, answered with
-    num_tokens V (an elastic model; predictions then in eval-v{V}/), else the model's own V. per_item: filled with
-    {task: (credits float[Q], confidences float[Q])} over the task's benchmarks (the router's inputs)."""
+def evaluate_cell(spec: dict, tokens=(None,), per_item: dict | None = None) -> dict:
+    """{V: {task: {accuracy, benchmarks: {name: score}, questions}}} from the last stage's checkpoint, answered at
+    each V of `tokens` (an elastic model; predictions then in eval-v{V}/; None: the model's own V, in eval/). The
+    checkpoint and the benchmarks are loaded once for every V. per_item: filled with {V: {task: (credits float[Q],
+    confidences float[Q])}} over the task's benchmarks (the router's inputs)."""
     from vlm_jax.data import pipeline
     from vlm_jax.evaluation import Answerer, evaluate, llava_benchmark, synthetic_benchmarks
 
@@ -92,25 +93,28 @@ def evaluate_cell(spec: dict, num_tokens: int | None = None, per_item: dict | No
     root = lambda path: os.path.join(e["data_root"], path) if path else None  # noqa: E731
     for name, (scorer, questions, answers, image_dir) in sorted(e["benchmarks"].items()):
         benchmarks.append(llava_benchmark(name, root(questions), root(answers), root(image_dir) or "", scorer))
-    answerer = Answerer(config, params, pipeline.make_tokenizer(config.data), batch_size=e["batch_size"],
-                        max_new_tokens=e["max_new_tokens"], seq_len=e["seq_len"], num_tokens=num_tokens)
-    items: dict = {}
-    summary = evaluate(answerer, benchmarks,
-                       os.path.join(os.path.dirname(run_dir), f"eval-v{num_tokens}" if num_tokens else "eval"),
-                       per_item=items)
-    tasks = {}
-    for task, names in sorted(e["tasks"].items()):
-        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-        missing = [n for n in names if n not in summary["scores"]]
-        if missing:
-            raise ValueError(f"eval.tasks.{task} names benchmarks that were not evaluated: {missing}; "
-                             f"evaluated: {sorted(summary['scores'])}")
-        tasks[task] = {"accuracy": float(np.mean([summary["scores"][n] for n in names])),
-                       "benchmarks": {n: summary["scores"][n] for n in names},
-                       "questions": int(sum(summary["num_questions"][n] for n in names))}
-        if per_item is not None:
-            per_item[task] = tuple(np.concatenate([items[n][i] for n in names]) for i in (0, 1))
-    return tasks
+    tokenizer = pipeline.make_tokenizer(config.data)
+    out = {}
+    for v in tokens:
+        answerer = Answerer(config, params, tokenizer, batch_size=e["batch_size"], max_new_tokens=e["max_new_tokens"],
+                            seq_len=e["seq_len"], num_tokens=v)
+        items: dict = {}
+        summary = evaluate(answerer, benchmarks, os.path.join(os.path.dirname(run_dir), f"eval-v{v}" if v else "eval"),
+                           per_item=items)
+        tasks = {}
+        for task, names in sorted(e["tasks"].items()):
+            names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+            missing = [n for n in names if n not in summary["scores"]]
+            if missing:
+                raise ValueError(f"eval.tasks.{task} names benchmarks that were not evaluated: {missing}; "
+                                 f"evaluated: {sorted(summary['scores'])}")
+            tasks[task] = {"accuracy": float(np.mean([summary["scores"][n] for n in names])),
+                           "benchmarks": {n: summary["scores"][n] for n in names},
+                           "questions": int(sum(summary["num_questions"][n] for n in names))}
+            if per_item is not None:
+                per_item.setdefault(v, {})[task] = tuple(np.concatenate([items[n][i] for n in names]) for i in (0, 1))
+        out[v] = tasks
+    return out
 
 
 def measured_error(accuracy: float, questions: int) -> float:
@@ -159,16 +163,14 @@ def run_job(job_dir: str) -> dict:
     model_cfg = ml_collections.ConfigDict(spec["stages"][-1]["config"]["model"])
     q = int(spec["eval"]["text_tokens"]) if spec["eval"] else 0
     if spec.get("rows"):   # elastic: one model, every V of its set
-        result["rows"], per_v = [], {}
-        for row in spec["rows"]:
-            v = int(row["visual_tokens"])
-            per_v[v] = {}
-            tasks = evaluate_cell(spec, num_tokens=v, per_item=per_v[v])
-            result["rows"] += table_rows(row, tasks, elastic.fixed_model(model_cfg, v), q)
+        per_v: dict = {}
+        by_v = evaluate_cell(spec, tokens=[int(row["visual_tokens"]) for row in spec["rows"]], per_item=per_v)
+        result["rows"] = [r for row in spec["rows"] for r in table_rows(
+            row, by_v[int(row["visual_tokens"])], elastic.fixed_model(model_cfg, int(row["visual_tokens"])), q)]
         result["accuracy"] = {f"{r['task']}@V={r['visual_tokens']}": r["accuracy"] for r in result["rows"]}
         result["router"] = router_sweeps(per_v, model_cfg, q)
     elif spec["eval"]:
-        tasks = evaluate_cell(spec)
+        tasks = evaluate_cell(spec)[None]
         result["accuracy"] = {task: t["accuracy"] for task, t in tasks.items()}
         if spec["row"] is not None:
             result["rows"] = table_rows(spec["row"], tasks, model_cfg, q)
