@@ -214,7 +214,11 @@ def elastic_config() -> ml_collections.ConfigDict:
 
 
 def fit_config(bootstrap: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(forms=("multiplicative", "additive"), bootstrap=bootstrap, seed=0,
+    """The first form is the report's decision: the saturating law, since a family's error cannot rise above what
+    a model that learnt nothing of it makes (vlm_jax/scaling/laws.py); the paper's multiplicative and the additive
+    law follow for comparison."""
+    return ml_collections.ConfigDict(dict(forms=("saturating", "multiplicative", "additive"), bootstrap=bootstrap,
+                                          seed=0,
                                           text_tokens=(0.0, 16.0, 64.0), level=0.95))
 
 

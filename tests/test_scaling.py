@@ -12,7 +12,10 @@ from vlm_jax.scaling import ADDITIVE, MULTIPLICATIVE
 N = (0.464, 1.84, 3.95, 7.72)
 V = (1, 4, 16, 36, 64, 144, 576)
 TRUE = {"multiplicative": np.array([0.35, 0.45, 0.06, 0.12]),
-        "additive": np.array([0.08, 0.15, 0.5, 0.5, 0.35])}
+        "additive": np.array([0.08, 0.15, 0.5, 0.5, 0.35]),
+        # ceiling 0.6 binding at the small corner (0.42 there), a power law at the large one (0.015)
+        "saturating": np.array([0.8, 0.7, 0.4, 0.6])}
+FORMS = list(TRUE)
 
 
 def independent_loss(form, theta, table, delta=1e-3):
@@ -20,6 +23,9 @@ def independent_loss(form, theta, table, delta=1e-3):
     if form == "multiplicative":
         a, alpha, beta, d = theta
         pred = a * table.n ** -alpha * table.v ** -beta + d
+    elif form == "saturating":   # the power law's harmonic sum with the ceiling C
+        a, alpha, beta, c = theta
+        pred = 1.0 / (1.0 / (a * table.n ** -alpha * table.v ** -beta) + 1.0 / c)
     else:
         e, a, alpha, b, beta = theta
         pred = e + a * table.n ** -alpha + b * table.v ** -beta
@@ -29,7 +35,7 @@ def independent_loss(form, theta, table, delta=1e-3):
 
 # ------------------------------------------------------------------------------------------------ fitting
 
-@pytest.mark.parametrize("form", ["multiplicative", "additive"])
+@pytest.mark.parametrize("form", FORMS)
 def test_noise_free_table_is_recovered_to_one_part_per_million(form):
     table = scaling.synthetic_table(form, TRUE[form], N, V)
     fit = scaling.fit_law(table, form, n_bootstrap=0, loo=False)
@@ -37,7 +43,7 @@ def test_noise_free_table_is_recovered_to_one_part_per_million(form):
     assert fit.r2 == pytest.approx(1.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("form", ["multiplicative", "additive"])
+@pytest.mark.parametrize("form", FORMS)
 def test_noisy_fit_recovers_true_parameters_within_its_confidence_intervals(form):
     table = scaling.synthetic_table(form, TRUE[form], N, V, noise=0.02, seed=3)
     fit = scaling.fit_law(table, form, n_bootstrap=1000, seed=0, loo=False)
@@ -48,7 +54,7 @@ def test_noisy_fit_recovers_true_parameters_within_its_confidence_intervals(form
     assert fit.at_grid_edge == ()
 
 
-@pytest.mark.parametrize("form", ["multiplicative", "additive"])
+@pytest.mark.parametrize("form", FORMS)
 def test_fit_loss_is_the_huber_objective_and_scipy_finds_nothing_lower(form):
     table = scaling.synthetic_table(form, TRUE[form], N, V, noise=0.03, seed=7)
     fit = scaling.fit_law(table, form, n_bootstrap=0, loo=False)
@@ -64,6 +70,45 @@ def test_fit_loss_is_the_huber_objective_and_scipy_finds_nothing_lower(form):
                                       bounds=bounds, options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12})
         best = min(best, res.fun)
     assert fit.loss <= best * (1 + 1e-6) + 1e-12
+
+
+def test_saturating_law_stays_under_its_ceiling_and_is_the_power_law_far_below_it():
+    """Invariants of err = 1 / (1 / (A N^-alpha V^-beta) + 1 / C): never above C nor above the power term; with C
+    out of reach it is the multiplicative law with D = 0; where the power term equals C the error is C / 2."""
+    sat, mult = scaling.get_form("saturating"), scaling.MULTIPLICATIVE
+    n, v = np.array([1e-5, 1e-3, 0.5, 7.0, 70.0]), np.array([1.0, 4.0, 64.0, 576.0, 1.0])
+    theta = TRUE["saturating"]
+    err = sat.predict(theta, n, v)
+    power = mult.predict(np.array([*theta[:3], 0.0]), n, v)
+    assert np.all(err < theta[3]) and np.all(err < power)
+    assert err[0] == pytest.approx(theta[3], rel=1e-3)          # tiny N: the power term is huge, the ceiling rules
+    far = sat.predict(np.array([*theta[:3], 1e12]), n, v)
+    np.testing.assert_allclose(far, power, rtol=1e-8)   # 1/C adds power/C: 2.5e-9 at the largest
+    n_half = (theta[0] / theta[3]) ** (1 / theta[1])             # A N^-alpha = C at V = 1
+    assert sat.predict(theta, np.array([n_half]), np.array([1.0]))[0] == pytest.approx(theta[3] / 2, rel=1e-12)
+    # log_predict in centred coordinates agrees with predict in natural units
+    log_n, log_v = np.log(n), np.log(v)
+    coords = np.array([np.log(theta[0]) - theta[1] * log_n.mean() - theta[2] * log_v.mean(), theta[1], theta[2],
+                       np.log(theta[3])])
+    np.testing.assert_allclose(sat.to_natural(coords, log_n.mean(), log_v.mean()), theta, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(sat.log_predict(coords, log_n - log_n.mean(), log_v - log_v.mean(), np)),
+                               err, rtol=1e-12)
+
+
+def test_an_error_that_sets_in_late_along_n_is_fitted_by_the_saturating_law_and_not_the_power_law():
+    """A family learnt only by the larger LLMs: error near its no-information level (0.8) for the small ones,
+    then falling fast, flat in V (the grid's reasoning row). The power law cannot bend; the ceiling can, and then
+    reads V's exponent as ~0 with a tight interval."""
+    n = np.array([2.7e-5, 9.9e-5, 3.08e-4])
+    table = scaling.synthetic_table("saturating", np.array([1.2e-11, 2.8, 0.0, 0.81]), n, (1, 4, 16, 64),
+                                    noise=0.03, seed=2, seeds=2, seed_noise=0.03)
+    assert table.error.max() > 0.75 and table.error.min() < 0.1
+    sat = scaling.fit_law(table, "saturating", n_bootstrap=200, seed=0, loo=False)
+    mult = scaling.fit_law(table, "multiplicative", n_bootstrap=200, seed=0, loo=False)
+    assert sat.r2 > 0.98 and mult.r2 < 0.9
+    beta = sat.params["beta"]
+    assert beta.lo < 0 < beta.hi and beta.hi - beta.lo < 0.2
+    assert mult.params["beta"].hi - mult.params["beta"].lo > beta.hi - beta.lo
 
 
 def test_residuals_and_r2_follow_their_definitions():

@@ -426,7 +426,7 @@ def test_fault_free_grid_on_the_tpu_backend(tpu_run, reference):
     assert {"results.jsonl", "summary.json", "report.txt"} <= files, sorted(files)
     plots = {f for f in files if f.startswith("plots/")}
     assert plots == {f"plots/{p}" for p in ("observed_error.png", *(f"{task}_{form}_failed.png" for task in (
-        "detail", "reasoning") for form in ("additive", "multiplicative")))}, plots   # as the local run's
+        "detail", "reasoning") for form in ("additive", "multiplicative", "saturating")))}, plots   # as the local run's
     assert run["left"] == {"resources": [], "processes": []}   # every slice deleted, no worker process left
 
     # One slice per job, created, polled until ACTIVE, set up, started, followed, deleted; one job at a time.
