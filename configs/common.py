@@ -38,6 +38,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         grad_clip=1.0,
         skip_nonfinite=False,     # a NaN/inf loss or gradient norm: False stops the run naming the step; True skips
         loss_chunk=0,             # >0: output layer + loss over this many positions at a time (big vocabularies)
+        text_only=False,          # text-only batches (no image slots; checked): the LLM alone, no tower/head/projector
         log_every=10,
         eval_every=0,             # validation loss (+ teacher-forced exact match) every this many steps; 0 = off
         eval_batches=0,           # batches per evaluation; 0 = the whole validation split

@@ -185,7 +185,7 @@ def inference_flops(model_cfg, *, text_tokens: int, llm_only: bool = False, **kw
 
 def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: bool, train_vision: bool,
                      question_len: int | None = None, compressor_flops_per_image: float | None = None,
-                     params=None, images_per_sequence: int = 1) -> float:
+                     params=None, images_per_sequence: int = 1, text_only: bool = False) -> float:
     """FLOPs of one training step on batch_size sequences of seq_len tokens (visual slots included), one image each
     (`images_per_sequence` K when rows are packed: the image terms below count K times; attention is computed
     over the whole row whatever the segments, so it counts as it runs).
@@ -200,6 +200,7 @@ def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: boo
         query pass       2 * N_body * question_len + causal attention (heads with needs_query; forward only, up
                                                                       to the last hidden state)
     question_len: the question length the query pass runs over (data.question_len); default seq_len.
+    text_only (train.text_only): the step runs no image path, so only the two LLM terms count.
     Checked against XLA's cost analysis of the jitted step (tests/test_flops_xla.py).
     """
     if batch_size <= 0 or seq_len <= 0:
@@ -209,6 +210,8 @@ def train_step_flops(model_cfg, *, batch_size: int, seq_len: int, train_llm: boo
     attention = attention_flops(llm_cfg.num_layers, llm_cfg.num_heads, llm_cfg.head_dim, seq_len, causal=True)
     n_matmul, _ = llm_matmul_params(llm_cfg, counts["llm"])
     per_seq = (6.0 if train_llm else 4.0) * n_matmul * seq_len + 3.0 * attention
+    if text_only:
+        return batch_size * per_seq
     per_image = shared_image_flops(model_cfg, train_vision=train_vision,
                                    question_len=seq_len if question_len is None else question_len, params=params)
     if compressor_flops_per_image is None:

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from etils import epath
 from flax import traverse_util
@@ -74,15 +75,32 @@ def chunked_cross_entropy(hidden, weights, targets, loss_mask, chunk: int, dtype
     return total / jnp.maximum(n, 1.0), n
 
 
-def model_inputs(batch):
-    """The batch entries the model consumes (targets and loss mask are for the loss)."""
+def model_inputs(batch, text_only: bool = False):
+    """The batch entries the model consumes (targets and loss mask are for the loss). text_only: the token entries
+    and pixels None, so the model skips its image path (`check_batch` makes sure no row has an image)."""
+    if text_only:
+        return {"pixels": None, **{k: batch[k] for k in vlm.TEXT_INPUTS}}
     return {k: batch[k] for k in vlm.MODEL_INPUTS}
+
+
+def check_batch(config: ml_collections.ConfigDict, batch) -> None:
+    """Host-side, before a step: under train.text_only the step never runs the image path, so a row with image
+    slots would train without its image, silently; refuse it, naming the key. Nothing to check otherwise."""
+    if not config.train.get("text_only", False):
+        return
+    pos = np.asarray(batch["image_positions"])
+    rows = np.flatnonzero(np.any(pos < np.shape(batch["tokens"])[1], axis=1))
+    if rows.size:
+        raise ValueError(f"train.text_only=True skips the vision tower, compressor and projector, but {rows.size} "
+                         f"row(s) of this batch have image slots (row {rows[0]}: image_positions "
+                         f"{pos[rows[0]].tolist()}); train.text_only is for text-only data "
+                         f"(data.synthetic.describe=True)")
 
 
 # --- the step ------------------------------------------------------------------------------------
 
 def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk: int = 0,
-                    skip_nonfinite: bool = False, scales: tuple = ()):
+                    skip_nonfinite: bool = False, scales: tuple = (), text_only: bool = False):
     """`(state, batch) -> (state, metrics)`: forward, loss on answer tokens, gradients of trainable params only.
 
     loss_chunk > 0 computes the output layer and loss that many positions at a time (`chunked_cross_entropy`).
@@ -91,7 +109,11 @@ def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk
     scales (elastic V, vlm_jax/elastic.py): the batch is built for V_max and trimmed to each V of `scales`; the loss
     is the mean of the per-V losses (M3: the whole set, metrics 'loss/v{V}'; MQT: the one V drawn for this step,
     metrics 'visual_tokens'). (): the published single-V step.
+    text_only (train.text_only): the LLM alone over the token embeddings, for batches without image slots
+    (`check_batch`); the same loss and gradients as the full step on such a batch, without the image path's FLOPs.
     """
+    if text_only and scales:
+        raise ValueError("train.text_only with train.elastic: elastic V trains the image path, which text_only skips")
 
     def loss_of(params, hidden, batch):
         if not loss_chunk:
@@ -104,11 +126,11 @@ def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk
     def loss_fn(trainable, frozen, batch):
         params = optim.merge(trainable, frozen)
         if not scales and not loss_chunk:
-            logits = model.apply({"params": params}, **model_inputs(batch))
+            logits = model.apply({"params": params}, **model_inputs(batch, text_only))
             loss, n = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
             return loss, (n, {})
         if not scales:
-            hidden = model.apply({"params": params}, **model_inputs(batch), method=vlm.VLM.hidden_states)
+            hidden = model.apply({"params": params}, **model_inputs(batch, text_only), method=vlm.VLM.hidden_states)
             loss, n = loss_of(params, hidden, batch)
             return loss, (n, {})
         trimmed = {v: elastic.trim(batch, v) for v in scales}
@@ -137,20 +159,21 @@ def make_train_step(model: vlm.VLM, tx: optax.GradientTransformation, loss_chunk
     return train_step
 
 
-def make_eval_step(model: vlm.VLM, loss_chunk: int = 0):
+def make_eval_step(model: vlm.VLM, loss_chunk: int = 0, text_only: bool = False):
     """`(params, batch) -> sums` over an eval batch: answer-token loss and token count, and (unless the loss is
     chunked, when full logits would not fit) answers whose every token is the argmax under teacher forcing, which is
-    what greedy decoding would produce, so it equals exact match without running generation."""
+    what greedy decoding would produce, so it equals exact match without running generation. text_only: as
+    `make_train_step`'s."""
 
     def eval_step(params, batch):
         mask = batch["loss_mask"]   # filler rows of the last batch have none
         sums = {"rows": jnp.sum(batch["valid"])}
         if loss_chunk:
-            hidden = model.apply({"params": params}, **model_inputs(batch), method=vlm.VLM.hidden_states)
+            hidden = model.apply({"params": params}, **model_inputs(batch, text_only), method=vlm.VLM.hidden_states)
             loss, n = chunked_cross_entropy(hidden, llm_lib.output_weights(params["llm"], model.cfg.llm),
                                             batch["targets"], mask, loss_chunk, jnp.dtype(model.cfg.dtype))
             return dict(sums, loss_sum=loss * n, tokens=n)
-        logits = model.apply({"params": params}, **model_inputs(batch))
+        logits = model.apply({"params": params}, **model_inputs(batch, text_only))
         per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         right = (jnp.argmax(logits, -1) == batch["targets"]) | (mask == 0)
         exact = jnp.all(right, axis=1) & (jnp.sum(mask, axis=1) > 0)
@@ -162,14 +185,16 @@ def make_eval_step(model: vlm.VLM, loss_chunk: int = 0):
 
 def jit_train_step(config: ml_collections.ConfigDict, mesh, layout, *, donate_state: bool = True, scales=()):
     """The run's train step, jitted over `mesh` with the state's shardings: every setting of `config.train` that
-    changes the program (loss_chunk, skip_nonfinite) is read here and nowhere else. `layout`: `state_layout`'s
-    result for this config and mesh. The state is donated (updated in place) unless `donate_state` is False, as a
-    benchmark that times one state again and again needs. scales: elastic V (`jit_train_steps`)."""
+    changes the program (loss_chunk, skip_nonfinite, text_only) is read here and nowhere else. `layout`:
+    `state_layout`'s result for this config and mesh. The state is donated (updated in place) unless
+    `donate_state` is False, as a benchmark that times one state again and again needs. scales: elastic V
+    (`jit_train_steps`)."""
     _, abstract, tx = layout
     shardings = shardings_of(abstract)
     t = config.train
     model = vlm.VLM(elastic.model_config(config.model, t))
-    step = make_train_step(model, tx, t.loss_chunk, t.get("skip_nonfinite", False), tuple(scales))
+    step = make_train_step(model, tx, t.loss_chunk, t.get("skip_nonfinite", False), tuple(scales),
+                           t.get("text_only", False))
     return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,) if donate_state else ())
 
@@ -189,7 +214,7 @@ def jit_eval_step(config: ml_collections.ConfigDict, mesh, layout):
     """The run's validation step over merged parameters, jitted like `jit_train_step`."""
     shardings = shardings_of(layout[1])
     model = vlm.VLM(elastic.model_config(config.model, config.train))
-    return jax.jit(make_eval_step(model, config.train.loss_chunk),
+    return jax.jit(make_eval_step(model, config.train.loss_chunk, config.train.get("text_only", False)),
                    in_shardings=(optim.merge(shardings.params, shardings.frozen), sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
@@ -219,11 +244,12 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
 def program_flops(config: ml_collections.ConfigDict, trainable_parts) -> dict:
     """{program key (`jit_train_steps`): model FLOPs of one step it runs} (vlm_jax.flops), given the top-level
     parts that train (e.g. {'compressor', 'projector', 'llm'}). Elastic V (vlm_jax/elastic.py): an MQT program
-    counts its V's step; M3's the sum over its scales, with the tower and the query pass once."""
+    counts its V's step; M3's the sum over its scales, with the tower and the query pass once. train.text_only:
+    the LLM's share alone (no image path runs)."""
     m, t = config.model, config.train
     kwargs = dict(batch_size=t.batch_size, train_llm="llm" in trainable_parts,
                   train_vision="vision" in trainable_parts, question_len=config.data.question_len,
-                  images_per_sequence=images_per_sequence(config))
+                  images_per_sequence=images_per_sequence(config), text_only=t.get("text_only", False))
     name = elastic.mode(config)
     if not name:
         return {None: flops.train_step_flops(m, seq_len=config.data.seq_len + m.compressor.num_tokens, **kwargs)}

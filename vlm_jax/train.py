@@ -313,6 +313,7 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
         with Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
             while step < t.steps:
                 host_batch = next(data_iter)
+                state_lib.check_batch(config, host_batch)
                 program = program_at(step)
                 if mode:
                     elastic.check_batch(host_batch)

@@ -35,6 +35,8 @@ PROJECTORS = {"mlp2x_gelu": Projector}
 
 # The arguments of `VLM.__call__`, the batch keys training and generation feed the model.
 MODEL_INPUTS = ("pixels", "tokens", "attention_mask", "image_positions", "question_tokens", "question_mask")
+# What a text-only step feeds it (train.text_only: pixels None, no image path).
+TEXT_INPUTS = ("tokens", "attention_mask", "image_positions")
 
 
 class VLM(nn.Module):
@@ -86,9 +88,15 @@ class VLM(nn.Module):
 
     def hidden_states(self, pixels, tokens, attention_mask, image_positions, question_tokens=None,
                       question_mask=None, num_tokens=None):
-        """The LLM's final-norm hidden states float[B, T, D] (the chunked training loss applies the output layer)."""
-        visual = self.encode_images(pixels, question_tokens, question_mask, num_tokens)
-        hidden, _ = self.llm(self.embed_inputs(tokens, image_positions, visual), attention_mask)
+        """The LLM's final-norm hidden states float[B, T, D] (the chunked training loss applies the output layer).
+        pixels None: a text-only batch (train.text_only), whose slots are all out of range, so the visual embeddings
+        would be dropped anyway: the tower, compressor and projector do not run, the LLM reads the tokens alone."""
+        if pixels is None:
+            x = self.llm.embed_tokens(tokens)
+        else:
+            x = self.embed_inputs(tokens, image_positions,
+                                  self.encode_images(pixels, question_tokens, question_mask, num_tokens))
+        hidden, _ = self.llm(x, attention_mask)
         return hidden
 
     def hidden_states_per_scale(self, pixels, texts, question_tokens=None, question_mask=None):
