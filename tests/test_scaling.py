@@ -89,7 +89,7 @@ def test_saturating_law_stays_under_its_ceiling_and_is_the_power_law_far_below_i
     # log_predict in centred coordinates agrees with predict in natural units
     log_n, log_v = np.log(n), np.log(v)
     coords = np.array([np.log(theta[0]) - theta[1] * log_n.mean() - theta[2] * log_v.mean(), theta[1], theta[2],
-                       np.log(theta[3])])
+                       np.log(theta[3] / (1 - theta[3]))])   # C's coordinate is its logit: a rate's ceiling < 1
     np.testing.assert_allclose(sat.to_natural(coords, log_n.mean(), log_v.mean()), theta, rtol=1e-12)
     np.testing.assert_allclose(np.exp(sat.log_predict(coords, log_n - log_n.mean(), log_v - log_v.mean(), np)),
                                err, rtol=1e-12)
@@ -109,6 +109,21 @@ def test_an_error_that_sets_in_late_along_n_is_fitted_by_the_saturating_law_and_
     beta = sat.params["beta"]
     assert beta.lo < 0 < beta.hi and beta.hi - beta.lo < 0.2
     assert mult.params["beta"].hi - mult.params["beta"].lo > beta.hi - beta.lo
+    ceilings = sat.bootstrap[:, 3]
+    assert np.all((ceilings > 0) & (ceilings <= 1)) and sat.params["C"].lo > 0.7   # an error rate's ceiling
+    assert not scaling.identification.not_identified(sat)
+
+
+def test_a_ceiling_the_table_barely_reaches_is_bounded_by_one_and_read_as_identified_on_the_log_scale():
+    """Errors that reach C only in one corner: some resamples put the ceiling out of the way (C -> 1, its logit
+    unbounded); C's interval is then [~0.4, 1], under a decade, which the identification reads as log C."""
+    n = np.array([2.7e-5, 9.9e-5, 3.08e-4])
+    table = scaling.synthetic_table("saturating", np.array([3e-3, 0.6, 0.8, 0.5]), n, (1, 4, 16, 64), noise=0.08,
+                                    seed=1, seeds=2, seed_noise=0.05)
+    fit = scaling.fit_law(table, "saturating", n_bootstrap=200, seed=0, loo=False)
+    c = fit.params["C"]
+    assert c.hi > 0.99 and c.hi <= 1.0 and 0.2 < c.lo < 0.6, c
+    assert np.log(c.hi / c.lo) < np.log(100) and "C" not in scaling.identification.not_identified(fit)
 
 
 def test_residuals_and_r2_follow_their_definitions():

@@ -78,11 +78,13 @@ def identify(fit: FitResult) -> dict[str, str]:
         if not len(boot):
             continue
         c = boot[:, i]
+        if form.coord_names[i].startswith("logit_"):   # a rate in (0, 1) (the saturating law's C): its log
+            c = -np.logaddexp(0.0, -c)
         finite = np.isfinite(c)
         if finite.mean() < fit.level:
             reasons[name].append(f"unbounded: {int((~finite).sum())} of {len(c)} resamples diverged")
             continue
-        est = Estimate.from_samples(fit.coords[i], c[finite], fit.level)
+        est = Estimate.from_samples(0.0, c[finite], fit.level)   # only the interval's width is read
         if name in exponent_of:
             lo_x, hi_x, where = _table_range(fit, exponent_of[name])
             log_factor = (est.hi - est.lo) * math.log(hi_x / lo_x)

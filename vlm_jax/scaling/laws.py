@@ -7,7 +7,7 @@ Three law forms:
 
 The saturating law is the paper's power term capped by a ceiling C: the harmonic sum of A N^-alpha V^-beta and C,
 so err ~ A N^-alpha V^-beta far below C (the multiplicative law with D = 0) and err -> C where the power term
-outgrows it. C is the error of a model that has learnt nothing of the family (answering without the image, or
+outgrows it; C lies in (0, 1) (its coordinate is its logit). C is the error of a model that has learnt nothing of the family (answering without the image, or
 guessing among the answers), which no model exceeds and a power law does exceed at small N and V. On the smoke grid
 a family is learnt only from some LLM size on (reasoning: 0.8 / 0.6 / 0.07 over 27K / 99K / 308K), a bend one power
 of N cannot follow; the misfit then leaks into V's exponent in every bootstrap resample that is unbalanced in N.
@@ -144,14 +144,25 @@ def _sat_log_power(c, log_n, log_v):
     return log_a - alpha * log_n - beta * log_v
 
 
+def _sat_log_ceiling(c, xp):
+    """log C from its coordinate, the logit of C: an error rate's ceiling lies in (0, 1)."""
+    return -xp.logaddexp(0.0, -_split(c, 4)[3])
+
+
 def _sat_log_predict(c, log_n, log_v, xp):
-    log_c = _split(c, 4)[3]
-    return -xp.logaddexp(-_sat_log_power(c, log_n, log_v), -log_c)
+    return -xp.logaddexp(-_sat_log_power(c, log_n, log_v), -_sat_log_ceiling(c, xp))
 
 
 def _sat_log_terms(c, log_n, log_v, xp):
     main = _sat_log_power(c, log_n, log_v)
-    return xp.stack([main, xp.broadcast_to(_split(c, 4)[3], main.shape)], axis=-2)
+    return xp.stack([main, xp.broadcast_to(_sat_log_ceiling(c, xp), main.shape)], axis=-2)
+
+
+@np.errstate(over="ignore")
+def _sat_to_natural(c, log_n0, log_v0):
+    log_a, alpha, beta, logit_c = (c[..., i] for i in range(4))
+    return np.stack([np.exp(log_a + alpha * log_n0 + beta * log_v0), alpha, beta, 1.0 / (1.0 + np.exp(-logit_c))],
+                    axis=-1)
 
 
 @np.errstate(over="ignore", invalid="ignore", divide="ignore")
@@ -194,10 +205,11 @@ SATURATING = LawForm(
     name="saturating",
     formula="err = 1 / (N^alpha V^beta / A + 1 / C)",
     param_names=("A", "alpha", "beta", "C"),
-    coord_names=("log_A_centre", "alpha", "beta", "log_C"),
-    start_grid=((-3.0, -1.5, 0.0, 1.5), _EXPONENTS + (2.0,), _EXPONENTS, tuple(np.log([0.1, 0.3, 0.6, 0.9]))),
+    coord_names=("log_A_centre", "alpha", "beta", "logit_C"),
+    start_grid=((-3.0, -1.5, 0.0, 1.5), _EXPONENTS + (2.0,), _EXPONENTS, tuple(np.log([0.1, 0.3, 0.6, 0.9])
+                                                                               - np.log1p(-np.array([0.1, 0.3, 0.6, 0.9])))),
     log_predict=_sat_log_predict,
-    to_natural=_mult_to_natural,
+    to_natural=_sat_to_natural,
     predict=_sat_predict,
     terms=(("A", "alpha", "beta"), ("C",)),
     exponent_of=(("alpha", "n"), ("beta", "v")),
