@@ -65,6 +65,25 @@ def test_frontier_curve_lies_below_every_fitted_llm_curve(fit):
     assert np.all(lo <= err) and np.all(err <= hi)
 
 
+def test_the_frontier_is_dotted_where_its_n_leaves_the_table_and_the_optimal_path_stays_off_the_frame(fit):
+    """At Q = 0 the optimum is one token and the largest affordable N, so over the table's own costs the frontier
+    runs from N below the smallest LLM to N above the largest: those budgets are the law's extrapolation."""
+    fig = plots.draw_error_vs_flops(fit, text_tokens=0.0)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    dashed = np.asarray(lines["compute-optimal frontier"].get_ydata(), dtype=float)
+    dotted = np.asarray(lines["frontier at an N outside the table (extrapolated)"].get_ydata(), dtype=float)
+    budgets = np.asarray(lines["compute-optimal frontier"].get_xdata(), dtype=float)
+    n_opt = plots.frontier_curve(fit, budgets, 0.0)[0]
+    inside = (n_opt >= N[0]) & (n_opt <= N[-1])
+    assert inside.any() and not inside.all()
+    np.testing.assert_array_equal(np.isfinite(dashed), inside)
+    assert np.all(np.isfinite(dotted[~inside]))
+    surface = plots.draw_error_surface(fit, text_tokens=0.0)
+    ax = surface.axes[0]
+    assert ax.get_xlim()[0] < N[0] and ax.get_xlim()[1] > N[-1]
+    assert ax.get_ylim()[0] < V[0] and ax.get_ylim()[1] > V[-1]
+
+
 def run_fit_cli(args):
     """`python -m launch.fit ARGS` in this process (absl flags parsed afresh)."""
     flags.FLAGS.unparse_flags()

@@ -107,8 +107,16 @@ def draw_error_vs_flops(fit: FitResult, *, text_tokens: float = 0.0,
                    color=color, s=22, zorder=3, edgecolors="white", linewidths=0.5)
         lo_cost, hi_cost = min(lo_cost, cost.min()), max(hi_cost, cost.max())
     budgets = np.geomspace(lo_cost, hi_cost, 40)
-    _, _, err, err_lo, err_hi = frontier_curve(fit, budgets, text_tokens, v_range=v_range)
-    ax.plot(budgets, _finite(err), "k--", lw=2, label="compute-optimal frontier")
+    n_opt, _, err, err_lo, err_hi = frontier_curve(fit, budgets, text_tokens, v_range=v_range)
+    # Where the optimum's N lies outside the measured LLM sizes the frontier is the law's extrapolation: drawn
+    # thin and dotted, so that no one reads it as something a measured model did.
+    inside = (n_opt >= table.n_values[0] * (1 - 1e-9)) & (n_opt <= table.n_values[-1] * (1 + 1e-9))
+    ax.plot(budgets, np.where(inside, _finite(err), np.nan), "k--", lw=2, label="compute-optimal frontier")
+    if not inside.all():
+        # each outside run joined to its inside neighbours, so the two styles meet without a gap
+        outside = ~inside | np.convolve(~inside, [1, 1, 1], mode="same").astype(bool)
+        ax.plot(budgets, np.where(outside, _finite(err), np.nan), "k:", lw=1.2,
+                label="frontier at an N outside the table (extrapolated)")
     band = np.isfinite(err_lo) & np.isfinite(err_hi)
     if band.any():
         ax.fill_between(budgets[band], err_lo[band], err_hi[band], color="k", alpha=0.15, lw=0,
@@ -171,9 +179,10 @@ def draw_error_surface(fit: FitResult, *, text_tokens: float = 0.0, resolution: 
         if np.isfinite(e[0]):
             path_n.append(n[0])
             path_v.append(v[0])
-    if path_n:
-        ax.plot(path_n, path_v, color="tab:red", lw=2, label="optimal (N, V) per budget")
-    ax.scatter(table.n, table.v, c=table.error, cmap="viridis", norm=norm, s=30, edgecolors="white", zorder=3,
+    if path_n:   # often along the table's edges: drawn over the frame, with a dot per budget
+        ax.plot(path_n, path_v, "o-", color="tab:red", lw=2, ms=3, clip_on=False, zorder=4,
+                label="optimal (N, V) per budget")
+    ax.scatter(table.n, table.v, c=table.error, cmap="viridis", norm=norm, s=30, edgecolors="white", zorder=5,
                label="observed cells")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -182,9 +191,13 @@ def draw_error_surface(fit: FitResult, *, text_tokens: float = 0.0, resolution: 
     ax.set_yticks(table.v_values, [f"{v:g}" for v in table.v_values])
     ax.xaxis.set_minor_formatter(mticker.NullFormatter())
     ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+    # A margin around the table's range, so a path along its edge is not hidden under the frame.
+    ax.set_xlim(n_grid[0] / 1.12, n_grid[-1] * 1.12)
+    ax.set_ylim(v_grid[0] / 1.15, v_grid[-1] * 1.15)
     ax.set_xlabel("LLM parameters N")
     ax.set_ylabel("visual tokens V")
-    ax.legend(fontsize=8, loc="upper right")
+    # Below the axes: inside, it would hide the path's end (often the top-right corner) or a cell.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
