@@ -19,7 +19,8 @@ flags.DEFINE_string("results", None, "Results table (.csv or .jsonl).")
 flags.DEFINE_bool("demo", False, "Fit a synthetic table drawn from known laws instead of --results.")
 flags.DEFINE_string("out", "", "Directory for the PNGs and fit_summary.json ('' = beside --results; "
                     "required with --demo).")
-flags.DEFINE_list("forms", ["multiplicative", "additive"], "Law forms to fit.")
+flags.DEFINE_list("forms", ["saturating", "multiplicative", "additive"],
+                  "Law forms to fit; the first is the decision's (vlm_jax/scaling/laws.py).")
 flags.DEFINE_list("text_tokens", ["0", "64", "256"], "Text lengths Q for the frontiers.")
 flags.DEFINE_list("budgets", [], "Inference FLOPs budgets (default: 4 spanning the table's own costs).")
 flags.DEFINE_float("v_max", 576.0, "Largest V the frontier may choose.")

@@ -115,12 +115,13 @@ def test_fit_cli_reads_a_results_table(tmp_path, capsys):
     assert run_fit_cli([f"--results={path}", "--bootstrap=0", "--noplots", "--text_tokens=32",
                         "--budgets=1e12"]) == 0
     text = capsys.readouterr().out
-    assert "multiplicative law" in text and "additive law" in text
+    assert "saturating law" in text and "multiplicative law" in text and "additive law" in text
+    assert text.startswith("DECISION (saturating law")
     assert "C = 1 TFLOPs" in text
     assert not list(tmp_path.glob("*.png"))
     summary = json.loads((tmp_path / "fit_summary.json").read_text())   # written beside the results file
     assert list(summary) == ["decision", "fits"]
-    assert set(summary["fits"]["reasoning"]) == {"multiplicative", "additive"}
+    assert set(summary["fits"]["reasoning"]) == {"saturating", "multiplicative", "additive"}
 
 
 def test_fit_cli_reports_bad_tables_clearly(tmp_path):
