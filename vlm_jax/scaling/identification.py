@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from vlm_jax.scaling import units
-from vlm_jax.scaling.laws import Estimate, FitResult
+from vlm_jax.scaling.laws import Estimate, FitResult, log_sigmoid
 
 FACTOR_LIMIT = 100.0  # an interval that leaves the error open by more than this factor on the table: too wide
 NEGLIGIBLE_SHARE = 1e-3  # a term under this share of the predicted error in every cell has vanished
@@ -79,7 +79,7 @@ def identify(fit: FitResult) -> dict[str, str]:
             continue
         c = boot[:, i]
         if form.coord_names[i].startswith("logit_"):   # a rate in (0, 1) (the saturating law's C): its log
-            c = -np.logaddexp(0.0, -c)
+            c = log_sigmoid(c)
         finite = np.isfinite(c)
         if finite.mean() < fit.level:
             reasons[name].append(f"unbounded: {int((~finite).sum())} of {len(c)} resamples diverged")

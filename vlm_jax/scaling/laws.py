@@ -7,8 +7,9 @@ Three law forms:
 
 The saturating law is the paper's power term capped by a ceiling C: the harmonic sum of A N^-alpha V^-beta and C,
 so err ~ A N^-alpha V^-beta far below C (the multiplicative law with D = 0) and err -> C where the power term
-outgrows it; C lies in (0, 1) (its coordinate is its logit). C is the error of a model that has learnt nothing of the family (answering without the image, or
-guessing among the answers), which no model exceeds and a power law does exceed at small N and V. On the smoke grid
+outgrows it; C lies in (0, 1) (its coordinate is its logit). C is the error of a model that has learnt nothing of
+the family (answering without the image, or guessing among the answers), which no model exceeds and a power law
+does exceed at small N and V. On the smoke grid
 a family is learnt only from some LLM size on (reasoning: 0.8 / 0.6 / 0.07 over 27K / 99K / 308K), a bend one power
 of N cannot follow; the misfit then leaks into V's exponent in every bootstrap resample that is unbalanced in N.
 
@@ -144,9 +145,14 @@ def _sat_log_power(c, log_n, log_v):
     return log_a - alpha * log_n - beta * log_v
 
 
+def log_sigmoid(x, xp=np):
+    """log(1 / (1 + e^-x)): the log of a rate in (0, 1) from its logit coordinate (the saturating law's C)."""
+    return -xp.logaddexp(0.0, -x)
+
+
 def _sat_log_ceiling(c, xp):
     """log C from its coordinate, the logit of C: an error rate's ceiling lies in (0, 1)."""
-    return -xp.logaddexp(0.0, -_split(c, 4)[3])
+    return log_sigmoid(_split(c, 4)[3], xp)
 
 
 def _sat_log_predict(c, log_n, log_v, xp):
@@ -160,9 +166,10 @@ def _sat_log_terms(c, log_n, log_v, xp):
 
 @np.errstate(over="ignore")
 def _sat_to_natural(c, log_n0, log_v0):
-    log_a, alpha, beta, logit_c = (c[..., i] for i in range(4))
-    return np.stack([np.exp(log_a + alpha * log_n0 + beta * log_v0), alpha, beta, 1.0 / (1.0 + np.exp(-logit_c))],
-                    axis=-1)
+    """As the multiplicative law's (A, alpha, beta), with C = sigmoid of its coordinate in place of D = exp."""
+    theta = _mult_to_natural(c, log_n0, log_v0)
+    theta[..., 3] = 1.0 / (1.0 + np.exp(-c[..., 3]))
+    return theta
 
 
 @np.errstate(over="ignore", invalid="ignore", divide="ignore")
@@ -206,8 +213,8 @@ SATURATING = LawForm(
     formula="err = 1 / (N^alpha V^beta / A + 1 / C)",
     param_names=("A", "alpha", "beta", "C"),
     coord_names=("log_A_centre", "alpha", "beta", "logit_C"),
-    start_grid=((-3.0, -1.5, 0.0, 1.5), _EXPONENTS + (2.0,), _EXPONENTS, tuple(np.log([0.1, 0.3, 0.6, 0.9])
-                                                                               - np.log1p(-np.array([0.1, 0.3, 0.6, 0.9])))),
+    start_grid=((-3.0, -1.5, 0.0, 1.5), _EXPONENTS + (2.0,), _EXPONENTS,
+                tuple(np.log(p) - np.log1p(-p) for p in (0.1, 0.3, 0.6, 0.9))),   # C's logit
     log_predict=_sat_log_predict,
     to_natural=_sat_to_natural,
     predict=_sat_predict,
