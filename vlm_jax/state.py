@@ -279,8 +279,7 @@ def state_layout(model_cfg, train_cfg, mesh, strict_mesh: bool = False):
     holds the weights of every V of train.elastic.tokens (vlm_jax/elastic.py)."""
     model_cfg = elastic.model_config(model_cfg, train_cfg)
     init = vlm.init_fn(model_cfg)
-    rng = jax.random.key(0)
-    boxed = jax.eval_shape(init, rng)
+    boxed = vlm.abstract_init(model_cfg)
     sharding.check_rules_cover(boxed)
     replicated = []
     param_shardings = sharding.logical_to_sharding(boxed, mesh, report=replicated)
@@ -293,7 +292,10 @@ def state_layout(model_cfg, train_cfg, mesh, strict_mesh: bool = False):
         train, frozen = optim.split(params, trainable)
         return TrainState(step=jnp.zeros((), jnp.int32), params=train, frozen=frozen, opt_state=tx.init(train))
 
-    abstract = jax.eval_shape(init_state, rng)
+    # init_state's shapes, without tracing the model's init again (only the optimizer's, on the trainable ones)
+    train_abstract, frozen_abstract = optim.split(nn.meta.unbox(boxed), trainable)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=train_abstract, frozen=frozen_abstract,
+                          opt_state=jax.eval_shape(tx.init, train_abstract))
     train_sh, frozen_sh = optim.split(param_shardings, trainable)
     rep = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, train_sh,

@@ -9,6 +9,8 @@ Elastic V (vlm_jax/elastic.py): a model whose head nests (`model.compressor.nest
 any V of the set, on a sequence with V image slots; unset, it is the published single-V model.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -156,9 +158,33 @@ def init_fn(cfg: ml_collections.ConfigDict, batch: int = 1, seq_len: int = 8, qu
     return init
 
 
+class _ByContent:
+    """A config as a cache key: equal when their JSON is (a config read back from config.json is the same model)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        self.cfg, self.key = cfg, cfg.to_json_best_effort(sort_keys=True)
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return self.key == other.key
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_init(cfg: _ByContent):
+    return jax.eval_shape(init_fn(cfg.cfg), jax.random.key(0))
+
+
+def abstract_init(cfg: ml_collections.ConfigDict):
+    """The boxed parameter tree of `init_fn(cfg)` as ShapeDtypeStructs (logical axes kept, nothing allocated).
+    Shapes depend on the config alone, so a process traces each model's init once: a grid cell asks about 12 times
+    (layouts of its stages and its evaluation, FLOPs counts), at a quarter of a second of tracing each."""
+    return _abstract_init(_ByContent(cfg))
+
+
 def abstract_params(cfg: ml_collections.ConfigDict):
     """Parameter tree of ShapeDtypeStructs (no allocation), keys 'vision', 'compressor', 'projector', 'llm'."""
-    boxed = jax.eval_shape(init_fn(cfg), jax.random.key(0))
-    tree = nn.meta.unbox(boxed)
+    tree = nn.meta.unbox(abstract_init(cfg))
     tree.setdefault("compressor", {})   # parameter-free heads (none, avgpool) have no subtree
     return tree
