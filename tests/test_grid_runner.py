@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -168,10 +169,10 @@ def test_cells_start_costliest_first(tmp_path):
     assert started == ["tiny-m_v16", "tiny-m_v4", "tiny-m_v1", "tiny-xs_v16", "tiny-xs_v4", "tiny-xs_v1"]
 
 
-def test_seeds_start_apart_and_pretraining_costliest_first(tmp_path):
+def test_seeds_start_apart_and_pretraining_starts_with_what_every_cell_needs(tmp_path):
     """A cell's second seed starts after every first seed (it then finds the first seed's compiled programs in the
-    persistent cache); the pretraining jobs start with the largest LLM, so the last one does not hold the cells
-    back alone."""
+    persistent cache); the pretraining jobs start with the tower (every cell needs it), then the largest LLM, so
+    the last one does not hold the cells back alone."""
     g = helpers.tiny_grid(tmp_path, tokens="1+16")
     with g.unlocked():
         g.llms = ("tiny-xs", "tiny-m")
@@ -180,9 +181,70 @@ def test_seeds_start_apart_and_pretraining_costliest_first(tmp_path):
     first, cells = _jobs(g)
     assert [job.name.rsplit("-", 1)[0] for job in first] == ["tower", "llm-tiny-xs", "llm-tiny-m"]
     assert [job.name.rsplit("-", 1)[0] for job in runner.start_order(first)] == ["llm-tiny-m", "llm-tiny-xs", "tower"]
+    assert [job.name.rsplit("-", 1)[0] for job in runner.pretraining_order(first, cells)] == [
+        "tower", "llm-tiny-m", "llm-tiny-xs"]
+    assert {cell.name: [job.name.rsplit("-", 1)[0] for job in runner.needs(cell, first)] for cell in cells} == {
+        f"{llm}_v{v}_s{s}": ["tower", f"llm-{llm}"] for llm in ("tiny-xs", "tiny-m") for v in (1, 16) for s in (3, 7)}
     assert [job.name for job in runner.start_order(cells)] == [
         "tiny-m_v16_s3", "tiny-m_v1_s3", "tiny-xs_v16_s3", "tiny-xs_v1_s3",
         "tiny-m_v16_s7", "tiny-m_v1_s7", "tiny-xs_v16_s7", "tiny-xs_v1_s7"]
+
+
+class _Timed:
+    """A backend that runs nothing: each job takes `seconds[kind]` (its name without the digest), then succeeds
+    (writes its result) or, if its kind is in `fail`, exits 1; (name, start, end) of each is recorded."""
+
+    def __init__(self, seconds, fail=()):
+        self.seconds, self.fail, self.record, self.lock = seconds, fail, [], threading.Lock()
+
+    def run(self, job, log_path):   # job: backends.Job, argv `python -m launch.cell --job_dir=DIR`
+        kind = job.name.rsplit("-", 1)[0] if job.name.startswith(("tower-", "llm-")) else "cell"
+        job_dir = job.argv[-1].split("=", 1)[1]
+        start = time.perf_counter()
+        time.sleep(self.seconds.get(kind, 0.02))
+        with self.lock:
+            self.record.append((job.name, start, time.perf_counter()))
+        if kind in self.fail:
+            return 1
+        spec = results.read_json(os.path.join(job_dir, "job.json"))   # (the launcher wrote it)
+        files.write_json_atomic(os.path.join(job_dir, "result.json"), {
+            "status": "ok", "spec_digest": results.spec_digest(spec), "rows": []})
+        return 0
+
+
+def _pretrained_grid(tmp_path):
+    g = helpers.tiny_grid(tmp_path, tokens="1+4")
+    with g.unlocked():
+        g.llms = ("tiny-xs", "tiny-m")
+        g.llm_pretrain.pretrain = True
+    return _jobs(g)
+
+
+def test_a_cell_starts_once_its_own_pretraining_is_done_not_everyone_s(tmp_path):
+    """Two slots: the tower and the tiny-m LLM first, then the slow tiny-xs LLM on one slot while the other runs
+    tiny-m's cells; no cell starts before the jobs it starts from have ended."""
+    first, cells = _pretrained_grid(tmp_path)
+    backend = _Timed({"tower": 0.2, "llm-tiny-m": 0.2, "llm-tiny-xs": 1.5})
+    progress = runner.run_jobs(first, cells, backend, parallel=2, echo=lambda line: None)
+    assert (progress.done, progress.failed, progress.skipped) == (len(first) + len(cells), 0, 0)
+    start = {name: t0 for name, t0, _ in backend.record}
+    end = {name: t1 for name, _, t1 in backend.record}
+    slow = next(job.name for job in first if job.name.startswith("llm-tiny-xs"))
+    for cell in cells:
+        assert all(start[cell.name] >= end[job.name] for job in runner.needs(cell, first))
+    assert all(start[c.name] < end[slow] for c in cells if c.spec["row"]["llm"] == "tiny-m")
+
+
+def test_a_failed_pretraining_job_keeps_only_its_own_cells_from_running(tmp_path):
+    first, cells = _pretrained_grid(tmp_path)
+    backend = _Timed({}, fail=("llm-tiny-xs",))
+    lines = []
+    progress = runner.run_jobs(first, cells, backend, parallel=2, echo=lines.append)
+    ran = {name for name, _, _ in backend.record}
+    assert {c.name for c in cells if c.name in ran} == {c.name for c in cells if c.spec["row"]["llm"] == "tiny-m"}
+    assert (progress.done, progress.failed, progress.skipped) == (len(first) - 1 + 2, 1, 2)
+    assert sum("not run: its pretraining (llm-tiny-xs-" in line for line in lines) == 2
+    assert results.read_result(first[1].dir)["status"] == "failed"   # (first: tower, llm-tiny-xs, llm-tiny-m)
 
 
 def test_cells_run_their_llm_as_the_template_says():

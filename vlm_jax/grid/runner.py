@@ -1,5 +1,6 @@
-"""Run a grid: the pretraining jobs first (cells need them), then every cell through the backend, k at a time; a
-failing job is recorded and never stops the others; a job another live process owns (vlm_jax/grid/ownership.py:
+"""Run a grid: the pretraining jobs first, then every cell through the backend, k at a time, each cell as soon as
+the pretraining jobs it starts from are done; a failing job is recorded and never stops the others (a cell whose
+pretraining failed is not run); a job another live process owns (vlm_jax/grid/ownership.py:
 another launcher's cell) is left to it, waited for or skipped, never started twice. Progress (done / running /
 failed, elapsed, ETA) after every job. Stopped (Ctrl-C, SIGTERM), it stops its running jobs and waits for them."""
 
@@ -281,14 +282,39 @@ def start_order(jobs: Sequence[GridJob]) -> list[GridJob]:
     return sorted(jobs, key=lambda job: (rank[seed_of(job)], -cost(job)))
 
 
+def needs(cell: GridJob, first: Sequence[GridJob]) -> list[GridJob]:
+    """The jobs of `first` whose trained run a cell's stages start from (config.init sources)."""
+    sources = {source[0] for stage in cell.spec["stages"] for source in stage["config"].get("init", ())}
+    return [job for job in first if job.spec["stages"][0]["config"]["run_dir"] in sources]
+
+
+def pretraining_order(first: Sequence[GridJob], cells: Sequence[GridJob]) -> list[GridJob]:
+    """What the most cells need first (the tower: every cell), then the costliest: a cell starts once its own
+    pretraining is done, and none can start before the job they all need."""
+    users = {job.name: 0 for job in first}
+    for cell in cells:
+        for job in needs(cell, first):
+            users[job.name] += 1
+    return sorted(start_order(first), key=lambda job: -users[job.name])   # (stable: costliest first among equals)
+
+
+def _outcome(future: concurrent.futures.Future) -> str:
+    try:
+        return future.result()
+    except concurrent.futures.CancelledError:   # the launcher is stopping
+        return "stopped"
+
+
 def _raise_keyboard_interrupt(*_):
     raise KeyboardInterrupt
 
 
 def run_jobs(first: Sequence[GridJob], cells: Sequence[GridJob], backend, parallel: int,
              echo: Callable[[str], None] = print, if_owned: str = "wait") -> Progress:
-    """The pretraining jobs still to run (tower, LLMs) `parallel` at a time, then the cells, each in `start_order`.
-    If a pretraining job fails, no cell runs.
+    """The pretraining jobs still to run (tower, LLMs) `parallel` at a time in `pretraining_order`, then the cells
+    in `start_order`, each once the pretraining jobs it starts from (`needs`) are done: a slot freed by the last
+    LLM's pretraining starts that LLM's cells while the others still pretrain. A cell whose pretraining failed is
+    not run (the others are).
 
     Jobs another live process owns (another launcher's cells) come last: then waited for, their results taken as
     their owners write them (`if_owned='wait'`), or skipped ('skip'); a pretraining job is always waited for.
@@ -298,28 +324,39 @@ def run_jobs(first: Sequence[GridJob], cells: Sequence[GridJob], backend, parall
     exits (SystemExit 130 or 143). A second Ctrl-C or SIGTERM kills the running jobs at once."""
     if if_owned not in ("wait", "skip"):
         raise ValueError(f"if_owned must be 'wait' or 'skip', not {if_owned!r}")
-    first, cells = start_order(first), start_order(cells)
+    first, cells = pretraining_order(first, cells), start_order(cells)
     progress = Progress(len(first) + len(cells), max(1, parallel), echo)
     stopping = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
 
-    def run_all(jobs: Sequence[GridJob], later: str) -> list[str]:
-        """Every job once; those found owned after all the others, handled as `later` says."""
-        outcomes = list(pool.map(lambda job: run_one(job, backend, progress, "defer", stopping), jobs))
-        owned = [i for i, outcome in enumerate(outcomes) if outcome == "owned"]
-        for i, outcome in zip(owned, pool.map(lambda i: run_one(jobs[i], backend, progress, later, stopping), owned)):
-            outcomes[i] = outcome
-        return outcomes
+    def after(job: GridJob, waits: list) -> str:
+        """`job` once every future in `waits` is done: they were submitted before it, so each is running or done
+        when it starts (the pool takes work in order): waiting here never holds up what it waits for."""
+        failed = [name for name, future in waits if _outcome(future) != "done"]
+        if failed and stopping.is_set():
+            return "stopped"
+        if failed:
+            progress.started()
+            progress.finished(job, None, 0.0, f"not run: its pretraining ({', '.join(failed)}) did not finish; "
+                              f"see {', '.join(log_file(j) for j in first if j.name in failed)}")
+            return "blocked"
+        return run_one(job, backend, progress, "defer", stopping)
+
+    def run_all() -> None:
+        """Every job once; those found owned after all the others, handled as `if_owned` says (a pretraining job
+        is always waited for, in its turn: the cells need it)."""
+        futures = {job.name: pool.submit(run_one, job, backend, progress, "wait", stopping) for job in first}
+        later = [(cell, pool.submit(after, cell, [(j.name, futures[j.name]) for j in needs(cell, first)]))
+                 for cell in cells]
+        owned = [cell for cell, future in later if future.result() == "owned"]
+        list(pool.map(lambda cell: run_one(cell, backend, progress, if_owned, stopping), owned))
+        for future in futures.values():
+            future.result()
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM)) if main_thread else None
     try:
-        failed = [job for job, outcome in zip(first, run_all(first, "wait")) if outcome != "done"]
-        if failed:
-            echo(f"pretraining failed ({', '.join(j.name for j in failed)}): no cell can run; see "
-                 f"{', '.join(log_file(j) for j in failed)}")
-        else:
-            run_all(cells, if_owned)
+        run_all()
     except (KeyboardInterrupt, SystemExit) as e:
         stopping.set()
         if main_thread:   # from now on, another SIGTERM is a second Ctrl-C: kill the running jobs at once
