@@ -319,11 +319,12 @@ LAUNCHER = textwrap.dedent("""
 """)
 
 
-def _start_launcher(tmp_path, grid, n, parallel, cell_code, mode="plain", if_owned="wait", grace=60, tag="0"):
+def _start_launcher(tmp_path, grid, n, parallel, cell_code, mode="plain", if_owned="wait", grace=60, tag="0",
+                    prelude="", env=None):
     cell_script = tmp_path / "cell.py"
     cell_script.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + cell_code)
-    return _python(LAUNCHER, str(grid), str(n), str(parallel), if_owned, str(cell_script), mode, str(grace), tag,
-                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return _python(prelude + LAUNCHER, str(grid), str(n), str(parallel), if_owned, str(cell_script), mode,
+                   str(grace), tag, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _cell_pids(jobs, timeout=30):
@@ -374,6 +375,44 @@ def test_a_stopped_launcher_stops_its_cells_and_waits_for_them(tmp_path, reap, h
     assert all(open(os.path.join(job.dir, "terminated")).read() == "SIGTERM\n" for job in jobs[:2])
     assert not os.path.exists(os.path.join(jobs[2].dir, "cell.pid"))   # never started
     assert all(results.read_result(job.dir) is None for job in jobs), out   # stopped, not failed
+    assert "stopping: 2 running job(s)" in out and "stopped; a re-run resumes" in out
+
+
+# In the launcher: once two cells run, the signal goes to one of the pool's threads (each waits for its cell), as
+# the kernel may deliver a Ctrl-C or SIGTERM sent to the process.
+TO_A_POOL_THREAD = textwrap.dedent("""
+    import os, signal, sys, threading, time
+
+    def deliver(how, pids):
+        while not all(os.path.exists(p) for p in pids):
+            time.sleep(0.05)
+        pool = [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+        print(f"signal {how} to thread {pool[0].name}", flush=True)
+        signal.pthread_kill(pool[0].ident, how)
+    threading.Thread(target=deliver, daemon=True, args=(
+        int(os.environ["TO_A_POOL_THREAD"]), [f"{sys.argv[1]}/cells/c{i}/cell.pid" for i in (0, 1)])).start()
+""")
+
+
+@pytest.mark.parametrize("how,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_launcher_stops_when_the_signal_reaches_another_of_its_threads(tmp_path, reap, how, code):
+    """Python runs a signal's handler in the main thread only; a main thread waiting without a timeout would
+    sleep through a signal the kernel gave to a pool thread, and the launcher would never stop (a CI run hung so).
+    It wakes to look, and stops its cells as for a signal it received itself."""
+    grid = tmp_path / "grid"
+    jobs = _fake_jobs(str(grid), 3)
+    launcher = _start_launcher(tmp_path, grid, 3, 2, FAKE_CELL, grace=1.5, prelude=TO_A_POOL_THREAD,
+                               env={"TO_A_POOL_THREAD": str(int(how))})
+    reap.append(launcher)
+    cells = _cell_pids(jobs[:2])
+    reap += [pid for pid, _ in cells]
+    out = launcher.communicate(timeout=60)[0]
+    assert f"signal {int(how)} to thread ThreadPoolExecutor" in out
+    assert launcher.returncode == code, out
+    assert not any(_alive(pid) for pid, _ in cells)
+    assert all(open(os.path.join(job.dir, "terminated")).read() == "SIGTERM\n" for job in jobs[:2])
+    assert not os.path.exists(os.path.join(jobs[2].dir, "cell.pid"))
+    assert all(results.read_result(job.dir) is None for job in jobs), out
     assert "stopping: 2 running job(s)" in out and "stopped; a re-run resumes" in out
 
 

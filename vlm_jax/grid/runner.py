@@ -298,6 +298,20 @@ def pretraining_order(first: Sequence[GridJob], cells: Sequence[GridJob]) -> lis
     return sorted(start_order(first), key=lambda job: -users[job.name])   # (stable: costliest first among equals)
 
 
+SIGNAL_POLL_S = 0.5   # how often the launcher's main thread wakes while it waits for its jobs
+
+
+def _result(future: concurrent.futures.Future):
+    """future.result(), waking every SIGNAL_POLL_S. The kernel may hand Ctrl-C or SIGTERM to any thread (one of the
+    pool's, waiting for its cell); Python then only flags it for the main thread, and a main thread asleep in a
+    wait without a timeout would never see it: the launcher would neither stop nor stop its cells."""
+    while True:
+        try:
+            return future.result(timeout=SIGNAL_POLL_S)
+        except TimeoutError:
+            pass
+
+
 def _outcome(future: concurrent.futures.Future) -> str:
     try:
         return future.result()
@@ -348,10 +362,11 @@ def run_jobs(first: Sequence[GridJob], cells: Sequence[GridJob], backend, parall
         futures = {job.name: pool.submit(run_one, job, backend, progress, "wait", stopping) for job in first}
         later = [(cell, pool.submit(after, cell, [(j.name, futures[j.name]) for j in needs(cell, first)]))
                  for cell in cells]
-        owned = [cell for cell, future in later if future.result() == "owned"]
-        list(pool.map(lambda cell: run_one(cell, backend, progress, if_owned, stopping), owned))
+        owned = [cell for cell, future in later if _result(future) == "owned"]
+        for future in [pool.submit(run_one, cell, backend, progress, if_owned, stopping) for cell in owned]:
+            _result(future)
         for future in futures.values():
-            future.result()
+            _result(future)
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM)) if main_thread else None
