@@ -299,7 +299,11 @@ FAKE_CELL = textwrap.dedent("""
 """)
 
 LAUNCHER = textwrap.dedent("""
-    import sys
+    import signal, sys
+    # Ctrl-C reaches the launcher as at a terminal, whatever the test process passed on: a job started in the
+    # background by a shell without job control (`cmd &`, nohup) ignores SIGINT, and so would every child of it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     from vlm_jax.grid import backends, results, runner
     from vlm_jax.grid.spec import GridJob
     grid, n, parallel, if_owned, cell_script, mode, grace = sys.argv[1:8]
