@@ -284,7 +284,8 @@ def state_layout(model_cfg, train_cfg, mesh, strict_mesh: bool = False):
     replicated = []
     param_shardings = sharding.logical_to_sharding(boxed, mesh, report=replicated)
     sharding.check_replication(replicated, strict_mesh)
-    trainable = optim.trainable_names(nn.meta.unbox(boxed), optim.param_rules(train_cfg))
+    abstract_params = nn.meta.unbox(boxed)
+    trainable = optim.trainable_names(abstract_params, optim.param_rules(train_cfg))
     tx = optim.make_optimizer(train_cfg)
 
     def init_state(rng):
@@ -293,7 +294,7 @@ def state_layout(model_cfg, train_cfg, mesh, strict_mesh: bool = False):
         return TrainState(step=jnp.zeros((), jnp.int32), params=train, frozen=frozen, opt_state=tx.init(train))
 
     # init_state's shapes, without tracing the model's init again (only the optimizer's, on the trainable ones)
-    train_abstract, frozen_abstract = optim.split(nn.meta.unbox(boxed), trainable)
+    train_abstract, frozen_abstract = optim.split(abstract_params, trainable)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=train_abstract, frozen=frozen_abstract,
                           opt_state=jax.eval_shape(tx.init, train_abstract))
     train_sh, frozen_sh = optim.split(param_shardings, trainable)
