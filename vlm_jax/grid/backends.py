@@ -115,9 +115,19 @@ def with_parent_death(argv: Sequence[str], parent_pid: int, sig: int = PARENT_DE
 
 def forward_parent_death(to: int = signal.SIGTERM) -> None:
     """In a child of LocalBackend (launch.cell, first thing): the first parent-death signal becomes one `to` to this
-    process (a training cell checkpoints and exits; anything else exits); the repeats are ignored."""
+    process (a training cell checkpoints and exits; anything else exits); the repeats are ignored.
+
+    Once, whatever the timing: Python runs a handler at a bytecode boundary of the main thread, and a repeat that
+    arrives after that call has begun but before it ignores the signal (the main thread may give up the interpreter
+    lock in between, to a data-reading thread) calls it again. A test-and-set in one C call (a lock acquired without
+    blocking) cannot be split so."""
+    once = threading.Lock()
+
     def forward(*_):
+        if not once.acquire(blocking=False):
+            return
         signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_IGN)
+        print("the launcher is gone (parent-death signal): stopping this job", file=sys.stderr, flush=True)
         os.kill(os.getpid(), to)
     signal.signal(PARENT_DEATH_SIGNAL, forward)
 
