@@ -4,9 +4,7 @@ each family's fitted exponents with intervals, and the cell time each grid spent
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 
 from etils import epath
 
@@ -23,11 +21,11 @@ def _read(grid_dir: str) -> tuple[list[dict], dict, dict]:
     # beside the per-V grid shares its pretraining jobs).
     names = {r["cell"] for r in rows}
     cells = {}
-    for path in sorted(glob.glob(os.path.join(grid_dir, "cells", "*", "result.json"))):
-        result = json.loads(epath.Path(path).read_text())
+    for path in sorted(base.glob("cells/*/result.json")):   # (epath: a gs:// grid's cells too)
+        result = json.loads(path.read_text())
         if result.get("status") == "ok" and any(r["cell"] in names and r.get("training") == training
                                                  for r in result.get("rows", [])):
-            cells[os.path.basename(os.path.dirname(path))] = result
+            cells[path.parent.name] = result
     return rows, summary, cells
 
 
@@ -53,6 +51,10 @@ def _exponent(summary: dict, task: str, name: str, form: str = "multiplicative")
         return "no fit"
     text = f"{p['point']:.3g} [{p['lo']:.3g}, {p['hi']:.3g}]" if p.get("lo") is not None else f"{p['point']:.3g}"
     return text if p.get("identified", True) else f"not identified, {text}"
+
+
+def _ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}"   # (None: grid A recorded no cell time)
 
 
 def compare(dir_a: str, dir_b: str) -> tuple[list[str], dict]:
@@ -86,5 +88,5 @@ def compare(dir_a: str, dir_b: str) -> tuple[list[str], dict]:
                    "train_ratio": tb["train_s"] / ta["train_s"] if ta["train_s"] else None}
     lines.append(f"\ncell time: A {ta['wall_s']:.0f} s over {ta['jobs']} jobs (training {ta['train_s']:.0f} s); "
                  f"B {tb['wall_s']:.0f} s over {tb['jobs']} jobs (training {tb['train_s']:.0f} s); "
-                 f"B / A = {out['time']['wall_ratio']:.2f} (training {out['time']['train_ratio']:.2f})")
+                 f"B / A = {_ratio(out['time']['wall_ratio'])} (training {_ratio(out['time']['train_ratio'])})")
     return lines, out
