@@ -101,9 +101,11 @@ def test_a_training_run_writes_config_metrics_bad_input_and_checkpoints_to_the_b
 def test_a_run_resumes_from_its_bucket_checkpoint_as_if_uninterrupted(bucket_run, tmp_path):
     run_dir, _ = bucket_run
     uninterrupted = helpers.trained_params(run_dir)
-    # The host was lost after step 4 was logged and before its checkpoint committed.
-    (epath.Path(checkpoints.directory(run_dir)) / "4").rmtree()
-    assert helpers.saved_steps(run_dir) == [2]
+    # The host was lost after step 4 was logged and before its checkpoint committed: in a bucket (no atomic
+    # rename), its folder is there with everything but the commit marker.
+    step4 = epath.Path(checkpoints.directory(run_dir)) / "4"
+    (step4 / "commit_success.txt").unlink()
+    assert step4.exists() and helpers.saved_steps(run_dir) == [2]
     with empty_cwd(tmp_path / "cwd"):
         train.run(run_config(run_dir))
     resumed = helpers.trained_params(run_dir)

@@ -56,10 +56,9 @@ class _IteratorState:
 
 
 def complete_steps(directory) -> list[int]:
-    """Steps whose checkpoint under `directory` was completely written (renamed from its temporary directory),
-    oldest first."""
-    d = epath.Path(directory)
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+    """Steps whose checkpoint under `directory` was completely written, oldest first, as orbax itself decides:
+    locally, renamed from its temporary folder; in a bucket (no atomic rename), holding its commit_success file."""
+    return sorted(ocp.step.checkpoint_steps(directory))
 
 
 @contextlib.contextmanager
