@@ -17,6 +17,7 @@ attempt started twice (an ssh retried after a drop) runs once.
     .venv/bin/python -m launch.worker --stop      # SIGTERM to the job running here (the launcher is stopping)
 """
 
+import fcntl
 import json
 import os
 import re
@@ -72,7 +73,16 @@ def _alive_worker(pid: int) -> bool:
 
 
 def take_over(pidfile: str, status_dir: str, grace_s: float) -> bool:
-    """Claim this VM for the attempt: False if this very attempt runs here already; an earlier one is stopped."""
+    """Claim this VM for the attempt: False if this very attempt runs here already; an earlier one is stopped.
+    One worker at a time reads and writes the pidfile (an exclusive flock on <pidfile>.lock, released when this
+    returns): two started at once for the same attempt would otherwise both find no job and both run it."""
+    os.makedirs(os.path.dirname(pidfile) or ".", exist_ok=True)
+    with open(pidfile + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _take_over(pidfile, status_dir, grace_s)
+
+
+def _take_over(pidfile: str, status_dir: str, grace_s: float) -> bool:
     try:
         with open(pidfile) as f:
             earlier = json.load(f)
@@ -89,7 +99,6 @@ def take_over(pidfile: str, status_dir: str, grace_s: float) -> bool:
             time.sleep(1)
         if _group_alive(group):
             os.killpg(group, signal.SIGKILL)
-    os.makedirs(os.path.dirname(pidfile) or ".", exist_ok=True)
     with open(pidfile + ".tmp", "w") as f:
         json.dump({"pid": os.getpid(), "status_dir": status_dir}, f)
     os.replace(pidfile + ".tmp", pidfile)
@@ -166,13 +175,13 @@ def main(argv):
     worker = worker_index(FLAGS.worker)
     reporter = Reporter(status_dir, worker, os.path.join("logs", f"attempt-{os.path.basename(status_dir)}.log"),
                         command)
-    if _exists(reporter.status) or not take_over(FLAGS.pidfile, status_dir, FLAGS.stop_grace_s):
-        print(f"launch.worker: {status_dir} already started on this worker", flush=True)
-        return
-    try:
+    try:   # first, so that the group a later attempt stops (take_over) is this worker's from the start
         os.setsid()   # its own session and process group: no hang-up from ssh, one group to stop
     except OSError:
         pass   # already a group leader (started by setsid)
+    if _exists(reporter.status) or not take_over(FLAGS.pidfile, status_dir, FLAGS.stop_grace_s):
+        print(f"launch.worker: {status_dir} already started on this worker", flush=True)
+        return
     # The preemption notice (SIGTERM) reaches the job too: this process keeps beating while the job saves its
     # checkpoint, and reports how it ended. A Python-level handler, not SIG_IGN: the job starts with the default.
     signal.signal(signal.SIGTERM, lambda *_: logging.warning("launch.worker: SIGTERM; waiting for the job"))
