@@ -348,3 +348,40 @@ def test_the_same_grid_run_twice_on_one_machine_writes_the_same_results_file_bit
             tables.append(f.read())
     assert len(tables[0].splitlines()) == 4   # 2 cells x 2 families
     assert tables[0] == tables[1]
+
+
+def _finished(job, spec: dict) -> None:
+    """`job` finished (status ok, one row) under `spec`: its own spec, or another one (stale)."""
+    os.makedirs(job.dir, exist_ok=True)
+    with open(os.path.join(job.dir, "result.json"), "w") as f:
+        json.dump({"status": "ok", "spec_digest": results.spec_digest(spec),
+                   "rows": [{"cell": job.name, "llm": "m", "n_params": 1000, "visual_tokens": 1, "seed": 0,
+                             "task": "detail", "error": 0.5}]}, f)
+
+
+def test_a_report_whose_cells_all_ran_under_another_spec_keeps_the_table_and_says_why(tmp_path):
+    """A grid folder moved (its cells' paths are part of each job), or a config changed: the finished cells are
+    stale, nothing is fit, and the table they made is not emptied."""
+    from vlm_jax.grid import report
+    from vlm_jax.grid.spec import GridJob
+    jobs = [GridJob(f"c{v}", str(tmp_path / "cells" / f"c{v}"),
+                    {"row": {"cell": f"c{v}", "n_params": 1000, "visual_tokens": v}, "stages": [], "eval": None})
+            for v in (1, 4)]
+    for job in jobs:
+        _finished(job, dict(job.spec, stages=[{"name": "elsewhere"}]))
+    table = tmp_path / "results.jsonl"
+    table.write_text('{"cell": "c1", "error": 0.5}\n{"cell": "c4", "error": 0.3}\n')
+    lines = []
+    assert report.write_report(str(tmp_path), jobs, None, echo=lines.append) == {}
+    assert table.read_text() == '{"cell": "c1", "error": 0.5}\n{"cell": "c4", "error": 0.3}\n'
+    assert "2 cell(s) finished under another spec" in lines[0] and "launch.fit --results=" in lines[0], lines
+    # One of them run again under this spec: the table is rebuilt from it alone.
+    _finished(jobs[0], jobs[0].spec)
+    assert results.table_rows(jobs) == ([{"cell": "c1", "llm": "m", "n_params": 1000, "visual_tokens": 1,
+                                          "seed": 0, "task": "detail", "error": 0.5}], 1)
+    # No cell finished at all: the table says so (empty), as before.
+    for job in jobs:
+        os.remove(os.path.join(job.dir, "result.json"))
+    lines.clear()
+    assert report.write_report(str(tmp_path), jobs, None, echo=lines.append) == {}
+    assert table.read_text() == "" and lines == ["no finished cell yet: nothing to fit"]

@@ -89,11 +89,20 @@ def plot_observed(table: dict, n_params: dict, path: str, spread: dict | None = 
 
 
 def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
-    """Rebuild results.jsonl, fit every task, write summary.json, report.txt and plots/; returns the summary."""
-    rows = results.write_table(os.path.join(grid_dir, "results.jsonl"), jobs)
+    """Rebuild results.jsonl, fit every task, write summary.json, report.txt and plots/; returns the summary.
+    Where no cell of this config has finished, but some finished under another spec (the config, or the grid's
+    folder, changed since they ran), the table there is left as it is: it may be all that is left of them."""
+    path = os.path.join(grid_dir, "results.jsonl")
+    rows, stale = results.table_rows(jobs)
     if not rows:
-        echo("no finished cell yet: nothing to fit")
+        echo("no finished cell yet: nothing to fit" + (
+            f"; {stale} cell(s) finished under another spec (the config, or the grid's folder: its cells' paths "
+            f"are part of each job), so {path} is left as it was. `python -m launch.fit --results={path}` fits "
+            f"that table" if stale else ""))
+        if not stale:
+            results.write_rows(path, rows)
         return {}
+    results.write_rows(path, rows)
     return report_rows(grid_dir, rows, fit_cfg, echo, jobs)
 
 

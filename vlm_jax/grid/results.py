@@ -43,12 +43,24 @@ def status(job, result: dict | None) -> str:
     return "done" if result.get("status") == "ok" else "failed"
 
 
+def table_rows(jobs) -> tuple[list[dict], int]:
+    """(the finished cells' rows in the grid's order, how many cells finished under another spec: stale)."""
+    rows, stale = [], 0
+    for job in jobs:
+        result = read_result(job.dir) if job.is_cell else None
+        state = status(job, result) if result is not None else "todo"
+        if state == "done":
+            rows += result["rows"]
+        stale += state == "stale"
+    return rows, stale
+
+
+def write_rows(path: str, rows) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
 def write_table(path: str, jobs) -> list[dict]:
     """Rebuild results.jsonl from the finished cells' rows, in the grid's order; returns the rows."""
-    rows = []
-    for job in jobs:
-        result = read_result(job.dir)
-        if job.is_cell and result is not None and status(job, result) == "done":
-            rows += result["rows"]
-    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    rows, _ = table_rows(jobs)
+    write_rows(path, rows)
     return rows
