@@ -127,7 +127,7 @@ def forward_parent_death(to: int = signal.SIGTERM) -> None:
         if not once.acquire(blocking=False):
             return
         signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_IGN)
-        print("the launcher is gone (parent-death signal): stopping this job", file=sys.stderr, flush=True)
+        os.write(2, b"the launcher is gone (parent-death signal): stopping this job\n")   # (no Python-level lock)
         os.kill(os.getpid(), to)
     signal.signal(PARENT_DEATH_SIGNAL, forward)
 
