@@ -94,15 +94,14 @@ def write_report(grid_dir: str, jobs, fit_cfg, echo=print) -> dict:
     folder, changed since they ran), the table there is left as it is: it may be all that is left of them."""
     path = os.path.join(grid_dir, "results.jsonl")
     rows, stale = results.table_rows(jobs)
+    if rows or not stale:
+        results.write_rows(path, rows)
     if not rows:
         echo("no finished cell yet: nothing to fit" + (
             f"; {stale} cell(s) finished under another spec (the config, or the grid's folder: its cells' paths "
             f"are part of each job), so {path} is left as it was. `python -m launch.fit --results={path}` fits "
             f"that table" if stale else ""))
-        if not stale:
-            results.write_rows(path, rows)
         return {}
-    results.write_rows(path, rows)
     return report_rows(grid_dir, rows, fit_cfg, echo, jobs)
 
 

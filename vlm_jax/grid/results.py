@@ -48,7 +48,7 @@ def table_rows(jobs) -> tuple[list[dict], int]:
     rows, stale = [], 0
     for job in jobs:
         result = read_result(job.dir) if job.is_cell else None
-        state = status(job, result) if result is not None else "todo"
+        state = status(job, result)
         if state == "done":
             rows += result["rows"]
         stale += state == "stale"
